@@ -1,0 +1,8 @@
+_base_ = [
+    '../_base_/models/ee_fcn_hr48.py', 'mmseg::_base_/datasets/ade20k.py', '../_base_/ee_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py'
+]
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+# ADE20K has 150 classes: one switch sets every exit and the final head
+model = dict(data_preprocessor=data_preprocessor, num_classes=150)

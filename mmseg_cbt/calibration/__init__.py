@@ -1,0 +1,15 @@
+"""Calibration core of CBT: exact per-class softmax statistics, class based thresholds, stop rules, plots.
+
+Everything here needs only torch; ``ClassProbStats.all_reduce`` imports mmengine and ``plot_thresholds``
+imports matplotlib when called.
+"""
+from .stats import FRAC_BITS, MAX_PIXELS_PER_CLASS, ClassProbStats
+from .thresholds import (MARGIN_EQUAL_TOL, CBTCalibrationWarning, cbt_thresholds, class_margins,
+                         entropy_stop_mask, global_stop_mask, stop_mask_from_probs)
+from .visualization import CITYSCAPES_PALETTE, plot_thresholds
+
+__all__ = [
+    'ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS', 'cbt_thresholds', 'class_margins',
+    'CBTCalibrationWarning', 'MARGIN_EQUAL_TOL', 'stop_mask_from_probs', 'global_stop_mask',
+    'entropy_stop_mask', 'plot_thresholds', 'CITYSCAPES_PALETTE'
+]

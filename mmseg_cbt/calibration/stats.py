@@ -1,0 +1,393 @@
+"""Exact, order independent per-class softmax statistics for CBT calibration.
+
+:class:`ClassProbStats` gathers, for every exit ``n`` and ground-truth class ``k``, the sum of the softmax
+vectors of the pixels labelled ``k`` and their count. The means ``p_{n,k}`` feed
+:func:`~mmseg_cbt.calibration.cbt_thresholds`.
+
+Fixed point, and why
+--------------------
+Floating point addition is not associative, so summing the same pixels split over several ranks (or in
+another batch order) would change the last bits of the sums, and possibly a threshold. Every softmax value
+is therefore rounded to a multiple of ``2**-FRAC_BITS`` (``FRAC_BITS = 24``) and the sums are kept as int64
+counts of that unit. Integer addition is associative, so one pass, several ranks (summed with
+:meth:`ClassProbStats.all_reduce`) or any batch order give bit-for-bit the same statistics.
+
+* Resolution ``2**-24`` (about 6e-8): float32 values in ``[0.5, 1]`` are already multiples of ``2**-24``,
+  so the dominant probability, the one that decides margins, is stored without loss; smaller values are off by
+  at most ``2**-25`` each, hence every mean is within ``2**-25`` (about 3e-8) of the exact float32 mean.
+* Headroom: a sum is at most ``count_k * 2**24``, so int64 holds ``count_k < 2**39`` (5.5e11) pixels per
+  class. Cityscapes' whole training set at full resolution is 6.2e9 pixels. (``2**-32`` would allow only
+  2.1e9 per class, less than Cityscapes' road class.) Exceeding it raises OverflowError.
+* Inside one update the per-class sums are a float64 matrix product of the one-hot labels with the rounded
+  values (integers up to ``2**24``), over chunks of at most ``2**19 // K`` pixels per image, so every partial
+  sum stays far inside float64's exact integer range (``2**53``) and the product is exact whatever order the
+  BLAS library adds in. Each chunk's result is converted to int64 before it is added up.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS']
+
+#: Fractional bits of the fixed-point sums: each softmax value is stored in units of ``2**-FRAC_BITS``.
+FRAC_BITS = 24
+_SCALE = float(2**FRAC_BITS)
+#: Largest per-class pixel count for which ``count * 2**FRAC_BITS`` still fits in int64.
+MAX_PIXELS_PER_CLASS = 2**(63 - FRAC_BITS)
+#: Elements (pixels x K) per image and chunk of :meth:`ClassProbStats.update`. Small chunks keep the work
+#: buffers (about 20 bytes per element, reused across updates) cache friendly; measured fastest here.
+_CHUNK_ELEMENTS = 2**19
+#: Most pixels (over the batch) per chunk: a partial sum is then at most ``2**28 * 2**24 = 2**52``, inside
+#: float64's exact integer range.
+_MAX_CHUNK_PIXELS = 2**28
+_JSON_FORMAT = 'mmseg_cbt.ClassProbStats'
+_JSON_VERSION = 1
+
+
+class ClassProbStats:
+    """Per exit, per ground-truth class sums of softmax vectors and pixel counts, exact and mergeable.
+
+    Shapes: fixed-point sums ``(N exits, K classes, K)`` int64; counts ``(K,)`` int64 (the same pixels
+    are counted at every exit, so one count vector serves all exits).
+
+    ``num_exits``/``num_classes`` may be given up front or are taken from the first :meth:`update`. Give them
+    up front when some distributed rank may see no batch at all, so that every rank can take part in
+    :meth:`all_reduce`.
+
+    Args:
+        num_exits (int, optional): Number of exits N.
+        num_classes (int, optional): Number of classes K.
+        ignore_index (int): Label excluded from the statistics. Labels outside ``[0, K)`` are excluded too.
+            Defaults to 255.
+    """
+
+    def __init__(self,
+                 num_exits: Optional[int] = None,
+                 num_classes: Optional[int] = None,
+                 ignore_index: int = 255) -> None:
+        self.ignore_index = int(ignore_index)
+        self._sums: Optional[Tensor] = None  # (N, K, K) int64, units of 2**-FRAC_BITS
+        self._counts: Optional[Tensor] = None  # (K,) int64
+        self._work: Optional[Tuple[Tensor, Tensor, Tensor]] = None  # scratch buffers of update()
+        if (num_exits is None) != (num_classes is None):
+            raise ValueError('give both num_exits and num_classes, or neither')
+        if num_exits is not None:
+            self._allocate(int(num_exits), int(num_classes))
+
+    # ------------------------------------------------------------------ properties
+    def _allocate(self, num_exits: int, num_classes: int) -> None:
+        if num_exits < 1 or num_classes < 1:
+            raise ValueError(f'num_exits and num_classes must be >= 1, got {num_exits} and {num_classes}')
+        self._sums = torch.zeros(num_exits, num_classes, num_classes, dtype=torch.int64)
+        self._counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    @property
+    def initialized(self) -> bool:
+        """bool: Whether the shapes are known (given up front or by a first update)."""
+        return self._sums is not None
+
+    def _require_initialized(self) -> None:
+        if not self.initialized:
+            raise RuntimeError('ClassProbStats is empty: call update() first or pass num_exits/num_classes')
+
+    @property
+    def num_exits(self) -> Optional[int]:
+        """int | None: Number of exits N (None before the first update)."""
+        return None if self._sums is None else self._sums.shape[0]
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """int | None: Number of classes K (None before the first update)."""
+        return None if self._sums is None else self._sums.shape[1]
+
+    @property
+    def counts(self) -> Tensor:
+        """Tensor: ``(K,)`` int64 pixel counts per ground-truth class (a copy)."""
+        self._require_initialized()
+        return self._counts.clone()
+
+    @property
+    def fixed_point_sums(self) -> Tensor:
+        """Tensor: ``(N, K, K)`` int64 sums in units of ``2**-FRAC_BITS`` (a copy)."""
+        self._require_initialized()
+        return self._sums.clone()
+
+    # ------------------------------------------------------------------ accumulation
+    def _work_buffers(self, n_probs: int, n_onehot: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+        """Flat float32/float64 scratch buffers, kept between updates.
+
+        Reusing them avoids fresh allocations (and their page faults), which otherwise cost as much as the
+        arithmetic. They hold no state; :meth:`release_buffers` frees them.
+        """
+        work = self._work
+        if (work is None or work[0].device != device or work[0].numel() < n_probs
+                or work[2].numel() < n_onehot):
+            work = (torch.empty(n_probs, dtype=torch.float32, device=device),
+                    torch.empty(n_probs, dtype=torch.float64, device=device),
+                    torch.empty(n_onehot, dtype=torch.float64, device=device))
+            self._work = work
+        return work
+
+    def release_buffers(self) -> None:
+        """Frees the scratch buffers kept by :meth:`update` (about 10 MB); statistics are untouched."""
+        self._work = None
+
+    @torch.no_grad()
+    def update(self, exit_logits: Sequence[Tensor], labels: Tensor) -> None:
+        """Adds one batch.
+
+        Args:
+            exit_logits (Sequence[Tensor]): N tensors ``(B, K, H, W)``, one per exit, already resized to the
+                label size the way the segmentor predicts. Any float dtype; the softmax is taken in float32.
+            labels (Tensor): ``(B, H, W)`` (or ``(B, 1, H, W)``) integer ground truth. ``ignore_index`` and any
+                value outside ``[0, K)`` are excluded.
+
+        Raises:
+            ValueError: If the number of exits, K, or the shapes disagree with each other, with the labels or
+                with earlier updates.
+            OverflowError: If a class would exceed :data:`MAX_PIXELS_PER_CLASS` pixels.
+        """
+        if isinstance(exit_logits, Tensor) and exit_logits.ndim == 4:
+            raise ValueError('exit_logits must be a sequence of (B, K, H, W) tensors, one per exit (got a single '
+                             '4-D tensor; wrap it in a list for a single exit)')
+        exit_logits = list(exit_logits)
+        if not exit_logits:
+            raise ValueError('exit_logits is empty')
+        shape = tuple(exit_logits[0].shape)
+        if len(shape) != 4:
+            raise ValueError(f'each exit logit must be (B, K, H, W), got {shape} at exit 0')
+        for n, logit in enumerate(exit_logits):
+            if tuple(logit.shape) != shape:
+                raise ValueError(f'exit {n} logits have shape {tuple(logit.shape)}, exit 0 has {shape}')
+            if not logit.is_floating_point():
+                raise ValueError(f'exit {n} logits must be floating point, got {logit.dtype}')
+        batch, num_classes, height, width = shape
+        num_exits = len(exit_logits)
+        if self.initialized and (num_exits, num_classes) != (self.num_exits, self.num_classes):
+            raise ValueError(f'got {num_exits} exits with K={num_classes} classes, but these statistics hold '
+                             f'{self.num_exits} exits with K={self.num_classes}')
+        if not isinstance(labels, Tensor):
+            raise ValueError(f'labels must be a tensor, got {type(labels).__name__}')
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]  # mmseg stacks gt_sem_seg as (B, 1, H, W)
+        if tuple(labels.shape) != (batch, height, width):
+            raise ValueError(f'labels have shape {tuple(labels.shape)}, expected (B, H, W) = '
+                             f'{(batch, height, width)} to match the logits {shape}')
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f'labels must be an integer tensor, got {labels.dtype}')
+
+        device = exit_logits[0].device
+        labels = labels.to(device=device, dtype=torch.int64).reshape(batch, height * width)
+        valid = (labels >= 0) & (labels < num_classes)  # also drops ignore_index whenever it is >= K (255)
+        if 0 <= self.ignore_index < num_classes:
+            valid &= labels != self.ignore_index
+        # Excluded pixels get label K: they fall into the extra one-hot row K, which is dropped below.
+        labels = torch.where(valid, labels, torch.full_like(labels, num_classes))
+        batch_counts = torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes].cpu()
+        if self.initialized:
+            new_counts = self._counts + batch_counts
+            if int(new_counts.max()) >= MAX_PIXELS_PER_CLASS:
+                raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels, the int64 fixed-point '
+                                    f'limit at 2**-{FRAC_BITS} resolution')
+
+        # Chunk the pixel axis: speed wants small buffers, exactness needs batch * cols <= _MAX_CHUNK_PIXELS.
+        cols = max(1, min(height * width, _CHUNK_ELEMENTS // num_classes, _MAX_CHUNK_PIXELS // batch))
+        probs_buf, fixed_buf, onehot_buf = self._work_buffers(batch * num_classes * cols,
+                                                              batch * (num_classes + 1) * cols, device)
+        sums = torch.zeros(num_exits, num_classes, num_classes, dtype=torch.int64, device=device)
+        for start in range(0, height * width, cols):
+            stop = min(start + cols, height * width)
+            m = stop - start
+            # One-hot of the labels with an extra row K for excluded pixels, which is then dropped.
+            one_hot = onehot_buf[:batch * (num_classes + 1) * m].view(batch, num_classes + 1, m).zero_()
+            one_hot.scatter_(1, labels[:, None, start:stop], 1.0)
+            one_hot = one_hot[:, :num_classes]  # (B, K true class, m)
+            probs = probs_buf[:batch * num_classes * m].view(batch, num_classes, m)
+            fixed = fixed_buf[:batch * num_classes * m].view(batch, num_classes, m)
+            for n, logit in enumerate(exit_logits):
+                chunk = logit.reshape(batch, num_classes, height * width)[:, :, start:stop]
+                torch.softmax(chunk.float(), dim=1, out=probs)
+                # Round to the fixed-point grid in float32 (exact: values <= 2**24), then the float64 product
+                # of integers sums exactly (see the module docstring).
+                fixed.copy_(probs.mul_(_SCALE).round_())
+                sums[n] += torch.bmm(one_hot, fixed.transpose(1, 2)).sum(0).to(torch.int64)
+        if not self.initialized:
+            self._allocate(num_exits, num_classes)
+        self._sums += sums.cpu()
+        self._counts += batch_counts
+
+    def merge(self, other: 'ClassProbStats') -> 'ClassProbStats':
+        """Adds another instance's statistics into this one (in-process equivalent of :meth:`all_reduce`).
+
+        Args:
+            other (ClassProbStats): Statistics over other pixels, same N and K (or empty).
+
+        Returns:
+            ClassProbStats: ``self``, for chaining.
+
+        Raises:
+            ValueError: If N or K differ.
+        """
+        if not isinstance(other, ClassProbStats):
+            raise TypeError(f'can only merge ClassProbStats, got {type(other).__name__}')
+        if not other.initialized:
+            return self
+        if not self.initialized:
+            self._allocate(other.num_exits, other.num_classes)
+        elif (self.num_exits, self.num_classes) != (other.num_exits, other.num_classes):
+            raise ValueError(f'cannot merge statistics of {other.num_exits} exits / K={other.num_classes} into '
+                             f'{self.num_exits} exits / K={self.num_classes}')
+        if int((self._counts + other._counts).max()) >= MAX_PIXELS_PER_CLASS:
+            raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels')
+        self._sums += other._sums
+        self._counts += other._counts
+        return self
+
+    def all_reduce(self) -> 'ClassProbStats':
+        """Sums the statistics over all distributed ranks, in place (no-op when not distributed).
+
+        Uses ``mmengine.dist.all_reduce(..., op='sum')`` on the int64 tensors, so the result is bit-for-bit the
+        single-process result. Every rank must call it, exactly once per gathering (a second call would count
+        everything again). All ranks must hold the same N and K; this is checked first, collectively, so a
+        mismatch raises on every rank instead of hanging.
+
+        Returns:
+            ClassProbStats: ``self``, for chaining.
+        """
+        from mmengine import dist  # lazy: the rest of this module needs only torch
+
+        if dist.get_world_size() <= 1:
+            return self
+        n, k = (self.num_exits, self.num_classes) if self.initialized else (0, 0)
+        shape = torch.tensor([n, k, -n, -k], dtype=torch.int64)
+        dist.all_reduce(shape, op='max')  # -> (max N, max K, -min N, -min K)
+        lo_hi = shape.tolist()
+        if lo_hi[0] != -lo_hi[2] or lo_hi[1] != -lo_hi[3] or not self.initialized:
+            raise RuntimeError(f'ClassProbStats.all_reduce: ranks disagree on (num_exits, num_classes) (this rank '
+                               f'{(n, k)}, max {(lo_hi[0], lo_hi[1])}, min {(-lo_hi[2], -lo_hi[3])}); '
+                               f'pass num_exits/num_classes up front if a rank may see no data')
+        dist.all_reduce(self._sums, op='sum')
+        dist.all_reduce(self._counts, op='sum')
+        return self
+
+    def reset(self) -> None:
+        """Zeroes the sums and counts, keeping N and K."""
+        if self.initialized:
+            self._sums.zero_()
+            self._counts.zero_()
+
+    # ------------------------------------------------------------------ results
+    def class_mean_probs(self) -> Tensor:
+        """Mean softmax vector per exit and ground-truth class.
+
+        Returns:
+            Tensor: ``(N, K, K)`` float64; row ``k`` of exit ``n`` is ``p_{n,k}``. Rows of classes without
+            pixels are all zero.
+        """
+        self._require_initialized()
+        sums = self._sums.to(torch.float64) * (1.0 / _SCALE)  # exact scaling by a power of two
+        denom = self._counts.clamp(min=1).to(torch.float64).view(1, -1, 1)
+        return sums / denom
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> Dict[str, Any]:
+        """Exact state as tensors (for ``torch.save``).
+
+        Returns:
+            dict: ``num_exits``, ``num_classes``, ``ignore_index``, ``frac_bits``, ``sums`` ((N, K, K) int64,
+            fixed point) and ``counts`` ((K,) int64).
+        """
+        self._require_initialized()
+        return dict(num_exits=self.num_exits, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                    frac_bits=FRAC_BITS, sums=self._sums.clone(), counts=self._counts.clone())
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Any]) -> 'ClassProbStats':
+        """Rebuilds an instance from :meth:`state_dict`.
+
+        Args:
+            state (dict): As produced by :meth:`state_dict`.
+
+        Returns:
+            ClassProbStats: The restored statistics.
+        """
+        if int(state.get('frac_bits', -1)) != FRAC_BITS:
+            raise ValueError(f'state has frac_bits={state.get("frac_bits")}, this version uses {FRAC_BITS}')
+        obj = cls(int(state['num_exits']), int(state['num_classes']), ignore_index=int(state['ignore_index']))
+        sums = torch.as_tensor(state['sums'], dtype=torch.int64).cpu()
+        counts = torch.as_tensor(state['counts'], dtype=torch.int64).cpu()
+        if sums.shape != obj._sums.shape or counts.shape != obj._counts.shape:
+            raise ValueError(f'state tensors have shapes {tuple(sums.shape)} / {tuple(counts.shape)}, expected '
+                             f'{tuple(obj._sums.shape)} / {tuple(obj._counts.shape)}')
+        obj._sums.copy_(sums)
+        obj._counts.copy_(counts)
+        return obj
+
+    def to_json_dict(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """JSON-serialisable summary that also round-trips exactly.
+
+        Args:
+            class_names (Sequence[str], optional): K names; default ``'class_<k>'``.
+
+        Returns:
+            dict: Header fields plus ``classes``: one entry per class with ``index``, ``name``, ``count``,
+            ``mean_probs`` (N lists of K floats, the mean softmax vector at each exit) and
+            ``fixed_point_sums`` (N lists of K ints, the exact state).
+        """
+        self._require_initialized()
+        k_count = self.num_classes
+        if class_names is None:
+            class_names = [f'class_{k}' for k in range(k_count)]
+        if len(class_names) != k_count:
+            raise ValueError(f'class_names has {len(class_names)} entries, expected K={k_count}')
+        means = self.class_mean_probs()
+        classes: List[Dict[str, Any]] = []
+        for k in range(k_count):
+            classes.append(
+                dict(index=k, name=str(class_names[k]), count=int(self._counts[k]),
+                     mean_probs=means[:, k].tolist(), fixed_point_sums=self._sums[:, k].tolist()))
+        return dict(format=_JSON_FORMAT, version=_JSON_VERSION, num_exits=self.num_exits, num_classes=k_count,
+                    ignore_index=self.ignore_index, frac_bits=FRAC_BITS, classes=classes)
+
+    @classmethod
+    def from_json_dict(cls, data: Dict[str, Any]) -> 'ClassProbStats':
+        """Rebuilds an instance from :meth:`to_json_dict` output.
+
+        Exact when ``fixed_point_sums`` is present; otherwise the sums are rebuilt from ``mean_probs * count``
+        (accurate to the fixed-point resolution, not bit-exact).
+
+        Args:
+            data (dict): As produced by :meth:`to_json_dict` (possibly after a JSON round trip).
+
+        Returns:
+            ClassProbStats: The restored statistics.
+        """
+        if data.get('format') != _JSON_FORMAT:
+            raise ValueError(f'not a {_JSON_FORMAT} dict (format={data.get("format")!r})')
+        if int(data.get('frac_bits', FRAC_BITS)) != FRAC_BITS:
+            raise ValueError(f'data has frac_bits={data["frac_bits"]}, this version uses {FRAC_BITS}')
+        num_exits, num_classes = int(data['num_exits']), int(data['num_classes'])
+        obj = cls(num_exits, num_classes, ignore_index=int(data.get('ignore_index', 255)))
+        entries = data['classes']
+        if len(entries) != num_classes:
+            raise ValueError(f'{len(entries)} class entries for num_classes={num_classes}')
+        for entry in entries:
+            k = int(entry['index'])
+            obj._counts[k] = int(entry['count'])
+            if 'fixed_point_sums' in entry:
+                row = torch.tensor(entry['fixed_point_sums'], dtype=torch.int64)
+            else:
+                mean = torch.tensor(entry['mean_probs'], dtype=torch.float64)
+                row = torch.round(mean * int(entry['count']) * _SCALE).to(torch.int64)
+            if row.shape != (num_exits, num_classes):
+                raise ValueError(f'class {k}: expected ({num_exits}, {num_classes}) values, got {tuple(row.shape)}')
+            obj._sums[:, k] = row
+        return obj
+
+    def __repr__(self) -> str:
+        if not self.initialized:
+            return f'{type(self).__name__}(empty, ignore_index={self.ignore_index})'
+        return (f'{type(self).__name__}(num_exits={self.num_exits}, num_classes={self.num_classes}, '
+                f'pixels={int(self._counts.sum())}, ignore_index={self.ignore_index})')
+

@@ -1,0 +1,3 @@
+from .cbt_calibration_hook import CBTCalibrationHook
+
+__all__ = ['CBTCalibrationHook']

@@ -1,0 +1,3 @@
+from .early_exit_iou_metric import EarlyExitIoUMetric
+
+__all__ = ['EarlyExitIoUMetric']

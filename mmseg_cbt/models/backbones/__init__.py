@@ -1,0 +1,3 @@
+from .ee_hrnet import EarlyExitHRNet
+
+__all__ = ['EarlyExitHRNet']

@@ -1,0 +1,91 @@
+"""HRNet that runs stage by stage, so that an early-exit segmentor can run an exit between stages."""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from mmseg.models.backbones import HRNet
+from mmseg.registry import MODELS
+
+__all__ = ['EarlyExitHRNet']
+
+
+@MODELS.register_module()
+class EarlyExitHRNet(HRNet):
+    """mmseg's :class:`HRNet` with a stage-wise interface.
+
+    The module tree (and so the state dict) is exactly mmseg's ``HRNet``: a standard mmseg HRNet checkpoint loads
+    with ``strict=True``. :meth:`forward` is the unchanged one-call forward. The stage-wise API splits the same
+    computation at the points where the early exits read the features:
+
+    - stage 1 = stem + ``layer1`` (one branch at 1/4 resolution),
+    - stage n (n = 2, 3, 4) = ``transition{n-1}`` + ``stage{n}``.
+
+    The masked-inference path (which restricts convs to still-active pixels) lives in
+    :mod:`mmseg_cbt.models.backbones.masked_hrnet` and uses these same modules.
+
+    Args:
+        **kwargs: Passed unchanged to :class:`mmseg.models.backbones.HRNet`.
+    """
+
+    num_stages = 4
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Runs the two stride-2 stem convolutions (input -> 1/4 resolution, 64 channels)."""
+        x = self.relu(self.norm1(self.conv1(x)))
+        x = self.relu(self.norm2(self.conv2(x)))
+        return x
+
+    def forward_stage(self, stage: int, feats: List[Tensor]) -> List[Tensor]:
+        """Runs one stage.
+
+        Args:
+            stage (int): 1-based stage index in ``[1, 4]``.
+            feats (list[Tensor]): For ``stage == 1`` a one-element list holding the image batch (N, 3, H, W);
+                otherwise the branch outputs of the previous stage.
+
+        Returns:
+            list[Tensor]: The branch outputs of this stage (stage 1: one branch; stage n: n branches).
+        """
+        if stage == 1:
+            return [self.layer1(self.forward_stem(feats[0]))]
+        if stage not in (2, 3, 4):
+            raise ValueError(f'stage must be in [1, 4], got {stage}')
+        transition = getattr(self, f'transition{stage - 1}')
+        num_branches = getattr(self, f'stage{stage}_cfg')['num_branches']
+        x_list = []
+        for i in range(num_branches):
+            if transition[i] is None:
+                x_list.append(feats[i])
+            else:
+                # same rule as mmseg's HRNet.forward: new branches are made from the lowest-resolution one
+                src = feats[i] if i < len(feats) else feats[-1]
+                x_list.append(transition[i](src))
+        # HRModule.forward writes into its input list: hand it a copy so the caller's list stays intact
+        return getattr(self, f'stage{stage}')(list(x_list))
+
+    def forward_stages(self, x: Tensor) -> List[List[Tensor]]:
+        """Runs all stages and returns every stage's branch outputs.
+
+        Args:
+            x (Tensor): Image batch (N, 3, H, W).
+
+        Returns:
+            list[list[Tensor]]: ``outs[n]`` holds the branch outputs of stage ``n + 1``.
+        """
+        outs = []
+        feats: List[Tensor] = [x]
+        for stage in range(1, self.num_stages + 1):
+            feats = self.forward_stage(stage, feats)
+            outs.append(feats)
+        return outs
+
+    def stage_out_channels(self) -> List[List[int]]:
+        """Channels of each stage's branch outputs, e.g. ``[[256], [18, 36], [18, 36, 72], [18, 36, 72, 144]]``."""
+        chans = []
+        s1 = self.extra['stage1']
+        chans.append([s1['num_channels'][0] * self.blocks_dict[s1['block']].expansion])
+        for n in (2, 3, 4):
+            cfg = self.extra[f'stage{n}']
+            chans.append([c * self.blocks_dict[cfg['block']].expansion for c in cfg['num_channels']])
+        return chans

@@ -1,0 +1,3 @@
+from .rh_exit_head import EarlyExitRHHead
+
+__all__ = ['EarlyExitRHHead']

@@ -1,0 +1,381 @@
+"""Early-exit encoder-decoder: one exit head after every HRNet stage, stop masks between exits."""
+import copy
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.structures import PixelData
+from torch import Tensor
+
+from mmseg.models.segmentors import EncoderDecoder
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, OptSampleList, SampleList
+
+from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask, stop_mask_from_probs
+
+__all__ = ['EarlyExitEncoderDecoder', 'EXIT_MODES']
+
+#: Stop rules at test time. ``dense``: nothing stops (every exit is computed on every pixel, the anytime model);
+#: ``cbt``: per-class thresholds from calibration (OR of ``softmax_k > T_k`` over classes); ``global``: ADP-C,
+#: ``max softmax > test_cfg.global_threshold``; ``entropy``: normalised entropy < ``test_cfg.entropy_threshold``.
+EXIT_MODES = ('dense', 'cbt', 'global', 'entropy')
+#: How features at stopped pixels are treated. ``none``: features stay dense, only the logits of stopped pixels are
+#: frozen ("post-hoc" early exit, what CBT evaluates); ``simulate``: every conv after the exit is computed densely and
+#: then masked with the fill rule (ADP-C's simulation, the oracle of the sparse path); ``sparse``: convs really run
+#: only at active pixels (:mod:`mmseg_cbt.ops`).
+FEATURE_MASKS = ('none', 'simulate', 'sparse')
+
+
+@MODELS.register_module()
+class EarlyExitEncoderDecoder(EncoderDecoder):
+    """Encoder-decoder with an exit after every backbone stage (ADP-C / CBT).
+
+    ``exit_heads[i]`` reads the branch outputs of stage ``i + 1``; ``decode_head`` is the final exit and reads the
+    last stage, so the final exit is exactly mmseg's segmentor (a stock mmseg checkpoint of the same backbone and
+    head loads into it). The exits are not ``auxiliary_head``: mmseg drops those at inference and in its FLOPs tool.
+
+    Stop masks: after exit ``n`` (not the last) a pixel stops when the rule of ``test_cfg.exit_mode`` says it is
+    confident; masks are cumulative and a stopped pixel keeps the logits of the exit where it stopped ("copy"
+    aggregation), so every exit yields a full map. The CBT thresholds live in persistent buffers filled by
+    :class:`~mmseg_cbt.engine.hooks.CBTCalibrationHook` or ``tools/calibrate.py``, so they travel with checkpoints.
+
+    Args:
+        backbone (dict): An :class:`~mmseg_cbt.models.backbones.EarlyExitHRNet` config.
+        decode_head (dict): The final exit (mmseg ``FCNHead`` in its HRNetV2 form).
+        exit_heads (list[dict]): Early exits, one per stage before the last.
+        exit_loss_weights (list[float], optional): Loss weight of every exit (early ones, then the final).
+            Default: all 1 (ADP-C).
+        num_classes (int, optional): If given, overrides ``num_classes`` of every exit and of the decode head.
+        train_cfg (dict, optional): mmseg train cfg.
+        test_cfg (dict, optional): mmseg test cfg plus ``exit_mode`` (one of :data:`EXIT_MODES`, default
+            ``'dense'``), ``global_threshold`` (default 0.998), ``entropy_threshold`` (default 0.05),
+            ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'none'``) and ``fill`` (``'copy'``,
+            ``'zeros'`` or ``'rbf'``, default ``'copy'``).
+        data_preprocessor (dict, optional): mmseg data preprocessor.
+        pretrained (str, optional): Backbone weights.
+        init_cfg (dict, optional): Initialisation config.
+    """
+
+    def __init__(self,
+                 backbone: ConfigType,
+                 decode_head: ConfigType,
+                 exit_heads: Sequence[ConfigType],
+                 exit_loss_weights: Optional[Sequence[float]] = None,
+                 num_classes: Optional[int] = None,
+                 neck: OptConfigType = None,
+                 auxiliary_head: OptConfigType = None,
+                 train_cfg: OptConfigType = None,
+                 test_cfg: OptConfigType = None,
+                 data_preprocessor: OptConfigType = None,
+                 pretrained: Optional[str] = None,
+                 init_cfg: OptMultiConfig = None):
+        if neck is not None:
+            raise ValueError('EarlyExitEncoderDecoder does not support a neck: the exits read the backbone stages')
+        if num_classes is not None:
+            # one switch for every exit (e.g. 150 for ADE20K) instead of repeating the exit list in each config
+            decode_head = dict(decode_head, num_classes=num_classes)
+            exit_heads = [dict(cfg, num_classes=num_classes) for cfg in exit_heads]
+        super().__init__(
+            backbone=backbone,
+            decode_head=decode_head,
+            auxiliary_head=auxiliary_head,
+            train_cfg=train_cfg,
+            test_cfg=test_cfg,
+            data_preprocessor=data_preprocessor,
+            pretrained=pretrained,
+            init_cfg=init_cfg)
+        for name in ('forward_stage', 'num_stages'):
+            if not hasattr(self.backbone, name):
+                raise TypeError(f'{type(self.backbone).__name__} has no stage-wise API ({name}); '
+                                'use EarlyExitHRNet as the backbone')
+        if len(exit_heads) != self.backbone.num_stages - 1:
+            raise ValueError(f'expected {self.backbone.num_stages - 1} exit_heads (one per stage before the last), '
+                             f'got {len(exit_heads)}')
+        self.exit_heads = nn.ModuleList(MODELS.build(cfg) for cfg in exit_heads)
+        for i, head in enumerate(self.exit_heads):
+            if head.num_classes != self.num_classes:
+                raise ValueError(f'num_classes mismatch: exit_heads[{i}] has {head.num_classes}, '
+                                 f'decode_head has {self.num_classes}')
+        n = self.num_exits
+        if exit_loss_weights is None:
+            exit_loss_weights = [1.0] * n
+        if len(exit_loss_weights) != n:
+            raise ValueError(f'exit_loss_weights needs {n} values (one per exit), got {len(exit_loss_weights)}')
+        self.exit_loss_weights = [float(w) for w in exit_loss_weights]
+        k = self.num_classes
+        # Calibration state: persistent buffers, so checkpoints carry it and tools/test.py uses it.
+        self.register_buffer('cbt_thresholds', torch.ones(n, k))
+        self.register_buffer('cbt_calibrated', torch.zeros((), dtype=torch.bool))
+        self.register_buffer('cbt_range', torch.tensor([1.0, 1.0]))
+        self.register_buffer('cbt_share_exits', torch.ones((), dtype=torch.bool))
+        self.register_buffer('cbt_class_mean_probs', torch.zeros(n, k, k, dtype=torch.float64))
+        self.register_buffer('cbt_class_counts', torch.zeros(k, dtype=torch.int64))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_exits(self) -> int:
+        """Number of exits, the final one included."""
+        return self.backbone.num_stages
+
+    @property
+    def exits(self) -> List[nn.Module]:
+        """All exit heads in order, the final ``decode_head`` last (a plain list: no duplicate parameters)."""
+        return list(self.exit_heads) + [self.decode_head]
+
+    # ------------------------------------------------------------------ calibration state
+    def set_cbt_calibration(self,
+                            thresholds: Tensor,
+                            alpha: float,
+                            beta: float,
+                            class_mean_probs: Optional[Tensor] = None,
+                            class_counts: Optional[Tensor] = None) -> None:
+        """Stores CBT thresholds (and optionally the statistics they came from) in the persistent buffers.
+
+        Args:
+            thresholds (Tensor): (K,) shared thresholds (CBT) or (num_exits, K) per-exit thresholds (CBT-ns).
+            alpha (float): Lower end of the threshold range.
+            beta (float): Upper end of the threshold range.
+            class_mean_probs (Tensor, optional): (num_exits, K, K) mean softmax per ground-truth class.
+            class_counts (Tensor, optional): (K,) training pixels per class.
+        """
+        n, k = self.cbt_thresholds.shape
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        share = thresholds.dim() == 1
+        if share and thresholds.shape != (k, ):
+            raise ValueError(f'num_classes mismatch: thresholds have shape {tuple(thresholds.shape)}, model has '
+                             f'{k} classes')
+        if not share and thresholds.shape != (n, k):
+            raise ValueError(f'per-exit thresholds must have shape ({n}, {k}), got {tuple(thresholds.shape)}')
+        dev = self.cbt_thresholds.device
+        self.cbt_thresholds.copy_(thresholds.expand(n, k).to(dev))
+        self.cbt_range.copy_(torch.tensor([alpha, beta], dtype=torch.float32))
+        self.cbt_share_exits.fill_(share)
+        if class_mean_probs is not None:
+            if tuple(class_mean_probs.shape) != (n, k, k):
+                raise ValueError(f'class_mean_probs must have shape ({n}, {k}, {k}), '
+                                 f'got {tuple(class_mean_probs.shape)}')
+            self.cbt_class_mean_probs.copy_(class_mean_probs.to(dev, torch.float64))
+        if class_counts is not None:
+            if tuple(class_counts.shape) != (k, ):
+                raise ValueError(f'class_counts must have shape ({k},), got {tuple(class_counts.shape)}')
+            self.cbt_class_counts.copy_(class_counts.to(dev, torch.int64))
+        self.cbt_calibrated.fill_(True)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether CBT thresholds have been computed for this model."""
+        return bool(self.cbt_calibrated)
+
+    # ------------------------------------------------------------------ test-time options
+    def _test_opt(self, key: str, default):
+        cfg = self.test_cfg if self.test_cfg is not None else {}
+        return cfg.get(key, default)
+
+    def _resolve_exit_mode(self, exit_mode: Optional[str]) -> str:
+        mode = exit_mode if exit_mode is not None else self._test_opt('exit_mode', 'dense')
+        if mode not in EXIT_MODES:
+            raise ValueError(f'exit_mode must be one of {EXIT_MODES}, got {mode!r}')
+        if mode == 'cbt' and not self.is_calibrated:
+            raise RuntimeError('exit_mode="cbt" but the CBT thresholds were never calibrated for this model: train '
+                               'with CBTCalibrationHook, or run tools/calibrate.py on the checkpoint')
+        return mode
+
+    def stop_mask(self, logits: Tensor, exit_idx: int, exit_mode: Optional[str] = None) -> Tensor:
+        """Pixels that stop after exit ``exit_idx`` (0-based), by the rule of ``exit_mode``.
+
+        Args:
+            logits (Tensor): (B, K, h, w) logits of that exit.
+            exit_idx (int): 0-based exit index.
+            exit_mode (str, optional): Overrides ``test_cfg.exit_mode``.
+
+        Returns:
+            Tensor: (B, h, w) bool, True = stops (confident).
+        """
+        mode = self._resolve_exit_mode(exit_mode)
+        if mode == 'dense':
+            return logits.new_zeros((logits.shape[0], ) + tuple(logits.shape[2:]), dtype=torch.bool)
+        probs = F.softmax(logits.float(), dim=1)
+        if mode == 'cbt':
+            return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
+        if mode == 'global':
+            return global_stop_mask(probs, float(self._test_opt('global_threshold', 0.998)))
+        return entropy_stop_mask(probs, float(self._test_opt('entropy_threshold', 0.05)))
+
+    # ------------------------------------------------------------------ forward
+    def _run_stage(self, stage: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
+                   fill: str) -> List[Tensor]:
+        """Runs backbone stage ``stage`` (1-based). This is where masked inference plugs in.
+
+        ``active`` is the (B, H/4, W/4) mask of pixels still computing (None: all). With ``feature_mask='none'``
+        the features stay dense; otherwise the backbone restricts the stage (and the transition before it) to the
+        active pixels, simulated or for real.
+        """
+        if active is None or feature_mask == 'none':
+            return self.backbone.forward_stage(stage, feats)
+        return self.backbone.forward_stage_masked(stage, feats, active, sparse=feature_mask == 'sparse', fill=fill)
+
+    def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str) -> Tensor:
+        head = self.exits[exit_idx]
+        if active is not None and feature_mask == 'sparse' and hasattr(self.backbone, 'forward_head_masked'):
+            return self.backbone.forward_head_masked(head, feats, active)
+        return head.forward(feats)
+
+    def forward_exits(self,
+                      inputs: Tensor,
+                      exit_mode: Optional[str] = None,
+                      feature_mask: Optional[str] = None,
+                      return_active: bool = False):
+        """Runs the backbone stage by stage with an exit after every stage.
+
+        Args:
+            inputs (Tensor): Preprocessed images (B, 3, H, W).
+            exit_mode (str, optional): Stop rule, overrides ``test_cfg.exit_mode`` (see :data:`EXIT_MODES`).
+            feature_mask (str, optional): Overrides ``test_cfg.feature_mask`` (see :data:`FEATURE_MASKS`).
+            return_active (bool): Also return, per exit, the mask of pixels that exit computed (None = all).
+
+        Returns:
+            list[Tensor]: Per-exit logits (B, K, H/4, W/4) after "copy" aggregation: a stopped pixel keeps the
+            logits of the exit where it stopped. With ``return_active`` a tuple ``(logits, actives)``.
+        """
+        mode = self._resolve_exit_mode(exit_mode)
+        feature_mask = feature_mask if feature_mask is not None else self._test_opt('feature_mask', 'none')
+        if feature_mask not in FEATURE_MASKS:
+            raise ValueError(f'feature_mask must be one of {FEATURE_MASKS}, got {feature_mask!r}')
+        fill = self._test_opt('fill', 'copy')
+        feats: List[Tensor] = [inputs]
+        logits: List[Tensor] = []
+        actives: List[Optional[Tensor]] = []
+        active: Optional[Tensor] = None
+        for n in range(self.num_exits):
+            feats = self._run_stage(n + 1, feats, active, feature_mask, fill)
+            out = self._run_exit(n, feats, active, feature_mask)
+            if active is not None:
+                out = torch.where(active.unsqueeze(1), out, logits[-1])
+            logits.append(out)
+            actives.append(active)
+            if mode != 'dense' and n < self.num_exits - 1:
+                keep = ~self.stop_mask(out, n, mode)
+                active = keep if active is None else active & keep
+        return (logits, actives) if return_active else logits
+
+    def exit_logits(self, inputs: Tensor, exit_mode: Optional[str] = None) -> List[Tensor]:
+        """Public per-exit logits (B, K, H/4, W/4), see :meth:`forward_exits`."""
+        return self.forward_exits(inputs, exit_mode=exit_mode)
+
+    def _forward(self, inputs: Tensor, data_samples: OptSampleList = None) -> Tensor:
+        """Tensor mode: the final exit's logits, computed after every exit (an anytime model runs its exits)."""
+        return self.forward_exits(inputs)[-1]
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:
+        """Final-exit logits resized to the input size (keeps mmseg's own inference helpers working)."""
+        return self.encode_decode_exits(inputs, batch_img_metas)[-1]
+
+    def encode_decode_exits(self, inputs: Tensor, batch_img_metas: List[dict],
+                            exit_mode: Optional[str] = None) -> List[Tensor]:
+        """Per-exit logits resized to the (padded) input size, as ``decode_head.predict`` resizes them."""
+        return [
+            resize(lg, size=batch_img_metas[0]['img_shape'], mode='bilinear', align_corners=self.align_corners)
+            for lg in self.forward_exits(inputs, exit_mode=exit_mode)
+        ]
+
+    def inference_exits(self, inputs: Tensor, batch_img_metas: List[dict],
+                        exit_mode: Optional[str] = None) -> List[Tensor]:
+        """Per-exit version of mmseg's ``inference`` (``whole`` or ``slide`` mode).
+
+        Args:
+            inputs (Tensor): Preprocessed images (B, 3, H, W).
+            batch_img_metas (list[dict]): Image meta information.
+            exit_mode (str, optional): Overrides ``test_cfg.exit_mode`` (calibration forces ``'dense'``).
+
+        Returns:
+            list[Tensor]: Per-exit logits (B, K, H, W) at the padded input size.
+        """
+        mode = self._test_opt('mode', 'whole')
+        if mode == 'whole':
+            return self.encode_decode_exits(inputs, batch_img_metas, exit_mode)
+        if mode != 'slide':
+            raise ValueError(f'test_cfg.mode must be "whole" or "slide", got {mode!r}')
+        h_stride, w_stride = self.test_cfg.stride
+        h_crop, w_crop = self.test_cfg.crop_size
+        b, _, h_img, w_img = inputs.shape
+        h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+        w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+        preds = [inputs.new_zeros((b, self.out_channels, h_img, w_img)) for _ in range(self.num_exits)]
+        count = inputs.new_zeros((b, 1, h_img, w_img))
+        metas = [dict(m) for m in batch_img_metas]
+        for hi in range(h_grids):
+            for wi in range(w_grids):
+                y2 = min(hi * h_stride + h_crop, h_img)
+                x2 = min(wi * w_stride + w_crop, w_img)
+                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+                crop = inputs[:, :, y1:y2, x1:x2]
+                metas[0]['img_shape'] = crop.shape[2:]
+                for p, lg in zip(preds, self.encode_decode_exits(crop, metas, exit_mode)):
+                    p[:, :, y1:y2, x1:x2] += lg
+                count[:, :, y1:y2, x1:x2] += 1
+        return [p / count for p in preds]
+
+    def restore_logits(self, logits: Tensor, img_meta: dict) -> Tensor:
+        """Undoes padding and flip and resizes one image's logits (1, K, H, W) to ``ori_shape`` -> (K, h, w).
+
+        The same steps as mmseg's ``postprocess_result``, so calibration statistics and per-exit predictions see
+        exactly the logits the final prediction is made from.
+        """
+        _, _, h, w = logits.shape
+        pad = img_meta.get('img_padding_size', img_meta.get('padding_size', [0] * 4))
+        left, right, top, bottom = pad
+        logits = logits[:, :, top:h - bottom, left:w - right]
+        flip = img_meta.get('flip', None)
+        if flip:
+            direction = img_meta.get('flip_direction', None)
+            if direction not in ('horizontal', 'vertical'):
+                raise ValueError(f'unknown flip_direction {direction!r}')
+            logits = logits.flip(dims=(3, ) if direction == 'horizontal' else (2, ))
+        return resize(logits, size=img_meta['ori_shape'], mode='bilinear', align_corners=self.align_corners,
+                      warning=False).squeeze(0)
+
+    def predict(self, inputs: Tensor, data_samples: OptSampleList = None) -> SampleList:
+        """Predicts with every exit.
+
+        Returns:
+            list[SegDataSample]: ``pred_sem_seg`` / ``seg_logits`` of the final exit (so every mmseg metric and
+            visualiser works) plus ``exit{n}_pred_sem_seg`` (n = 1..num_exits), each exit's integer label map.
+        """
+        if data_samples is not None:
+            batch_img_metas = [ds.metainfo for ds in data_samples]
+        else:
+            batch_img_metas = [
+                dict(ori_shape=inputs.shape[2:], img_shape=inputs.shape[2:], pad_shape=inputs.shape[2:],
+                     padding_size=[0, 0, 0, 0])
+            ] * inputs.shape[0]
+        only_prediction = data_samples is None
+        exit_logits = self.inference_exits(inputs, batch_img_metas)
+        data_samples = self.postprocess_result(exit_logits[-1], data_samples)
+        for n, lg in enumerate(exit_logits):
+            for i, ds in enumerate(data_samples):
+                if n == self.num_exits - 1:
+                    pred = ds.pred_sem_seg.data
+                elif not only_prediction:
+                    pred = self.restore_logits(lg[i:i + 1], ds.metainfo).argmax(dim=0, keepdim=True)
+                else:
+                    pred = lg[i].argmax(dim=0, keepdim=True)
+                ds.set_data({f'exit{n + 1}_pred_sem_seg': PixelData(data=pred)})
+        return data_samples
+
+    # ------------------------------------------------------------------ training
+    def loss(self, inputs: Tensor, data_samples: SampleList) -> Dict[str, Tensor]:
+        """Cross-entropy at every exit, keys prefixed per exit (``exit1.loss_ce``, ...), weighted per exit."""
+        feats: List[Tensor] = [inputs]
+        losses: Dict[str, Tensor] = {}
+        for n, head in enumerate(self.exits):
+            feats = self.backbone.forward_stage(n + 1, feats)
+            for key, val in head.loss(feats, data_samples, self.train_cfg).items():
+                if 'loss' in key:
+                    val = val * self.exit_loss_weights[n]
+                losses[f'exit{n + 1}.{key}'] = val
+        if self.with_auxiliary_head:
+            losses.update(self._auxiliary_head_forward_train(feats, data_samples))
+        return losses

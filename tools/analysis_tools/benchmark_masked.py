@@ -1,0 +1,296 @@
+"""Wall-clock benchmark of masked (early-exit) inference against dense inference, on CPU.
+
+Sections (each a function returning a list of result rows; ``main`` calls the selected ones):
+
+(a) ``bench_single_convs``: single 3x3 convs at HRNet branch shapes (W18-small and W48 at a 512x1024
+    input), dense ``F.conv2d`` vs the masked stage path of ``mmseg_cbt.ops`` (gather + GEMM + epilogue +
+    scatter from a persistent padded channels-last buffer, or its dense fallback) at several stopped
+    fractions with blob-shaped masks. Index building (once per exit and resolution in a real network)
+    is timed separately.
+(crossover) ``bench_crossover``: the forced sparse path against dense at high active fractions, to
+    place ``mmseg_cbt.ops.DENSE_CROSSOVER``.
+(b) end-to-end backbone: to be added as another ``bench_*`` function + ``--sections b``.
+
+Timing: all variants of one configuration are timed interleaved in one process (round-robin, best of
+``--repeats`` rounds), because the 2 CPU cores are shared and absolute times drift. Ratios are what to
+read.
+
+Examples::
+
+    python tools/analysis_tools/benchmark_masked.py --quick
+    python tools/analysis_tools/benchmark_masked.py --json work_dirs/bench_masked.json
+    python tools/analysis_tools/benchmark_masked.py --sections crossover
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import mmseg_cbt.ops as ops
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
+    import mmseg_cbt.ops as ops
+
+# Branch widths and the 1/4-resolution size for a 512x1024 input (each branch halves the size).
+MODELS: Dict[str, Tuple[int, ...]] = {
+    'W18s': (18, 36, 72, 144),
+    'W48': (48, 96, 192, 384),
+}
+# Targets for section (a) on 2 CPU cores: masked/dense wall ratio at a given active fraction.
+TARGETS: Dict[float, float] = {1.0: 1.10, 0.5: 0.75, 0.25: 0.40, 0.1: 0.20}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def blob_mask(n: int, h: int, w: int, active: float, seed: int = 0, blob: int = 16) -> torch.Tensor:
+    """Realistic stop mask: thresholded smoothed noise (connected blobs, not salt-and-pepper).
+
+    Args:
+        n: Batch size.
+        h: Height.
+        w: Width.
+        active: Target fraction of True (active, still computing) positions.
+        seed: RNG seed.
+        blob: Typical blob size in pixels (noise is drawn at ``1/blob`` resolution and upsampled).
+
+    Returns:
+        Bool ``(n, h, w)`` with ``round(active * h * w)`` True positions per image (ties aside).
+    """
+    if active >= 1.0:
+        return torch.ones(n, h, w, dtype=torch.bool)
+    if active <= 0.0:
+        return torch.zeros(n, h, w, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, max(2, h // blob), max(2, w // blob), generator=g)
+    noise = F.interpolate(low, size=(h, w), mode='bicubic', align_corners=False)
+    noise = noise + 1e-3 * torch.rand(n, 1, h, w, generator=g)  # break ties
+    flat = noise.view(n, -1)
+    k = max(1, int(round(active * h * w)))
+    thr = flat.topk(k, dim=1).values[:, -1:]
+    return (flat >= thr).view(n, h, w)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.01
+                     ) -> Dict[str, float]:
+    """Best-of-``repeats`` time in ms of each function, the functions timed round-robin.
+
+    Each sample runs a function ``inner`` times (calibrated so one sample takes ``min_sample_s``), so that
+    sub-millisecond ops are not dominated by timer and scheduler noise.
+
+    Args:
+        fns: Name -> zero-argument callable.
+        repeats: Rounds.
+        min_sample_s: Minimum duration of one sample.
+
+    Returns:
+        Name -> best time per call in ms.
+    """
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (allocator, oneDNN primitive cache)
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        inner[name] = max(1, int(math.ceil(min_sample_s / max(dt, 1e-7))))
+    best = {name: float('inf') for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / inner[name])
+    return {name: 1e3 * t for name, t in best.items()}
+
+
+def branch_shapes(models: Sequence[str], input_hw: Tuple[int, int]) -> List[Tuple[str, int, int, int]]:
+    """``(model, C, H, W)`` of every HRNet branch (1/4, 1/8, 1/16, 1/32 of the input)."""
+    out = []
+    for model in models:
+        for i, c in enumerate(MODELS[model]):
+            s = 4 * 2 ** i
+            out.append((model, c, input_hw[0] // s, input_hw[1] // s))
+    return out
+
+
+def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+                   dense_threshold: float = None) -> Tuple[Callable[[], object], float, str]:
+    """Prepares the stage-API call for one conv; returns (callable, index build ms, path)."""
+    n, c, h, w = x.shape
+    buf = ops.to_padded_nhwc(x.contiguous(memory_format=torch.channels_last))
+    out_buf = ops.new_padded_buffer(n, weight.shape[0], h, w)
+    conv = ops.PackedConv.from_weight(weight, bias)
+    t0 = time.perf_counter()
+    idx = ops.SparseIndex.build(mask)
+    idx.windows((h, w), 3, 1, 1)
+    idx.rows(1)
+    build_ms = 1e3 * (time.perf_counter() - t0)
+    thr = ops.DENSE_CROSSOVER if dense_threshold is None else dense_threshold
+    path = 'dense' if idx.active_fraction > thr else 'sparse'
+    if idx.num_active == 0:
+        path = 'skip'
+
+    def run() -> object:
+        return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
+
+    return run, build_ms, path
+
+
+def _dense_runners(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                   ) -> Dict[str, Callable[[], object]]:
+    x_c = x.contiguous()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return {
+        'dense_nchw': lambda: F.conv2d(x_c, weight, bias, 1, 1),
+        'dense_cl': lambda: F.conv2d(x_cl, weight, bias, 1, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# section (a): single convs
+# --------------------------------------------------------------------------------------------------
+def bench_single_convs(args: argparse.Namespace) -> List[dict]:
+    """Section (a): one 3x3 stride-1 conv per HRNet branch shape, dense vs masked.
+
+    Args:
+        args: Parsed command line (``models``, ``input_size``, ``stopped``, ``repeats``).
+
+    Returns:
+        One dict per (shape, stopped fraction).
+    """
+    rows = []
+    print(f'\n(a) single 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads, '
+          f'best of {args.repeats} interleaved rounds; crossover = {ops.DENSE_CROSSOVER}')
+    hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
+           f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"idx ms":>7}')
+    print(hdr)
+    print('-' * len(hdr))
+    for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
+        torch.manual_seed(0)
+        x = torch.randn(1, c, h, w)
+        weight = torch.randn(c, c, 3, 3) / math.sqrt(9 * c)
+        bias = torch.randn(c)
+        dense = _dense_runners(x, weight, bias)
+        for stopped in args.stopped:
+            active = 1.0 - stopped / 100.0
+            mask = blob_mask(1, h, w, active, seed=c + int(stopped))
+            run, build_ms, path = _masked_runner(x, weight, bias, mask)
+            t = time_interleaved({**dense, 'masked': run}, args.repeats)
+            fmt = min(dense, key=lambda k: t[k])
+            d_ms = t[fmt]
+            act = float(mask.float().mean())
+            ratio = t['masked'] / d_ms
+            target = TARGETS.get(round(active, 2))
+            row = dict(section='a', model=model, channels=c, height=h, width=w, stopped_pct=stopped,
+                       active_frac=act, path=path, dense_ms=d_ms, dense_format=fmt,
+                       dense_nchw_ms=t['dense_nchw'], dense_cl_ms=t['dense_cl'],
+                       masked_ms=t['masked'], ratio=ratio, mac_ratio=act if path == 'sparse' else
+                       (0.0 if path == 'skip' else 1.0), target=target, index_build_ms=build_ms,
+                       meets_target=None if target is None else ratio <= target)
+            rows.append(row)
+            flag = '' if target is None else (' ok' if ratio <= target else ' MISS')
+            print(f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
+                  f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
+                  f'{"" if target is None else f"{target:.2f}":>6} {build_ms:7.3f}{flag}')
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# crossover
+# --------------------------------------------------------------------------------------------------
+def bench_crossover(args: argparse.Namespace) -> List[dict]:
+    """Forced sparse path vs best dense at high active fractions (to place ``DENSE_CROSSOVER``).
+
+    Args:
+        args: Parsed command line.
+
+    Returns:
+        One dict per (shape, active fraction) with the sparse/dense ratio.
+    """
+    rows = []
+    actives = [0.5, 0.6, 0.7, 0.8, 0.9] if not args.quick else [0.5, 0.7, 0.9]
+    print(f'\n(crossover) forced sparse path / best dense conv, best of {args.repeats}')
+    print(f'{"model":5} {"C":>4} {"HxW":>8} ' + ' '.join(f'{int(100 * a):>5}%' for a in actives))
+    for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
+        torch.manual_seed(0)
+        x = torch.randn(1, c, h, w)
+        weight = torch.randn(c, c, 3, 3) / math.sqrt(9 * c)
+        bias = torch.randn(c)
+        dense = _dense_runners(x, weight, bias)
+        ratios = []
+        for a in actives:
+            mask = blob_mask(1, h, w, a, seed=c)
+            run, _, _ = _masked_runner(x, weight, bias, mask, dense_threshold=float('inf'))
+            t = time_interleaved({**dense, 'sparse': run}, args.repeats)
+            r = t['sparse'] / min(t['dense_nchw'], t['dense_cl'])
+            ratios.append(r)
+            rows.append(dict(section='crossover', model=model, channels=c, height=h, width=w,
+                             active_frac=a, ratio=r))
+        print(f'{model:5} {c:4d} {h:>3}x{w:<4} ' + ' '.join(f'{r:6.3f}' for r in ratios))
+    return rows
+
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
+    'a': bench_single_convs,
+    'crossover': bench_crossover,
+}
+
+
+def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sections', nargs='+', default=['a'], choices=sorted(SECTIONS),
+                   help='which sections to run (default: a)')
+    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    p.add_argument('--input-size', nargs=2, type=int, default=[512, 1024], metavar=('H', 'W'),
+                   help='network input size; branch 1 is at 1/4 of it (default 512 1024)')
+    p.add_argument('--stopped', nargs='+', type=float, default=[0, 50, 75, 90],
+                   help='stopped percentages (default 0 50 75 90)')
+    p.add_argument('--repeats', type=int, default=None, help='timing rounds (default 7, quick 3)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
+    p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.quick and args.models == list(MODELS):
+        args.models = ['W18s']
+    return args
+
+
+def main(argv: Sequence[str] = None) -> List[dict]:
+    """Runs the selected sections, prints their tables and optionally saves JSON."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {load}')
+    results: List[dict] = []
+    with torch.inference_mode():
+        for name in args.sections:
+            results += SECTIONS[name](args)
+    if args.json:
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
+                    machine=platform.processor() or platform.machine(), loadavg_start=load,
+                    loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
+                    dense_crossover=ops.DENSE_CROSSOVER, args=vars(args),
+                    time=time.strftime('%Y-%m-%d %H:%M:%S'))
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+        print(f'saved {args.json}')
+    return results
+
+
+if __name__ == '__main__':
+    main()
