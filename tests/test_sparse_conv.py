@@ -124,7 +124,7 @@ def test_fallback_to_dense_branch(monkeypatch):
     w = torch.randn(4, 4, 3, 3)
     mask = torch.ones(1, 16, 16, dtype=torch.bool)
     mask[0, :2, :] = False  # 87.5 % active: above the crossover
-    assert SparseIndex.build(mask).active_fraction > sc.DENSE_CROSSOVER
+    assert SparseIndex.build(mask).active_fraction > sc.dense_crossover(3, 4, 4)
     calls = []
     fake_f = types.SimpleNamespace(conv2d=lambda *a, **kw: calls.append(1) or F.conv2d(*a, **kw))
     monkeypatch.setattr(sc, 'F', fake_f)

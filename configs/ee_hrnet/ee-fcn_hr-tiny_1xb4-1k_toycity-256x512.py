@@ -50,3 +50,6 @@ cbt_alpha = 0.9
 cbt_beta = 0.998
 custom_hooks = [dict(type='CBTCalibrationHook', alpha=cbt_alpha, beta=cbt_beta, share_exits=True)]
 randomness = dict(seed=0)
+# mIoU / aAcc / mAcc of every exit (exit{n}.mIoU), the final exit also under the plain keys
+val_evaluator = dict(type='EarlyExitIoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator

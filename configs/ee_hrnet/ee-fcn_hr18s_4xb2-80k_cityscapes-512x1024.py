@@ -5,3 +5,6 @@ _base_ = [
 crop_size = (512, 1024)
 data_preprocessor = dict(size=crop_size)
 model = dict(data_preprocessor=data_preprocessor)
+# mIoU / aAcc / mAcc of every exit (exit{n}.mIoU), the final exit also under the plain keys
+val_evaluator = dict(type='EarlyExitIoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator

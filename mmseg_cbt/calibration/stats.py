@@ -18,10 +18,13 @@ counts of that unit. Integer addition is associative, so one pass, several ranks
 * Headroom: a sum is at most ``count_k * 2**24``, so int64 holds ``count_k < 2**39`` (5.5e11) pixels per
   class. Cityscapes' whole training set at full resolution is 6.2e9 pixels. (``2**-32`` would allow only
   2.1e9 per class, less than Cityscapes' road class.) Exceeding it raises OverflowError.
-* Inside one update the per-class sums are a float64 matrix product of the one-hot labels with the rounded
-  values (integers up to ``2**24``), over chunks of at most ``2**19 // K`` pixels per image, so every partial
-  sum stays far inside float64's exact integer range (``2**53``) and the product is exact whatever order the
-  BLAS library adds in. Each chunk's result is converted to int64 before it is added up.
+* Rounding is round-half-to-even of the float32 softmax value times ``2**24`` (exact in float32), so it is
+  the same on every rank and device. The sums themselves are int64 ``index_add_`` over the label index, exact
+  in any order (also with CUDA's atomics).
+* The softmax is taken over the whole ``(B, K, H, W)`` exit tensor, the way the segmentor takes it: PyTorch's
+  vectorised softmax may differ in the last bit between a full tensor and a slice of it, so slicing first could
+  make a pixel's statistics depend on how its batch was cut up. Only the steps after it, which are exact
+  elementwise operations, are chunked.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -35,12 +38,10 @@ FRAC_BITS = 24
 _SCALE = float(2**FRAC_BITS)
 #: Largest per-class pixel count for which ``count * 2**FRAC_BITS`` still fits in int64.
 MAX_PIXELS_PER_CLASS = 2**(63 - FRAC_BITS)
-#: Elements (pixels x K) per image and chunk of :meth:`ClassProbStats.update`. Small chunks keep the work
-#: buffers (about 20 bytes per element, reused across updates) cache friendly; measured fastest here.
-_CHUNK_ELEMENTS = 2**19
-#: Most pixels (over the batch) per chunk: a partial sum is then at most ``2**28 * 2**24 = 2**52``, inside
-#: float64's exact integer range.
-_MAX_CHUNK_PIXELS = 2**28
+#: Elements (K x pixels of one image) per chunk of the rounding and int64 summation in
+#: :meth:`ClassProbStats.update`: a chunk stays in cache (measured fastest at 2**18 - 2**20 here). Any value
+#: gives the same integers.
+_CHUNK_ELEMENTS = 2**18
 _JSON_FORMAT = 'mmseg_cbt.ClassProbStats'
 _JSON_VERSION = 1
 
@@ -69,7 +70,7 @@ class ClassProbStats:
         self.ignore_index = int(ignore_index)
         self._sums: Optional[Tensor] = None  # (N, K, K) int64, units of 2**-FRAC_BITS
         self._counts: Optional[Tensor] = None  # (K,) int64
-        self._work: Optional[Tuple[Tensor, Tensor, Tensor]] = None  # scratch buffers of update()
+        self._work: Optional[Tuple[Tensor, Tensor]] = None  # scratch buffers of update()
         if (num_exits is None) != (num_classes is None):
             raise ValueError('give both num_exits and num_classes, or neither')
         if num_exits is not None:
@@ -114,23 +115,21 @@ class ClassProbStats:
         return self._sums.clone()
 
     # ------------------------------------------------------------------ accumulation
-    def _work_buffers(self, n_probs: int, n_onehot: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-        """Flat float32/float64 scratch buffers, kept between updates.
+    def _work_buffers(self, n_probs: int, n_fixed: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Flat scratch buffers kept between updates: float32 softmax of one exit, int64 chunk.
 
-        Reusing them avoids fresh allocations (and their page faults), which otherwise cost as much as the
-        arithmetic. They hold no state; :meth:`release_buffers` frees them.
+        Reusing them avoids fresh allocations, whose page faults otherwise cost about as much as the softmax.
+        They hold no state; :meth:`release_buffers` frees them.
         """
         work = self._work
-        if (work is None or work[0].device != device or work[0].numel() < n_probs
-                or work[2].numel() < n_onehot):
+        if work is None or work[0].device != device or work[0].numel() < n_probs or work[1].numel() < n_fixed:
             work = (torch.empty(n_probs, dtype=torch.float32, device=device),
-                    torch.empty(n_probs, dtype=torch.float64, device=device),
-                    torch.empty(n_onehot, dtype=torch.float64, device=device))
+                    torch.empty(n_fixed, dtype=torch.int64, device=device))
             self._work = work
         return work
 
     def release_buffers(self) -> None:
-        """Frees the scratch buffers kept by :meth:`update` (about 10 MB); statistics are untouched."""
+        """Frees the scratch buffers of :meth:`update` (one exit's logits in float32, plus 2 MB)."""
         self._work = None
 
     @torch.no_grad()
@@ -182,7 +181,7 @@ class ClassProbStats:
         valid = (labels >= 0) & (labels < num_classes)  # also drops ignore_index whenever it is >= K (255)
         if 0 <= self.ignore_index < num_classes:
             valid &= labels != self.ignore_index
-        # Excluded pixels get label K: they fall into the extra one-hot row K, which is dropped below.
+        # Excluded pixels get label K: they land in an extra column K of the sums, which is dropped below.
         labels = torch.where(valid, labels, torch.full_like(labels, num_classes))
         batch_counts = torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes].cpu()
         if self.initialized:
@@ -191,27 +190,25 @@ class ClassProbStats:
                 raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels, the int64 fixed-point '
                                     f'limit at 2**-{FRAC_BITS} resolution')
 
-        # Chunk the pixel axis: speed wants small buffers, exactness needs batch * cols <= _MAX_CHUNK_PIXELS.
-        cols = max(1, min(height * width, _CHUNK_ELEMENTS // num_classes, _MAX_CHUNK_PIXELS // batch))
-        probs_buf, fixed_buf, onehot_buf = self._work_buffers(batch * num_classes * cols,
-                                                              batch * (num_classes + 1) * cols, device)
-        sums = torch.zeros(num_exits, num_classes, num_classes, dtype=torch.int64, device=device)
-        for start in range(0, height * width, cols):
-            stop = min(start + cols, height * width)
-            m = stop - start
-            # One-hot of the labels with an extra row K for excluded pixels, which is then dropped.
-            one_hot = onehot_buf[:batch * (num_classes + 1) * m].view(batch, num_classes + 1, m).zero_()
-            one_hot.scatter_(1, labels[:, None, start:stop], 1.0)
-            one_hot = one_hot[:, :num_classes]  # (B, K true class, m)
-            probs = probs_buf[:batch * num_classes * m].view(batch, num_classes, m)
-            fixed = fixed_buf[:batch * num_classes * m].view(batch, num_classes, m)
-            for n, logit in enumerate(exit_logits):
-                chunk = logit.reshape(batch, num_classes, height * width)[:, :, start:stop]
-                torch.softmax(chunk.float(), dim=1, out=probs)
-                # Round to the fixed-point grid in float32 (exact: values <= 2**24), then the float64 product
-                # of integers sums exactly (see the module docstring).
-                fixed.copy_(probs.mul_(_SCALE).round_())
-                sums[n] += torch.bmm(one_hot, fixed.transpose(1, 2)).sum(0).to(torch.int64)
+        num_pixels = height * width
+        cols = max(1, min(num_pixels, _CHUNK_ELEMENTS // num_classes))
+        probs_buf, fixed_buf = self._work_buffers(batch * num_classes * num_pixels, num_classes * cols, device)
+        # Column K of the transposed sums collects the excluded pixels and is dropped at the end.
+        sums_t = torch.zeros(num_exits, num_classes, num_classes + 1, dtype=torch.int64, device=device)
+        for n, logit in enumerate(exit_logits):
+            # Softmax of the whole tensor in float32, as the segmentor computes it (see the module docstring).
+            out = probs_buf[:batch * num_classes * num_pixels].view(batch, num_classes, height, width)
+            probs = torch.softmax(logit.float(), dim=1, out=out)
+            probs = probs.view(batch, num_classes, num_pixels)
+            for b in range(batch):
+                for start in range(0, num_pixels, cols):
+                    stop = min(start + cols, num_pixels)
+                    # Round to the 2**-24 grid (exact float32 ops), then convert to int64 and add per label.
+                    chunk = probs[b, :, start:stop].mul_(_SCALE).round_()
+                    fixed = fixed_buf[:num_classes * (stop - start)].view(num_classes, stop - start)
+                    fixed.copy_(chunk)
+                    sums_t[n].index_add_(1, labels[b, start:stop], fixed)  # [channel c, true class k]
+        sums = sums_t[:, :, :num_classes].transpose(1, 2)  # [exit, true class k, channel c]
         if not self.initialized:
             self._allocate(num_exits, num_classes)
         self._sums += sums.cpu()
@@ -269,6 +266,9 @@ class ClassProbStats:
                                f'pass num_exits/num_classes up front if a rank may see no data')
         dist.all_reduce(self._sums, op='sum')
         dist.all_reduce(self._counts, op='sum')
+        if int(self._counts.max()) >= MAX_PIXELS_PER_CLASS:  # same verdict on every rank
+            raise OverflowError(f'after all_reduce a class has more than {MAX_PIXELS_PER_CLASS} pixels: the '
+                                f'fixed-point sums overflowed')
         return self
 
     def reset(self) -> None:

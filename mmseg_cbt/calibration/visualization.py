@@ -79,7 +79,7 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
     from matplotlib.figure import Figure
 
     width = max(6.0, 0.45 * num_classes + 1.5)
-    fig = Figure(figsize=(width, 3.6 * num_rows), constrained_layout=True)
+    fig = Figure(figsize=(width, 3.6 * num_rows), layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(num_rows, 1, squeeze=False)[:, 0]
     # Zoom to the range: the paper's thresholds differ in the third decimal. A zero range (alpha == beta)
@@ -87,6 +87,7 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
     pad = 0.1 * (beta - alpha) if beta > alpha else 0.005
     lo = min(alpha, float(thr.min())) - pad
     hi = max(beta, float(thr.max())) + pad
+    decimals = 4 if beta - alpha < 0.02 else 3  # e.g. [0.99, 0.998] needs the fourth decimal
     for row, ax in enumerate(axes):
         values = thr[row]
         order = sorted(range(num_classes), key=lambda k: (float(values[k]), k))  # stable for ties
@@ -95,7 +96,7 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
         # Bars start at the bottom of the zoomed window, not at 0 (which is far outside it).
         bars = ax.bar(xs, [h - lo for h in heights], bottom=lo, color=[colours[k] for k in order],
                       edgecolor='black', linewidth=0.5)
-        ax.bar_label(bars, labels=[f'{h:.3f}' for h in heights], fontsize=7, rotation=90, padding=2)
+        ax.bar_label(bars, labels=[f'{h:.{decimals}f}' for h in heights], fontsize=7, rotation=90, padding=2)
         ax.axhline(alpha, color='tab:blue', linestyle='--', linewidth=1, label=f'alpha = {alpha:g}')
         ax.axhline(beta, color='tab:red', linestyle='--', linewidth=1, label=f'beta = {beta:g}')
         ax.set_ylim(lo, hi + pad)  # extra room above beta for the value labels
@@ -114,6 +115,7 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
     try:
         with os.fdopen(fd, 'wb') as f:
             fig.savefig(f, format='png', dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the PNG the usual permissions
         os.replace(tmp, out_file)
     except BaseException:
         if os.path.exists(tmp):

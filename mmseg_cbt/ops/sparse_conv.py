@@ -22,32 +22,40 @@ Two levels of API:
       # or, fused and with the dense fallback that writes straight into the buffer:
       conv.apply(buf, idx, out_buf, residual=res_buf, relu=True)
 
-Why this representation (measured on the 2-core CPU machines, see the project reference, section 7):
+Why this representation (measured on the 2-core CPU machines, see the project reference, section 7, and
+``tools/analysis_tools/benchmark_masked.py``):
 
 * Features live in a zero-bordered channels-last buffer ``(N, H + 2p, W + 2p, C)``: one pixel is one
-  contiguous row of C floats, so a 3x3 window is 9 row gathers at *constant* flat offsets
-  ``dy * (W + 2p) + dx`` and needs no bounds checks (the border rows are the zero padding). Converting
-  NCHW <-> NHWC per layer costs 5-58 % of a dense conv, so the layout is kept through a stage.
+  contiguous row of C floats, a window row (k horizontally adjacent pixels, also for stride 2) is one
+  contiguous *strip* of ``k * C`` floats, and the strips of a window are at *constant* flat offsets
+  ``ky * (W + 2p)`` from its top-left pixel, with no bounds checks (the border is the zero padding).
+  Converting NCHW <-> NHWC per layer costs 5-58 % of a dense conv, so the layout is kept through a stage.
 * Active positions are turned into flat row indices once (:class:`SparseIndex`); each conv geometry
-  (1x1, 3x3 stride 1, 3x3 stride 2 reading a finer input buffer) gets its neighbour table built lazily
+  (1x1, 3x3 stride 1, 3x3 stride 2 reading a 2x finer input buffer) gets its strip table built lazily
   once and cached on the index, so all convs of a stage share it.
-* Work is chunked (~1-4k active rows): gather ``(rows, k*k*Cin)`` -> one GEMM with the
-  ``(k*k*Cin, Cout)`` weight matrix -> epilogue (bias, residual, ReLU) while the chunk is hot in cache.
-  Un-chunked im2col was 2.7-3.2x slower than the dense conv at C=48, 50 % active.
-* Above a measured active fraction (:data:`DENSE_CROSSOVER`) the dense conv is cheaper and is used.
+* Work is chunked (~1 MiB of gathered data, 256-4096 active rows): gather k strips per position into
+  ``(rows, k*k*Cin)`` -> one GEMM with the ``(k*k*Cin, Cout)`` weight matrix (bias fused via addmm) ->
+  residual / ReLU -> scatter, while the chunk is hot in cache. Gathering whole strips instead of single
+  pixels halves the gather time at C=18; un-chunked im2col is much slower (cache misses).
+* Above a measured active fraction (:func:`dense_crossover`, 0.4-0.75 depending on the conv's MACs per
+  position) the dense conv is cheaper and is used.
+* 1x1 convs between 3x3 convs can also run on compact rows (:func:`gather_rows` once, then
+  ``torch.addmm(bias, rows, wmat)``), with no gather/scatter at all.
 """
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    'DENSE_CROSSOVER',
+    'dense_crossover',
     'SparseIndex',
     'PackedConv',
     'sparse_conv2d',
@@ -62,15 +70,45 @@ __all__ = [
     'conv_weight_matrix',
     'fold_bn',
     'conv_output_size',
+    'set_cpu_workers',
 ]
 
-# Active fraction above which the dense conv is used instead of gather + GEMM + scatter.
-# Measured with tools/analysis_tools/benchmark_masked.py (2 shared CPU cores, fp32, torch 2.13 CPU,
-# oneDNN dense conv on channels-last input, blob masks): the masked/dense wall ratio crosses 1.0
-# between ~65 % and ~85 % active depending on the shape (earliest for few channels at high resolution,
-# e.g. C=18 @ 128x256, where the dense conv is most efficient per MAC), so 0.6 keeps every measured
-# HRNet shape at or below the dense time. See the report in the benchmark script's docstring.
-DENSE_CROSSOVER: float = 0.6
+# Active fraction above which the dense conv is used instead of gather + GEMM + scatter, as a function
+# of the conv's MACs per output position (k*k*Cin*Cout): the sparse path's GEMM is about as efficient
+# as oneDNN's direct conv for wide convs but the per-row gather/scatter is a fixed cost per position,
+# so thin convs (few MACs per position) cross over early and 1x1 convs (memory-bound dense GEMM)
+# earliest. Points measured with `benchmark_masked.py --sections crossover` (see PERF NOTE below).
+_CROSSOVER_POINTS: Dict[int, Tuple[Tuple[int, float], ...]] = {
+    3: ((1458, 0.40), (2916, 0.44), (5832, 0.51), (11664, 0.58), (23328, 0.68), (46656, 0.72)),
+    1: ((1296, 0.20), (5184, 0.25), (9216, 0.45), (36864, 0.60), (147456, 0.75)),
+}
+
+
+def dense_crossover(kernel_size: int, cin: int, cout: int) -> float:
+    """Measured active fraction above which the dense conv beats the sparse path on CPU.
+
+    Piecewise-linear in log2(MACs per output position) between the measured points, clamped at the
+    ends. ``sparse_conv_buffer`` / ``sparse_conv_rows`` / ``sparse_conv2d`` use it when no
+    ``dense_threshold`` is given.
+
+    Args:
+        kernel_size: 1 or 3.
+        cin: Input channels.
+        cout: Output channels.
+
+    Returns:
+        Threshold in [0, 1].
+    """
+    pts = _CROSSOVER_POINTS[3 if kernel_size != 1 else 1]
+    x = math.log2(max(1, kernel_size * kernel_size * cin * cout))
+    if x <= math.log2(pts[0][0]):
+        return pts[0][1]
+    for (m0, f0), (m1, f1) in zip(pts, pts[1:]):
+        x0, x1 = math.log2(m0), math.log2(m1)
+        if x <= x1:
+            return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
 
 # Target size of one gathered chunk (rows x k*k*Cin fp32). ~1 MiB keeps the gathered block in the
 # 2 MiB per-core L2 while the GEMM reads it; measured flat between 0.5 and 2 MiB, worse at 8+ MiB.
@@ -207,6 +245,7 @@ class SparseIndex:
         self.active_fraction = self.num_active / total if total else 0.0
         self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._windows: Dict[Tuple[int, int, int, int, int, int], Tuple[Tensor, Tensor]] = {}
+        self._chunks: Dict[Tuple[int, int, int], List[Tensor]] = {}
 
     @classmethod
     def build(cls, mask: Tensor) -> 'SparseIndex':
@@ -270,9 +309,13 @@ class SparseIndex:
             in_pad: Border width of the input buffer.
 
         Returns:
-            ``(top_left, neighbours)``: int64 ``(M,)`` flat row of each window's top-left tap in the
-            input buffer, and int64 ``(M * k * k,)`` flat rows of all taps, ordered (position, ky, kx),
-            matching :func:`conv_weight_matrix`. Cached.
+            ``(top_left, strips)``: int64 ``(M,)`` flat row of each window's top-left tap in the input
+            buffer, and int64 ``(M * k,)`` flat rows where each of the window's k horizontal strips
+            starts, ordered (position, ky). A strip is ``k * Cin`` *contiguous* values (the k taps of one
+            window row are adjacent pixels in the channels-last buffer, also for stride 2), so the
+            PyTorch path gathers k strips instead of k*k pixel rows (measured ~2x faster for small
+            Cin). The gathered ``(M, k, k*Cin)`` block is ordered (ky, kx, cin), matching
+            :func:`conv_weight_matrix`. Cached.
 
         Raises:
             ValueError: On unsupported geometry, a border too thin for the padding, or an output size
@@ -299,12 +342,32 @@ class SparseIndex:
             hp, wp = h_in + 2 * in_pad, w_in + 2 * in_pad
             off = in_pad - padding  # buffer coordinate of conv input coordinate -padding
             top_left = (self.n * hp + self.y * stride + off) * wp + self.x * stride + off
-            taps = torch.tensor([ky * wp + kx for ky in range(kernel_size) for kx in range(kernel_size)],
-                                dtype=torch.int64, device=self.device)
-            neighbours = (top_left[:, None] + taps[None, :]).reshape(-1)
-            t = (top_left, neighbours)
+            if kernel_size == 1:
+                strips = top_left
+            else:
+                ky = torch.arange(kernel_size, dtype=torch.int64, device=self.device) * wp
+                strips = (top_left[:, None] + ky[None, :]).reshape(-1)
+            t = (top_left, strips)
             self._windows[key] = t
         return t
+
+    def chunks(self, table: Tensor, per_position: int, step: int) -> List[Tensor]:
+        """Views of ``table`` (one of this index's cached tables) split into chunks of ``step`` positions.
+
+        Args:
+            table: A table returned by :meth:`rows` or :meth:`windows` (kept alive by this index, so
+                its identity is a valid cache key).
+            per_position: Entries per position in ``table`` (1 for rows / top-left, k for strips).
+            step: Positions per chunk.
+
+        Returns:
+            List of consecutive views, cached.
+        """
+        key = (id(table), per_position, step)
+        c = self._chunks.get(key)
+        if c is None:
+            c = self._chunks[key] = list(torch.split(table, step * per_position))
+        return c
 
     def input_footprint(self, in_hw: Tuple[int, int], kernel_size: int = 3, stride: int = 2,
                         padding: Optional[int] = None) -> Tensor:
@@ -324,8 +387,12 @@ class SparseIndex:
         """
         if padding is None:
             padding = kernel_size // 2
-        _, nb = self.windows(in_hw, kernel_size, stride, padding, in_pad=padding)
+        top_left, _ = self.windows(in_hw, kernel_size, stride, padding, in_pad=padding)
         h_in, w_in = in_hw
+        wp = w_in + 2 * padding
+        taps = torch.tensor([ky * wp + kx for ky in range(kernel_size) for kx in range(kernel_size)],
+                            dtype=torch.int64, device=self.device)
+        nb = (top_left[:, None] + taps[None, :]).reshape(-1)
         grid = torch.zeros(self.batch * (h_in + 2 * padding) * (w_in + 2 * padding), dtype=torch.bool,
                            device=self.device)
         grid[nb] = True
@@ -526,18 +593,21 @@ def _chunk_rows(k: int, cin: int, chunk_rows: Optional[int]) -> int:
     return max(_MIN_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, rows))
 
 
-def _residual_rows(residual: Tensor, idx: SparseIndex, res_pad: int, cout: int) -> Tuple[Tensor, bool]:
-    """Returns ``(source, is_buffer)``: a flat buffer view to gather from, or compact rows."""
+def _residual_source(residual: Optional[Tensor], idx: SparseIndex, res_pad: int, cout: int
+                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Returns ``(flat source, rows)``: rows is None for compact residual rows ``(M, Cout)``."""
+    if residual is None:
+        return None, None
     if residual.dim() == 4:
         _check_buffer(residual, 'residual buffer')
         _check_buffer_matches(residual, idx, res_pad, 'residual buffer')
         if residual.shape[-1] != cout:
             raise ValueError(f'residual has {residual.shape[-1]} channels, conv output has {cout}')
-        return residual.view(-1, cout), True
-    if tuple(residual.shape) != (idx.num_active, cout):
-        raise ValueError(f'residual rows must be {(idx.num_active, cout)} or a padded buffer, '
-                         f'got {tuple(residual.shape)}')
-    return residual, False
+        return residual.view(-1, cout), idx.rows(res_pad)
+    if tuple(residual.shape) != (idx.num_active, cout) or not residual.is_contiguous():
+        raise ValueError(f'residual must be contiguous rows {(idx.num_active, cout)} or a padded '
+                         f'buffer, got {tuple(residual.shape)}')
+    return residual, None
 
 
 def _dense_weight(wmat: Tensor, k: int, cin: int) -> Tensor:
@@ -548,13 +618,178 @@ def _dense_nhwc(buf: Tensor, weight: Tensor, bias: Optional[Tensor], h_in: int, 
                 padding: int, in_pad: int) -> Tensor:
     """Dense conv of a padded buffer; returns the output as a contiguous NHWC tensor."""
     off = in_pad - padding
-    k = weight.shape[-1]
-    # crop the buffer to exactly the conv's zero-padded input, then convolve with padding 0
+    # crop the buffer to exactly the conv's zero-padded input, then convolve with padding 0: the view is
+    # channels-last NCHW, which oneDNN consumes without a layout conversion
     x = buf[:, off:off + h_in + 2 * padding, off:off + w_in + 2 * padding, :].permute(0, 3, 1, 2)
     y = F.conv2d(x, weight, bias, stride=stride)
-    del k
-    # oneDNN returns channels-last output for channels-last input; .contiguous() is then free
+    # oneDNN returns channels-last output for channels-last input; .contiguous() is then a no-op
     return y.permute(0, 2, 3, 1).contiguous()
+
+
+class _ConvCall:
+    """Validated arguments of one masked conv call (shared by the row and buffer entry points)."""
+
+    def __init__(self, buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor],
+                 stride: int, padding: Optional[int], in_pad: int) -> None:
+        _check_buffer(buf, 'input buffer')
+        self.cin = buf.shape[-1]
+        self.k = _kernel_from_wmat(wmat, self.cin)
+        self.cout = wmat.shape[1]
+        self.stride = stride
+        self.padding = self.k // 2 if padding is None else padding
+        self.in_pad = in_pad
+        self.h_in = buf.shape[1] - 2 * in_pad
+        self.w_in = buf.shape[2] - 2 * in_pad
+        if buf.shape[0] != idx.batch:
+            raise ValueError(f'batch mismatch: input buffer has {buf.shape[0]} images, '
+                             f'mask has {idx.batch}')
+        if wmat.dtype != buf.dtype or (bias is not None and bias.dtype != buf.dtype):
+            raise TypeError(f'dtype mismatch: buffer {buf.dtype}, weight {wmat.dtype}, '
+                            f'bias {None if bias is None else bias.dtype}')
+        if bias is not None and tuple(bias.shape) != (self.cout,):
+            raise ValueError(f'bias must be ({self.cout},), got {tuple(bias.shape)}')
+        # validates the geometry against the mask grid (and builds/caches the tables)
+        self.top_left, self.strips = idx.windows((self.h_in, self.w_in), self.k, stride, self.padding,
+                                                 in_pad)
+
+
+_TLS = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Per-thread reusable 1-D scratch tensor of at least ``numel`` elements (saves two allocations and
+    their page faults per conv; per thread so concurrent callers never share one)."""
+    cache = getattr(_TLS, 'scratch', None)
+    if cache is None:
+        cache = _TLS.scratch = {}
+    key = (name, dtype, device)
+    t = cache.get(key)
+    if t is None or t.numel() < numel:
+        t = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return t[:numel]
+
+
+# ---- CPU parallelism ------------------------------------------------------------------------------
+# The sparse path is a sequence of small ops per chunk (gather, GEMM, epilogue, scatter). With torch's
+# OpenMP intra-op parallelism every one of them is a fork/join of all threads; on a shared machine one
+# descheduled thread stalls every region (measured: 10-70x slowdowns at 2 threads under load, while the
+# single-region dense conv suffers far less). So the chunks are instead split between worker threads
+# that each run single-threaded ops (torch releases the GIL inside ops): no barriers but the final join.
+_POOL_LOCK = threading.Lock()
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_SIZE = 0
+_CPU_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
+_MIN_ROWS_PER_WORKER = 256  # below this a call stays in the calling thread (handoff costs ~20-50 us)
+
+
+def set_cpu_workers(n: Optional[int]) -> None:
+    """Sets how many worker threads the CPU sparse path splits its chunks over.
+
+    Args:
+        n: Number of workers; ``1`` runs every chunk in the calling thread (ops then use torch's own
+            intra-op threads); ``None`` (default) uses ``torch.get_num_threads()`` workers.
+    """
+    global _CPU_WORKERS
+    if n is not None and int(n) < 1:
+        raise ValueError(f'n must be >= 1 or None, got {n}')
+    _CPU_WORKERS = None if n is None else int(n)
+
+
+def _worker_init() -> None:
+    # Per-thread setting (OpenMP ICV / MKL local); it also changes torch's default for threads created
+    # later, which _get_pool restores right after the workers have started.
+    torch.set_num_threads(1)
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != n:
+            main_threads = torch.get_num_threads()
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            pool = ThreadPoolExecutor(n, thread_name_prefix='mmseg_cbt_sparse', initializer=_worker_init)
+            # start all workers now (the executor starts them lazily) and wait for their init
+            barrier = threading.Barrier(n)
+            for f in [pool.submit(barrier.wait) for _ in range(n)]:
+                f.result()
+            torch.set_num_threads(main_threads)
+            _POOL, _POOL_SIZE = pool, n
+        return _POOL
+
+
+def _num_workers(m: int, device: torch.device) -> int:
+    if device.type != 'cpu':
+        return 1
+    n = torch.get_num_threads() if _CPU_WORKERS is None else _CPU_WORKERS
+    return max(1, min(n, m // _MIN_ROWS_PER_WORKER))
+
+
+def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Optional[Tensor],
+                res_src: Optional[Tensor], relu: bool, dst: Tensor, step: int,
+                strip_chunks: List[Tensor], dst_chunks: Optional[List[Tensor]],
+                res_chunks: Optional[List[Tensor]], res_is_rows: bool, first: int, last: int) -> None:
+    """Chunks ``first .. last-1``: gather -> GEMM -> epilogue (-> scatter)."""
+    scatter = dst_chunks is not None
+    a_buf = _scratch('a', step * kkc, src.dtype, src.device).view(-1, src.shape[1])
+    o_buf = _scratch('o', step * cout, src.dtype, src.device).view(step, cout) if scatter else None
+    for i in range(first, last):
+        st = strip_chunks[i]
+        s = i * step
+        n = st.shape[0] // k
+        a = a_buf[:n * k]
+        torch.index_select(src, 0, st, out=a)
+        a = a.view(n, kkc)
+        o = o_buf[:n] if scatter else dst[s:s + n]
+        if bias is not None:
+            torch.addmm(bias, a, wmat, out=o)
+        else:
+            torch.mm(a, wmat, out=o)
+        # epilogue on the chunk while it is in cache
+        if res_src is not None:
+            o.add_(res_src[s:s + n] if res_is_rows else torch.index_select(res_src, 0, res_chunks[i]))
+        if relu:
+            o.relu_()
+        if scatter:
+            dst.index_copy_(0, dst_chunks[i], o)
+
+
+def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, bias: Optional[Tensor],
+                  res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool, dst: Tensor,
+                  dst_rows: Optional[Tensor], chunk_rows: Optional[int]) -> None:
+    """Chunked gather -> GEMM -> epilogue (-> scatter). The PyTorch (CPU) path.
+
+    ``dst`` is ``(M, Cout)`` compact rows if ``dst_rows`` is None, else a flat ``(rows, Cout)`` buffer view
+    that chunk results are scattered into (while still in cache). Chunks write disjoint rows, so they
+    can run in any order and in parallel.
+    """
+    k, cin, cout = call.k, call.cin, call.cout
+    flat = buf.view(-1, cin)
+    # Overlapping "strip" view: row r holds the k*cin contiguous values of pixels r .. r+k-1, i.e. one
+    # horizontal row of a window. Gathering k strips per window instead of k*k pixel rows halves the
+    # gather time for small Cin (fewer, longer row copies).
+    src = flat if k == 1 else flat.as_strided((flat.shape[0] - k + 1, k * cin), (cin, 1))
+    m = idx.num_active
+    kkc = k * k * cin
+    workers = _num_workers(m, buf.device)
+    step = min(m, _chunk_rows(k, cin, chunk_rows))
+    if workers > 1:
+        step = min(step, -(-m // workers))  # at least one chunk per worker
+    # chunk views of the index tables are cached on the index (slicing costs ~1 us per tensor per call)
+    strip_chunks = idx.chunks(call.strips, k, step)
+    dst_chunks = idx.chunks(dst_rows, 1, step) if dst_rows is not None else None
+    res_chunks = idx.chunks(res_rows, 1, step) if res_rows is not None else None
+    args = (src, k, kkc, cout, wmat, bias, res_src, relu, dst, step, strip_chunks, dst_chunks, res_chunks,
+            res_rows is None)
+    n_chunks = len(strip_chunks)
+    if workers == 1 or n_chunks == 1:
+        _run_chunks(*args, 0, n_chunks)
+        return
+    pool = _get_pool(workers)
+    bounds = [n_chunks * w // workers for w in range(workers + 1)]  # contiguous ranges: locality
+    futures = [pool.submit(_run_chunks, *args, bounds[w], bounds[w + 1]) for w in range(workers)]
+    for f in futures:
+        f.result()
 
 
 def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
@@ -565,8 +800,8 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
                      backend: str = 'auto') -> Tensor:
     """Computes a conv (+ bias, residual, ReLU) at the active positions only, as compact rows.
 
-    ``y[i] = relu(sum_taps buf[window_i] @ wmat + bias + residual[i])`` for the ``M`` active positions of
-    ``idx`` in its row order. The input buffer is read in full (stopped positions included).
+    ``y[i] = relu(window_i(buf) @ wmat + bias + residual[i])`` for the ``M`` active positions of ``idx``
+    in its row order. The input buffer is read in full (stopped positions included).
 
     Args:
         buf: Input buffer ``(N, H_in + 2 in_pad, W_in + 2 in_pad, Cin)``, contiguous, zero border.
@@ -576,106 +811,75 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         bias: ``(Cout,)`` or None (BN folded in by the caller).
         stride: 1 or 2.
         padding: Conv padding, default ``k // 2``; must be ``<= in_pad``.
-        residual: Added before the ReLU: compact rows ``(M, Cout)`` or a padded buffer
+        residual: Added before the ReLU: contiguous compact rows ``(M, Cout)`` or a padded buffer
             ``(N, H + 2 res_pad, W + 2 res_pad, Cout)`` at the output resolution (gathered per chunk).
         relu: Apply ReLU last.
         in_pad: Border width of ``buf``.
         res_pad: Border width of a residual buffer.
-        out: Optional ``(M, Cout)`` contiguous tensor receiving the rows.
+        out: Optional contiguous ``(M, Cout)`` tensor receiving the rows.
         chunk_rows: Active rows per gather/GEMM chunk; default sized to ~1 MiB of gathered data.
         dense_weight: ``(Cout, Cin, k, k)`` weight for the dense fallback (derived from ``wmat`` if
             None, at the cost of a reshape copy).
-        dense_threshold: Active fraction above which a dense conv + row gather is used; default
-            :data:`DENSE_CROSSOVER`. Pass ``1.0`` (or more) to force the sparse path.
+        dense_threshold: Active fraction above which the dense conv (+ a row gather) is used; default
+            :func:`dense_crossover`. Pass ``float('inf')`` to force the sparse path.
         backend: ``'auto'`` (Triton for CUDA tensors when importable, else PyTorch), ``'torch'`` or
-            ``'triton'`` (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+            ``'triton'`` (also runs on CPU tensors under ``TRITON_INTERPRET=1``). With Triton the
+            default ``dense_threshold`` only sends full masks to the dense conv (its GPU crossover is
+            not measured).
 
     Returns:
         ``(M, Cout)`` rows (``out`` if given).
     """
-    _check_buffer(buf, 'input buffer')
-    cin = buf.shape[-1]
-    k = _kernel_from_wmat(wmat, cin)
-    padding = k // 2 if padding is None else padding
-    h_in = buf.shape[1] - 2 * in_pad
-    w_in = buf.shape[2] - 2 * in_pad
-    if buf.shape[0] != idx.batch:
-        raise ValueError(f'batch mismatch: input buffer has {buf.shape[0]} images, mask has {idx.batch}')
-    top_left, neighbours = idx.windows((h_in, w_in), k, stride, padding, in_pad)
-    cout = wmat.shape[1]
-    m = idx.num_active
-    if bias is not None and tuple(bias.shape) != (cout,):
-        raise ValueError(f'bias must be ({cout},), got {tuple(bias.shape)}')
+    call = _ConvCall(buf, idx, wmat, bias, stride, padding, in_pad)
+    m, cout = idx.num_active, call.cout
     if out is None:
         out = torch.empty(m, cout, dtype=buf.dtype, device=buf.device)
     elif tuple(out.shape) != (m, cout) or not out.is_contiguous():
         raise ValueError(f'out must be a contiguous ({m}, {cout}) tensor, got {tuple(out.shape)}')
-    res_src, res_is_buf = (None, False) if residual is None else _residual_rows(residual, idx, res_pad,
-                                                                               cout)
+    res_src, res_rows = _residual_source(residual, idx, res_pad, cout)
     if m == 0:
         return out
-
-    if _use_triton(backend, buf):
-        from .sparse_conv_triton import sparse_conv_rows_triton
-        return sparse_conv_rows_triton(buf, top_left, wmat, bias, in_row_width=buf.shape[2],
-                                       kernel_size=k, residual=res_src,
-                                       residual_rows=idx.rows(res_pad) if res_is_buf else None,
-                                       relu=relu, out=out)
-
-    threshold = DENSE_CROSSOVER if dense_threshold is None else dense_threshold
-    if idx.active_fraction > threshold:
-        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, k, cin)
-        y = _dense_nhwc(buf, w4, bias, h_in, w_in, stride, padding, in_pad).view(-1, cout)
-        torch.index_select(y, 0, idx.rows(0), out=out)
+    use_triton = _use_triton(backend, buf)
+    if idx.active_fraction > _threshold(dense_threshold, use_triton, call):
+        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
+        y = _dense_nhwc(buf, w4, bias, call.h_in, call.w_in, stride, call.padding, in_pad)
+        torch.index_select(y.view(-1, cout), 0, idx.rows(0), out=out)
         if res_src is not None:
-            out.add_(torch.index_select(res_src, 0, idx.rows(res_pad)) if res_is_buf else res_src)
+            out.add_(res_src if res_rows is None else torch.index_select(res_src, 0, res_rows))
         if relu:
             out.relu_()
         return out
-
-    flat = buf.view(-1, cin)
-    kkc = k * k * cin
-    step = _chunk_rows(k, cin, chunk_rows)
-    res_rows_all = idx.rows(res_pad) if res_is_buf else None
-    for s in range(0, m, step):
-        e = min(m, s + step)
-        if k == 1:
-            a = torch.index_select(flat, 0, top_left[s:e])
-        else:
-            a = torch.index_select(flat, 0, neighbours[s * k * k:e * k * k]).view(e - s, kkc)
-        o = out[s:e]
-        if bias is not None:
-            torch.addmm(bias, a, wmat, out=o)
-        else:
-            torch.mm(a, wmat, out=o)
-        # epilogue on the chunk while it is still in cache
-        if res_src is not None:
-            o.add_(torch.index_select(res_src, 0, res_rows_all[s:e]) if res_is_buf else res_src[s:e])
-        if relu:
-            o.relu_()
+    if use_triton:
+        from .sparse_conv_triton import sparse_conv_rows_triton
+        return sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
+                                       kernel_size=call.k, residual=res_src, residual_rows=res_rows,
+                                       relu=relu, out=out)
+    _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out, None, chunk_rows)
     return out
 
 
-def dense_conv_buffer(buf: Tensor, wmat_or_weight: Tensor, bias: Optional[Tensor], out_buf: Tensor, *,
+def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_buf: Tensor, *,
                       stride: int = 1, padding: Optional[int] = None,
                       residual: Optional[Tensor] = None, relu: bool = False,
-                      mask: Optional[Tensor] = None, in_pad: int = 1, out_pad: int = 1,
+                      idx: Optional[SparseIndex] = None, in_pad: int = 1, out_pad: int = 1,
                       res_pad: int = 1) -> Tensor:
     """Dense conv (+ bias, residual, ReLU) from one padded buffer into another.
 
-    The fallback of :func:`sparse_conv_buffer`, usable on its own for the always-dense parts
-    (no NCHW<->NHWC copies: the buffers are viewed as channels-last NCHW).
+    The fallback of :func:`sparse_conv_buffer`, usable on its own for the always-dense parts of a
+    network (no NCHW<->NHWC copies: the buffers are viewed as channels-last NCHW).
 
     Args:
         buf: Input buffer ``(N, H_in + 2 in_pad, W_in + 2 in_pad, Cin)``.
-        wmat_or_weight: ``(Cout, Cin, k, k)`` weight (preferred) or a ``(k*k*Cin, Cout)`` matrix.
+        weight: ``(Cout, Cin, k, k)`` weight (or a ``(k*k*Cin, Cout)`` matrix, reshaped per call).
         bias: ``(Cout,)`` or None.
         out_buf: Output buffer ``(N, H + 2 out_pad, W + 2 out_pad, Cout)``.
         stride: 1 or 2.
         padding: Default ``k // 2``.
-        residual: Padded buffer ``(N, H + 2 res_pad, W + 2 res_pad, Cout)`` added before the ReLU.
+        residual: Padded buffer ``(N, H + 2 res_pad, W + 2 res_pad, Cout)`` or, with ``idx``, compact
+            rows ``(M, Cout)``; added before the ReLU.
         relu: Apply ReLU.
-        mask: Optional bool ``(N, H, W)``: only these positions of ``out_buf`` are written.
+        idx: Optional index: only its active positions of ``out_buf`` are written (the others keep
+            their values).
         in_pad: Border of ``buf``.
         out_pad: Border of ``out_buf``.
         res_pad: Border of ``residual``.
@@ -686,32 +890,39 @@ def dense_conv_buffer(buf: Tensor, wmat_or_weight: Tensor, bias: Optional[Tensor
     _check_buffer(buf, 'input buffer')
     _check_buffer(out_buf, 'output buffer')
     cin = buf.shape[-1]
-    if wmat_or_weight.dim() == 2:
-        k = _kernel_from_wmat(wmat_or_weight, cin)
-        weight = _dense_weight(wmat_or_weight, k, cin)
-    else:
-        weight = wmat_or_weight
-        k = int(weight.shape[-1])
+    if weight.dim() == 2:
+        k = _kernel_from_wmat(weight, cin)
+        weight = _dense_weight(weight, k, cin)
+    k = int(weight.shape[-1])
     padding = k // 2 if padding is None else padding
     _check_geometry(k, stride, padding)
     if padding > in_pad:
         raise ValueError(f'conv padding {padding} exceeds the input buffer border {in_pad}')
     h_in, w_in = buf.shape[1] - 2 * in_pad, buf.shape[2] - 2 * in_pad
     y = _dense_nhwc(buf, weight, bias, h_in, w_in, stride, padding, in_pad)
-    ho, wo = y.shape[1], y.shape[2]
-    if tuple(out_buf.shape) != (buf.shape[0], ho + 2 * out_pad, wo + 2 * out_pad, y.shape[-1]):
+    n, ho, wo, cout = y.shape
+    if tuple(out_buf.shape) != (n, ho + 2 * out_pad, wo + 2 * out_pad, cout):
         raise ValueError(f'output buffer {tuple(out_buf.shape)} does not fit the conv output '
-                         f'{(buf.shape[0], ho, wo, y.shape[-1])} with border {out_pad}')
-    if residual is not None:
-        y.add_(residual[:, res_pad:res_pad + ho, res_pad:res_pad + wo, :])
+                         f'{(n, ho, wo, cout)} with border {out_pad}')
+    full = idx is None or idx.num_active == n * ho * wo
+    if full:
+        if residual is not None:
+            if residual.dim() != 4:
+                raise ValueError('a compact-rows residual needs idx')
+            y.add_(residual[:, res_pad:res_pad + ho, res_pad:res_pad + wo, :])
+        if relu:
+            y.relu_()
+        out_buf[:, out_pad:out_pad + ho, out_pad:out_pad + wo, :].copy_(y)
+        return out_buf
+    # copy semantics: only active positions are written. Epilogue on the gathered active rows only.
+    _check_buffer_matches(out_buf, idx, out_pad, 'output buffer')
+    rows = torch.index_select(y.view(-1, cout), 0, idx.rows(0))
+    res_src, res_rows = _residual_source(residual, idx, res_pad, cout)
+    if res_src is not None:
+        rows.add_(res_src if res_rows is None else torch.index_select(res_src, 0, res_rows))
     if relu:
-        y.relu_()
-    dst = out_buf[:, out_pad:out_pad + ho, out_pad:out_pad + wo, :]
-    if mask is None or bool(mask.all()):
-        dst.copy_(y)
-    else:
-        # copy semantics: stopped positions keep the buffer's value
-        dst.copy_(torch.where(mask[..., None], y, dst))
+        rows.relu_()
+    out_buf.view(-1, cout).index_copy_(0, idx.rows(out_pad), rows)
     return out_buf
 
 
@@ -723,76 +934,70 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
                        backend: str = 'auto') -> Tensor:
     """Masked conv from a padded buffer into a padded buffer: active positions written, others kept.
 
-    The stage-level entry point: picks the dense path above ``dense_threshold`` active fraction
-    (writing only the active positions, so stopped ones keep their value either way), otherwise
-    gather + GEMM + epilogue per chunk and a scatter of the rows (Triton: fused, scattered in-kernel).
+    The stage-level entry point. Below ``dense_threshold`` active fraction: per chunk of active rows,
+    gather windows -> GEMM -> bias / residual / ReLU -> scatter into ``out_buf`` (Triton on CUDA: all
+    fused in one kernel). Above it: the dense conv, then only the active positions are written, so
+    stopped positions keep their value on both paths.
 
     Args:
         buf: Input buffer (see :func:`sparse_conv_rows`).
         idx: Index of the output mask.
         wmat: ``(k*k*Cin, Cout)`` weight matrix.
         bias: ``(Cout,)`` or None.
-        out_buf: Output buffer ``(N, H + 2 out_pad, W + 2 out_pad, Cout)``; must not alias ``buf``.
+        out_buf: Output buffer ``(N, H + 2 out_pad, W + 2 out_pad, Cout)``; must not be ``buf``.
         stride: 1 or 2.
         padding: Default ``k // 2``.
-        residual: Compact rows ``(M, Cout)`` or a padded buffer at the output resolution (may be
-            ``out_buf`` itself: it is read before being written per chunk... only if rows are
-            disjoint, which they are: each active row is read then written once).
+        residual: Compact rows ``(M, Cout)`` or a padded buffer at the output resolution. It may be
+            ``out_buf`` itself (each active row is read before it is overwritten).
         relu: Apply ReLU.
         in_pad: Border of ``buf``.
         out_pad: Border of ``out_buf``.
         res_pad: Border of a residual buffer.
         chunk_rows: See :func:`sparse_conv_rows`.
-        dense_weight: ``(Cout, Cin, k, k)`` for the dense fallback.
-        dense_threshold: Default :data:`DENSE_CROSSOVER`.
+        dense_weight: ``(Cout, Cin, k, k)`` for the dense fallback (else derived from ``wmat``).
+        dense_threshold: Default :func:`dense_crossover`; ``float('inf')`` forces the sparse path.
         backend: ``'auto'``, ``'torch'`` or ``'triton'``.
 
     Returns:
         ``out_buf``.
     """
+    call = _ConvCall(buf, idx, wmat, bias, stride, padding, in_pad)
     _check_buffer(out_buf, 'output buffer')
     _check_buffer_matches(out_buf, idx, out_pad, 'output buffer')
+    if out_buf.shape[-1] != call.cout:
+        raise ValueError(f'output buffer has {out_buf.shape[-1]} channels, conv has {call.cout}')
     if out_buf.data_ptr() == buf.data_ptr():
         raise ValueError('out_buf must not alias the input buffer (windows read neighbours)')
+    res_src, res_rows = _residual_source(residual, idx, res_pad, call.cout)
     if idx.num_active == 0:
         return out_buf
-    threshold = DENSE_CROSSOVER if dense_threshold is None else dense_threshold
-    if idx.active_fraction > threshold and not _use_triton(backend, buf):
-        if residual is not None and residual.dim() != 4:
-            rows = sparse_conv_rows(buf, idx, wmat, bias, stride=stride, padding=padding,
-                                    residual=residual, relu=relu, in_pad=in_pad, res_pad=res_pad,
-                                    dense_weight=dense_weight, dense_threshold=threshold,
-                                    backend='torch')
-            return scatter_rows(out_buf, idx, rows, out_pad)
+    use_triton = _use_triton(backend, buf)
+    if idx.active_fraction > _threshold(dense_threshold, use_triton, call):
         return dense_conv_buffer(buf, dense_weight if dense_weight is not None else wmat, bias, out_buf,
-                                 stride=stride, padding=padding, residual=residual, relu=relu,
-                                 mask=None if idx.num_active == idx.batch * idx.height * idx.width
-                                 else idx.mask,
-                                 in_pad=in_pad, out_pad=out_pad, res_pad=res_pad)
-    if _use_triton(backend, buf):
-        cin = buf.shape[-1]
-        k = _kernel_from_wmat(wmat, cin)
-        pad_ = k // 2 if padding is None else padding
-        h_in, w_in = buf.shape[1] - 2 * in_pad, buf.shape[2] - 2 * in_pad
-        if buf.shape[0] != idx.batch:
-            raise ValueError(f'batch mismatch: input buffer has {buf.shape[0]} images, '
-                             f'mask has {idx.batch}')
-        top_left, _ = idx.windows((h_in, w_in), k, stride, pad_, in_pad)
-        cout = wmat.shape[1]
-        if out_buf.shape[-1] != cout:
-            raise ValueError(f'output buffer has {out_buf.shape[-1]} channels, conv has {cout}')
-        res_src, res_is_buf = (None, False) if residual is None else _residual_rows(residual, idx,
-                                                                                   res_pad, cout)
+                                 stride=stride, padding=call.padding, residual=residual, relu=relu,
+                                 idx=idx, in_pad=in_pad, out_pad=out_pad, res_pad=res_pad)
+    if use_triton:
         from .sparse_conv_triton import sparse_conv_rows_triton
-        sparse_conv_rows_triton(buf, top_left, wmat, bias, in_row_width=buf.shape[2], kernel_size=k,
-                                residual=res_src,
-                                residual_rows=idx.rows(res_pad) if res_is_buf else None, relu=relu,
-                                out=out_buf.view(-1, cout), out_rows=idx.rows(out_pad))
+        sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
+                                kernel_size=call.k, residual=res_src, residual_rows=res_rows,
+                                relu=relu, out=out_buf.view(-1, call.cout), out_rows=idx.rows(out_pad))
         return out_buf
-    rows = sparse_conv_rows(buf, idx, wmat, bias, stride=stride, padding=padding, residual=residual,
-                            relu=relu, in_pad=in_pad, res_pad=res_pad, chunk_rows=chunk_rows,
-                            dense_threshold=float('inf'), backend='torch')
-    return scatter_rows(out_buf, idx, rows, out_pad)
+    _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
+                  idx.rows(out_pad), chunk_rows)
+    return out_buf
+
+
+# On the Triton (GPU) path only a full mask falls back to the dense conv by default: the GPU crossover
+# has not been measured (no GPU was available when this was written).
+_TRITON_DEFAULT_THRESHOLD = 1.0 - 1e-9
+
+
+def _threshold(dense_threshold: Optional[float], use_triton: bool, call: '_ConvCall') -> float:
+    if dense_threshold is not None:
+        return dense_threshold
+    if use_triton:
+        return _TRITON_DEFAULT_THRESHOLD
+    return dense_crossover(call.k, call.cin, call.cout)
 
 
 def _triton_available() -> bool:
@@ -832,7 +1037,7 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
       in place and leaves its stopped positions untouched (this is how a caller gets "copy" fill at zero
       cost: pass the previous values as ``out``).
     * An empty mask computes nothing (zeros, or ``out`` untouched); above ``dense_threshold`` active
-      fraction (default :data:`DENSE_CROSSOVER`) the dense conv is run and masked; a full mask is the
+      fraction (default :func:`dense_crossover`) the dense conv is run and masked; a full mask is the
       dense conv.
 
     This is the per-call convenience API: it converts the input to a padded channels-last buffer and
@@ -900,9 +1105,12 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     m = idx.num_active
     if m == 0:
         return out if out is not None else input.new_zeros(n, cout, ho, wo)
-    threshold = DENSE_CROSSOVER if dense_threshold is None else dense_threshold
     use_triton = _use_triton(backend, input)
-    if not use_triton and idx.active_fraction > threshold:
+    if dense_threshold is not None:
+        threshold = dense_threshold
+    else:
+        threshold = _TRITON_DEFAULT_THRESHOLD if use_triton else dense_crossover(k, cin, cout)
+    if idx.active_fraction > threshold:
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         if m == n * ho * wo:
             return y if out is None else out.copy_(y)

@@ -7,8 +7,9 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
     scatter from a persistent padded channels-last buffer, or its dense fallback) at several stopped
     fractions with blob-shaped masks. Index building (once per exit and resolution in a real network)
     is timed separately.
-(crossover) ``bench_crossover``: the forced sparse path against dense at high active fractions, to
-    place ``mmseg_cbt.ops.DENSE_CROSSOVER``.
+(crossover) ``bench_crossover``: the forced sparse path against dense from 30 to 90 % active for 3x3
+    stride-1, 3x3 stride-2 and 1x1 convs at the same shapes, and where the ratio crosses 1; these
+    points are the table behind ``mmseg_cbt.ops.dense_crossover``.
 (b) end-to-end backbone: to be added as another ``bench_*`` function + ``--sections b``.
 
 Timing: all variants of one configuration are timed interleaved in one process (round-robin, best of
@@ -81,6 +82,9 @@ def blob_mask(n: int, h: int, w: int, active: float, seed: int = 0, blob: int = 
     return (flat >= thr).view(n, h, w)
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.01
                      ) -> Dict[str, float]:
     """Best-of-``repeats`` time in ms of each function, the functions timed round-robin.
@@ -99,17 +103,17 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sam
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocator, oneDNN primitive cache)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        dt = time.perf_counter() - t0
+        dt = CLOCK() - t0
         inner[name] = max(1, int(math.ceil(min_sample_s / max(dt, 1e-7))))
     best = {name: float('inf') for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(inner[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / inner[name])
+            best[name] = min(best[name], (CLOCK() - t0) / inner[name])
     return {name: 1e3 * t for name, t in best.items()}
 
 
@@ -123,22 +127,37 @@ def branch_shapes(models: Sequence[str], input_hw: Tuple[int, int]) -> List[Tupl
     return out
 
 
+def _conv_case(c_in: int, c_out: int, h: int, w: int, kernel_size: int = 3, stride: int = 1, seed: int = 0
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random input (at the conv's input resolution), weight and bias for an output of ``h x w``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c_in, h * stride, w * stride, generator=g)
+    weight = torch.randn(c_out, c_in, kernel_size, kernel_size, generator=g) / math.sqrt(
+        kernel_size * kernel_size * c_in)
+    return x, weight, torch.randn(c_out, generator=g)
+
+
 def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
-                   dense_threshold: float = None) -> Tuple[Callable[[], object], float, str]:
-    """Prepares the stage-API call for one conv; returns (callable, index build ms, path)."""
-    n, c, h, w = x.shape
+                   stride: int = 1, dense_threshold: float = None
+                   ) -> Tuple[Callable[[], object], float, str]:
+    """Prepares the stage-API call for one conv; returns (callable, index build ms, path).
+
+    The input is converted to the padded channels-last buffer once, outside the timing, as a masked
+    network keeps its features in that layout through a stage.
+    """
+    n, _, h_in, w_in = x.shape
+    k = weight.shape[-1]
     buf = ops.to_padded_nhwc(x.contiguous(memory_format=torch.channels_last))
-    out_buf = ops.new_padded_buffer(n, weight.shape[0], h, w)
-    conv = ops.PackedConv.from_weight(weight, bias)
+    out_buf = ops.new_padded_buffer(n, weight.shape[0], mask.shape[1], mask.shape[2])
+    conv = ops.PackedConv.from_weight(weight, bias, stride=stride)
     t0 = time.perf_counter()
     idx = ops.SparseIndex.build(mask)
-    idx.windows((h, w), 3, 1, 1)
+    idx.windows((h_in, w_in), k, stride, k // 2)
     idx.rows(1)
     build_ms = 1e3 * (time.perf_counter() - t0)
-    thr = ops.DENSE_CROSSOVER if dense_threshold is None else dense_threshold
-    path = 'dense' if idx.active_fraction > thr else 'sparse'
-    if idx.num_active == 0:
-        path = 'skip'
+    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0]) if dense_threshold is None
+           else dense_threshold)
+    path = 'skip' if idx.num_active == 0 else ('dense' if idx.active_fraction > thr else 'sparse')
 
     def run() -> object:
         return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
@@ -146,13 +165,15 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
     return run, build_ms, path
 
 
-def _dense_runners(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+def _dense_runners(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1
                    ) -> Dict[str, Callable[[], object]]:
+    """Dense baselines: NCHW-contiguous and channels-last input (the faster one is the reference)."""
     x_c = x.contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    p = weight.shape[-1] // 2
     return {
-        'dense_nchw': lambda: F.conv2d(x_c, weight, bias, 1, 1),
-        'dense_cl': lambda: F.conv2d(x_cl, weight, bias, 1, 1),
+        'dense_nchw': lambda: F.conv2d(x_c, weight, bias, stride, p),
+        'dense_cl': lambda: F.conv2d(x_cl, weight, bias, stride, p),
     }
 
 
@@ -170,16 +191,13 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     """
     rows = []
     print(f'\n(a) single 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads, '
-          f'best of {args.repeats} interleaved rounds; crossover = {ops.DENSE_CROSSOVER}')
+          f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
            f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"idx ms":>7}')
     print(hdr)
     print('-' * len(hdr))
     for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
-        torch.manual_seed(0)
-        x = torch.randn(1, c, h, w)
-        weight = torch.randn(c, c, 3, 3) / math.sqrt(9 * c)
-        bias = torch.randn(c)
+        x, weight, bias = _conv_case(c, c, h, w)
         dense = _dense_runners(x, weight, bias)
         for stopped in args.stopped:
             active = 1.0 - stopped / 100.0
@@ -209,34 +227,51 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
 # crossover
 # --------------------------------------------------------------------------------------------------
 def bench_crossover(args: argparse.Namespace) -> List[dict]:
-    """Forced sparse path vs best dense at high active fractions (to place ``DENSE_CROSSOVER``).
+    """Forced sparse path / best dense conv from 30 to 90 % active, and the crossing of 1.0.
+
+    Three conv kinds per branch shape: 3x3 stride 1 (C -> C), 3x3 stride 2 (C/2 at 2x resolution -> C,
+    as in HRNet transitions / fuse downsampling) and 1x1 (C -> C).
 
     Args:
         args: Parsed command line.
 
     Returns:
-        One dict per (shape, active fraction) with the sparse/dense ratio.
+        One dict per (kind, shape) with the ratios and the interpolated crossover.
     """
     rows = []
-    actives = [0.5, 0.6, 0.7, 0.8, 0.9] if not args.quick else [0.5, 0.7, 0.9]
+    actives = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] if not args.quick else [0.3, 0.5, 0.7, 0.9]
     print(f'\n(crossover) forced sparse path / best dense conv, best of {args.repeats}')
-    print(f'{"model":5} {"C":>4} {"HxW":>8} ' + ' '.join(f'{int(100 * a):>5}%' for a in actives))
-    for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
-        torch.manual_seed(0)
-        x = torch.randn(1, c, h, w)
-        weight = torch.randn(c, c, 3, 3) / math.sqrt(9 * c)
-        bias = torch.randn(c)
-        dense = _dense_runners(x, weight, bias)
-        ratios = []
-        for a in actives:
-            mask = blob_mask(1, h, w, a, seed=c)
-            run, _, _ = _masked_runner(x, weight, bias, mask, dense_threshold=float('inf'))
-            t = time_interleaved({**dense, 'sparse': run}, args.repeats)
-            r = t['sparse'] / min(t['dense_nchw'], t['dense_cl'])
-            ratios.append(r)
-            rows.append(dict(section='crossover', model=model, channels=c, height=h, width=w,
-                             active_frac=a, ratio=r))
-        print(f'{model:5} {c:4d} {h:>3}x{w:<4} ' + ' '.join(f'{r:6.3f}' for r in ratios))
+    print(f'{"kind":5} {"Cin":>4} {"Cout":>4} {"HxW":>8} {"MAC/px":>7} '
+          + ' '.join(f'{int(100 * a):>4}%' for a in actives) + '  crossover')
+    kinds = [('3x3', 3, 1), ('3x3s2', 3, 2), ('1x1', 1, 1)]
+    for name, k, stride in kinds:
+        for _, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
+            c_in = c // 2 if stride == 2 else c
+            x, weight, bias = _conv_case(c_in, c, h, w, k, stride)
+            dense = _dense_runners(x, weight, bias, stride)
+            ratios = []
+            for a in actives:
+                mask = blob_mask(1, h, w, a, seed=c)
+                run, _, _ = _masked_runner(x, weight, bias, mask, stride, dense_threshold=float('inf'))
+                t = time_interleaved({**dense, 'sparse': run}, args.repeats)
+                ratios.append(t['sparse'] / min(t['dense_nchw'], t['dense_cl']))
+            cross = None
+            if ratios[0] > 1:
+                cross = 0.0
+            for (a0, r0), (a1, r1) in zip(zip(actives, ratios), zip(actives[1:], ratios[1:])):
+                if cross is None and r0 <= 1.0 < r1:
+                    cross = a0 + (1.0 - r0) * (a1 - a0) / (r1 - r0)
+            if cross is None:
+                cross = 1.0
+            macs = k * k * c_in * c
+            rows.append(dict(section='crossover', kind=name, c_in=c_in, c_out=c, height=h, width=w,
+                             macs_per_px=macs, actives=actives, ratios=ratios, crossover=cross,
+                             table=ops.dense_crossover(k, c_in, c)))
+            txt = ('<' + f'{actives[0]:.2f}') if cross == 0.0 else ('>' + f'{actives[-1]:.2f}' if cross == 1.0
+                                                                   else f'{cross:.2f}')
+            print(f'{name:5} {c_in:4d} {c:4d} {h:>3}x{w:<4} {macs:7d} '
+                  + ' '.join(f'{r:5.2f}' for r in ratios)
+                  + f'  {txt:>6} (table {ops.dense_crossover(k, c_in, c):.2f})', flush=True)
     return rows
 
 
@@ -258,6 +293,9 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
                    help='stopped percentages (default 0 50 75 90)')
     p.add_argument('--repeats', type=int, default=None, help='timing rounds (default 7, quick 3)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    p.add_argument('--clock', choices=['wall', 'thread'], default='wall',
+                   help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
+                        "robust against other processes on a shared machine). Default: wall time")
     p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
     args = p.parse_args(argv)
@@ -273,8 +311,14 @@ def main(argv: Sequence[str] = None) -> List[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == 'thread':
+        if torch.get_num_threads() != 1:
+            raise SystemExit('--clock thread needs --threads 1')
+        global CLOCK
+        CLOCK = time.thread_time
     load = os.getloadavg() if hasattr(os, 'getloadavg') else None
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {load}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, '
+          f'load avg {load}')
     results: List[dict] = []
     with torch.inference_mode():
         for name in args.sections:
@@ -283,7 +327,7 @@ def main(argv: Sequence[str] = None) -> List[dict]:
         meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
                     machine=platform.processor() or platform.machine(), loadavg_start=load,
                     loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
-                    dense_crossover=ops.DENSE_CROSSOVER, args=vars(args),
+                    clock=args.clock, args=vars(args),
                     time=time.strftime('%Y-%m-%d %H:%M:%S'))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:
