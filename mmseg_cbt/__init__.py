@@ -4,12 +4,15 @@ Importing this package registers every module into mmseg's registries, so a conf
 ``custom_imports=dict(imports=['mmseg_cbt'], allow_failed_imports=False)``.
 """
 from .version import __version__
-from . import calibration, datasets, engine, evaluation, models, ops  # noqa: F401  (registers the modules)
+from .utils import allow_mmengine_checkpoints
+
+allow_mmengine_checkpoints()  # mmengine 0.10 + torch >= 2.6: let tools/test.py and resume read mmengine checkpoints
+from . import analysis, calibration, datasets, engine, evaluation, models, ops, utils  # noqa: F401  (registers the modules)
 from .engine import CBTCalibrationHook
 from .evaluation import EarlyExitIoUMetric
 from .models import EarlyExitEncoderDecoder, EarlyExitHRNet, EarlyExitRHHead
 
 __all__ = [
-    '__version__', 'calibration', 'datasets', 'engine', 'evaluation', 'models', 'ops', 'CBTCalibrationHook',
+    '__version__', 'analysis', 'utils', 'calibration', 'datasets', 'engine', 'evaluation', 'models', 'ops', 'CBTCalibrationHook',
     'EarlyExitIoUMetric', 'EarlyExitEncoderDecoder', 'EarlyExitHRNet', 'EarlyExitRHHead'
 ]

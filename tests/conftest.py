@@ -46,3 +46,38 @@ def demo_batch(num_classes, n=2, h=64, w=96, seed=0):
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), padding_size=[0, 0, 0, 0], flip=False)
     samples = [SegDataSample(gt_sem_seg=PixelData(data=segs[i]), metainfo=dict(meta)) for i in range(n)]
     return imgs, samples
+
+
+@pytest.fixture(scope='session')
+def tiny_city(tmp_path_factory):
+    """A 4-train / 2-val toy-city set at 64x128 (generated once per test session)."""
+    from mmseg_cbt.datasets.toy_city import generate_toy_city
+    root = tmp_path_factory.mktemp('toy_city')
+    generate_toy_city(str(root), num_train=4, num_val=2, height=64, width=128, seed=0, progress=False)
+    return str(root)
+
+
+def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
+    """The toy config shrunk for a test run: tiny data, a few iterations, no worker processes."""
+    cfg = copy.deepcopy(toy_cfg)
+    cfg.work_dir = str(work_dir)
+    cfg.train_dataloader.dataset.data_root = data_root
+    cfg.val_dataloader.dataset.data_root = data_root
+    cfg.test_dataloader.dataset.data_root = data_root
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.num_workers = 0
+        loader.persistent_workers = False
+    cfg.train_dataloader.batch_size = 2
+    cfg.train_dataloader.dataset.pipeline[2].scale = (128, 64)
+    cfg.train_dataloader.dataset.pipeline[3].crop_size = (64, 64)
+    for loader in (cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.pipeline[1].scale = (128, 64)
+    cfg.model.data_preprocessor.size = (64, 64)
+    cfg.train_cfg.max_iters = max_iters
+    cfg.train_cfg.val_interval = max_iters
+    cfg.default_hooks.checkpoint.interval = max_iters
+    cfg.default_hooks.logger.interval = 1
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=max_iters)]
+    cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
+    cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
+    return cfg

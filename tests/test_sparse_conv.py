@@ -277,6 +277,30 @@ def test_packed_conv_folds_bn():
     assert torch.allclose(padded_interior(dense), ref, atol=ATOL)
 
 
+def test_cpu_worker_threads():
+    """Chunks split over worker threads give the dense values and leave torch's thread count alone."""
+    from mmseg_cbt.ops import set_cpu_workers
+    torch.manual_seed(9)
+    x = torch.randn(2, 8, 40, 52)
+    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    mask = _masks(2, 40, 52, seed=14)
+    ref = F.relu(F.conv2d(x, w, b, padding=1) + x)
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 3):
+            set_cpu_workers(workers)
+            buf = to_padded_nhwc(x)
+            out = to_padded_nhwc(x)
+            sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(w), b, out, residual=buf,
+                               relu=True, chunk_rows=100, dense_threshold=1.0)
+            assert torch.allclose(padded_interior(out), _where(mask, ref, x), atol=ATOL)
+    finally:
+        set_cpu_workers(None)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match='n must be'):
+        set_cpu_workers(0)
+
+
 def test_buffer_api_errors():
     idx = SparseIndex.build(torch.ones(1, 6, 6, dtype=torch.bool))
     buf = new_padded_buffer(1, 3, 6, 6)
