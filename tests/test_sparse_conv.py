@@ -209,6 +209,25 @@ def test_stage_chain_index_reuse(threshold):
     assert torch.all(buf2[:, 0] == 0) and torch.all(buf2[:, :, -1] == 0)
 
 
+@pytest.mark.parametrize('active', [0.2, 0.8, 1.0])  # write active rows / restore stopped rows / full
+@pytest.mark.parametrize('rows_residual', [False, True])
+def test_dense_fallback_copy_semantics(active, rows_residual):
+    torch.manual_seed(12)
+    x = torch.randn(2, 5, 14, 18)
+    w, b = torch.randn(5, 5, 3, 3), torch.randn(5)
+    mask = _blob_mask(2, 14, 18, active, seed=15)
+    idx = SparseIndex.build(mask)
+    prev = torch.randn(2, 5, 14, 18)
+    buf = to_padded_nhwc(x)
+    res = gather_rows(buf, idx) if rows_residual else buf
+    out = to_padded_nhwc(prev)
+    sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True,
+                       dense_threshold=-1.0)  # always the dense fallback
+    ref = _where(mask, F.relu(F.conv2d(x, w, b, padding=1) + x), prev)
+    assert torch.allclose(padded_interior(out), ref, atol=ATOL)
+    assert torch.all(out[:, 0] == 0) and torch.all(out[:, :, 0] == 0)
+
+
 def test_rows_residual_relu_and_scatter():
     torch.manual_seed(3)
     x = torch.randn(2, 5, 15, 19)

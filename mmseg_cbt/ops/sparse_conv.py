@@ -296,6 +296,25 @@ class SparseIndex:
             self._rows[key] = r
         return r
 
+    @property
+    def num_stopped(self) -> int:
+        """Number of stopped (inactive) positions."""
+        return self.batch * self.height * self.width - self.num_active
+
+    def stopped_rows(self, pad: int = 1) -> Tensor:
+        """Flat row index of every *stopped* position in a buffer with border ``pad`` (cached).
+
+        Used by the dense fallback at high active fractions: it overwrites the whole map and restores
+        the stopped positions, which is cheaper than writing the active ones individually.
+        """
+        key = (pad, 1)
+        r = self._rows.get(key)
+        if r is None:
+            n, y, x = (~self.mask).nonzero(as_tuple=True)
+            hp, wp = self.height + 2 * pad, self.width + 2 * pad
+            r = self._rows[key] = (n * hp + y + pad) * wp + x + pad
+        return r
+
     def windows(self, in_hw: Optional[Tuple[int, int]] = None, kernel_size: int = 3, stride: int = 1,
                 padding: Optional[int] = None, in_pad: int = 1) -> Tuple[Tensor, Tensor]:
         """Window tables of a conv whose output is this index's grid.
@@ -904,18 +923,33 @@ def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_b
     if tuple(out_buf.shape) != (n, ho + 2 * out_pad, wo + 2 * out_pad, cout):
         raise ValueError(f'output buffer {tuple(out_buf.shape)} does not fit the conv output '
                          f'{(n, ho, wo, cout)} with border {out_pad}')
+    if idx is not None:
+        _check_buffer_matches(out_buf, idx, out_pad, 'output buffer')
     full = idx is None or idx.num_active == n * ho * wo
-    if full:
-        if residual is not None:
-            if residual.dim() != 4:
-                raise ValueError('a compact-rows residual needs idx')
+    res_is_rows = residual is not None and residual.dim() != 4
+    if res_is_rows and idx is None:
+        raise ValueError('a compact-rows residual needs idx')
+    dst = out_buf[:, out_pad:out_pad + ho, out_pad:out_pad + wo, :]
+    if full or (not res_is_rows and idx.num_active > idx.num_stopped):
+        # Write every position, restoring the (fewer) stopped ones afterwards: costs a plain copy plus a
+        # gather/scatter of the stopped rows, much less than writing the many active rows one by one.
+        if res_is_rows:  # full mask: the index's row order is the map's raster order
+            res_src, _ = _residual_source(residual, idx, res_pad, cout)
+            y.view(-1, cout).add_(res_src)
+        elif residual is not None:
             y.add_(residual[:, res_pad:res_pad + ho, res_pad:res_pad + wo, :])
         if relu:
             y.relu_()
-        out_buf[:, out_pad:out_pad + ho, out_pad:out_pad + wo, :].copy_(y)
+        if full:
+            dst.copy_(y)
+            return out_buf
+        stopped = idx.stopped_rows(out_pad)
+        flat = out_buf.view(-1, cout)
+        saved = torch.index_select(flat, 0, stopped)
+        dst.copy_(y)
+        flat.index_copy_(0, stopped, saved)
         return out_buf
-    # copy semantics: only active positions are written. Epilogue on the gathered active rows only.
-    _check_buffer_matches(out_buf, idx, out_pad, 'output buffer')
+    # few active positions: write only those, epilogue on the gathered active rows only
     rows = torch.index_select(y.view(-1, cout), 0, idx.rows(0))
     res_src, res_rows = _residual_source(residual, idx, res_pad, cout)
     if res_src is not None:
