@@ -211,10 +211,11 @@ def test_stage_chain_index_reuse(threshold):
 
 @pytest.mark.parametrize('active', [0.2, 0.8, 1.0])  # write active rows / restore stopped rows / full
 @pytest.mark.parametrize('rows_residual', [False, True])
-def test_dense_fallback_copy_semantics(active, rows_residual):
+@pytest.mark.parametrize('k', [1, 3])  # the 1x1 fallback is one GEMM straight into the buffer
+def test_dense_fallback_copy_semantics(active, rows_residual, k):
     torch.manual_seed(12)
     x = torch.randn(2, 5, 14, 18)
-    w, b = torch.randn(5, 5, 3, 3), torch.randn(5)
+    w, b = torch.randn(5, 5, k, k), torch.randn(5)
     mask = _blob_mask(2, 14, 18, active, seed=15)
     idx = SparseIndex.build(mask)
     prev = torch.randn(2, 5, 14, 18)
@@ -223,9 +224,10 @@ def test_dense_fallback_copy_semantics(active, rows_residual):
     out = to_padded_nhwc(prev)
     sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True,
                        dense_threshold=-1.0)  # always the dense fallback
-    ref = _where(mask, F.relu(F.conv2d(x, w, b, padding=1) + x), prev)
+    ref = _where(mask, F.relu(F.conv2d(x, w, b, padding=k // 2) + x), prev)
     assert torch.allclose(padded_interior(out), ref, atol=ATOL)
     assert torch.all(out[:, 0] == 0) and torch.all(out[:, :, 0] == 0)
+    assert torch.all(out[:, -1] == 0) and torch.all(out[:, :, -1] == 0)
 
 
 def test_rows_residual_relu_and_scatter():

@@ -34,13 +34,13 @@ Why this representation (measured on the 2-core CPU machines, see the project re
   (1x1, 3x3 stride 1, 3x3 stride 2 reading a 2x finer input buffer) gets its strip table built lazily
   once and cached on the index, so all convs of a stage share it.
 * Work is chunked (~1 MiB of gathered data, 256-4096 active rows): gather k strips per position into
-  ``(rows, k*k*Cin)`` -> one GEMM with the ``(k*k*Cin, Cout)`` weight matrix (bias fused via addmm) ->
-  residual / ReLU -> scatter, while the chunk is hot in cache. Gathering whole strips instead of single
+  ``(rows, k*k*Cin)`` -> one GEMM with the ``(k*k*Cin, Cout)`` weight matrix -> bias / residual / ReLU
+  -> scatter, while the chunk is hot in cache. Gathering whole strips instead of single
   pixels halves the gather time at C=18; un-chunked im2col is much slower (cache misses).
 * Above a measured active fraction (:func:`dense_crossover`, 0.4-0.75 depending on the conv's MACs per
   position) the dense conv is cheaper and is used.
 * 1x1 convs between 3x3 convs can also run on compact rows (:func:`gather_rows` once, then
-  ``torch.addmm(bias, rows, wmat)``), with no gather/scatter at all.
+  ``torch.mm(rows, wmat).add_(bias)``), with no gather/scatter at all.
 """
 from __future__ import annotations
 
@@ -760,11 +760,12 @@ def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Op
         torch.index_select(src, 0, st, out=a)
         a = a.view(n, kkc)
         o = o_buf[:n] if scatter else dst[s:s + n]
+        torch.mm(a, wmat, out=o)
+        # epilogue on the chunk while it is in cache. (mm + add_ rather than addmm: addmm first
+        # broadcasts the bias into the output and runs the GEMM with beta=1, measured 10-15 % slower
+        # for thin GEMMs like K=162, N=18 and never faster.)
         if bias is not None:
-            torch.addmm(bias, a, wmat, out=o)
-        else:
-            torch.mm(a, wmat, out=o)
-        # epilogue on the chunk while it is in cache
+            o.add_(bias)
         if res_src is not None:
             o.add_(res_src[s:s + n] if res_is_rows else torch.index_select(res_src, 0, res_chunks[i]))
         if relu:
@@ -918,6 +919,11 @@ def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_b
     if padding > in_pad:
         raise ValueError(f'conv padding {padding} exceeds the input buffer border {in_pad}')
     h_in, w_in = buf.shape[1] - 2 * in_pad, buf.shape[2] - 2 * in_pad
+    if (k == 1 and stride == 1 and padding == 0 and in_pad == out_pad
+            and tuple(out_buf.shape[:3]) == tuple(buf.shape[:3])
+            and (residual is None or (residual.dim() == 4 and res_pad == out_pad
+                                      and residual.data_ptr() != out_buf.data_ptr()))):
+        return _dense_1x1_buffer(buf, weight, bias, out_buf, residual, relu, idx, out_pad)
     y = _dense_nhwc(buf, weight, bias, h_in, w_in, stride, padding, in_pad)
     n, ho, wo, cout = y.shape
     if tuple(out_buf.shape) != (n, ho + 2 * out_pad, wo + 2 * out_pad, cout):
@@ -957,6 +963,43 @@ def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_b
     if relu:
         rows.relu_()
     out_buf.view(-1, cout).index_copy_(0, idx.rows(out_pad), rows)
+    return out_buf
+
+
+def _zero_border(buf: Tensor, pad: int) -> None:
+    if pad:
+        buf[:, :pad].zero_()
+        buf[:, -pad:].zero_()
+        buf[:, pad:-pad, :pad].zero_()
+        buf[:, pad:-pad, -pad:].zero_()
+
+
+def _dense_1x1_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_buf: Tensor,
+                      residual: Optional[Tensor], relu: bool, idx: Optional[SparseIndex], pad: int
+                      ) -> Tensor:
+    """Dense 1x1 conv between same-geometry buffers as ONE GEMM written straight into ``out_buf``.
+
+    The border rows are computed too (a few % extra rows) and re-zeroed: this avoids the input crop copy
+    and the output copy of the generic path, which cost as much as the (memory-bound) 1x1 conv itself.
+    Stopped positions of a partial mask are saved before and restored after.
+    """
+    cin, cout = buf.shape[-1], out_buf.shape[-1]
+    flat_in, flat_out = buf.view(-1, cin), out_buf.view(-1, cout)
+    saved = stopped = None
+    if idx is not None and idx.num_stopped:
+        _check_buffer_matches(out_buf, idx, pad, 'output buffer')
+        stopped = idx.stopped_rows(pad)
+        saved = torch.index_select(flat_out, 0, stopped)
+    torch.mm(flat_in, weight.reshape(cout, cin).t(), out=flat_out)
+    if bias is not None:  # separate add: addmm is 1.7x slower here at C=18 (see _run_chunks)
+        flat_out.add_(bias)
+    if residual is not None:
+        flat_out.add_(residual.view(-1, cout))
+    if relu:
+        flat_out.relu_()
+    _zero_border(out_buf, pad)
+    if saved is not None:
+        flat_out.index_copy_(0, stopped, saved)
     return out_buf
 
 

@@ -249,7 +249,7 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
           f'{args.repeats}; crossover = active fraction where sparse == fallback')
     print(f'{"kind":5} {"Cin":>4} {"Cout":>4} {"HxW":>8} {"MAC/px":>7} '
           + ' '.join(f'{int(100 * a):>9}%' for a in actives) + '  crossover')
-    kinds = [('3x3', 3, 1), ('3x3s2', 3, 2), ('1x1', 1, 1)]
+    kinds = [kd for kd in (('3x3', 3, 1), ('3x3s2', 3, 2), ('1x1', 1, 1)) if kd[0] in args.kinds]
     for name, k, stride in kinds:
         for _, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
             c_in = c // 2 if stride == 2 else c
@@ -297,6 +297,8 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     p.add_argument('--input-size', nargs=2, type=int, default=[512, 1024], metavar=('H', 'W'),
                    help='network input size; branch 1 is at 1/4 of it (default 512 1024)')
+    p.add_argument('--kinds', nargs='+', default=['3x3', '3x3s2', '1x1'], choices=['3x3', '3x3s2', '1x1'],
+                   help='conv kinds of the crossover section')
     p.add_argument('--stopped', nargs='+', type=float, default=[0, 50, 75, 90],
                    help='stopped percentages (default 0 50 75 90)')
     p.add_argument('--repeats', type=int, default=None, help='timing rounds (default 7, quick 3)')

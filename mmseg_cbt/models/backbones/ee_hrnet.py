@@ -80,6 +80,32 @@ class EarlyExitHRNet(HRNet):
             outs.append(feats)
         return outs
 
+    def forward_stage_masked(self, stage: int, feats: List[Tensor], active: Tensor, sparse: bool = False,
+                             fill: str = 'copy') -> List[Tensor]:
+        """Runs stage ``stage`` (2-4) restricted to the active pixels (see :mod:`.masked_hrnet`).
+
+        Args:
+            stage (int): 2, 3 or 4.
+            feats (list[Tensor]): The previous stage's branch outputs.
+            active (Tensor): (B, H/4, W/4) bool, pixels still computing.
+            sparse (bool): Skip the stopped pixels for real (sparse convs) instead of computing densely and masking.
+            fill (str): What stopped positions hold: ``'copy'``, ``'zeros'`` or ``'rbf'``.
+        """
+        from .masked_hrnet import MaskContext, simulate_stage
+        if sparse:
+            from .sparse_hrnet import sparse_stage
+            return sparse_stage(self, stage, feats, active, fill)
+        return simulate_stage(self, stage, feats, MaskContext(active, fill))
+
+    def forward_head_masked(self, head, feats: List[Tensor], active: Tensor, sparse: bool = False,
+                            fill: str = 'copy') -> Tensor:
+        """Runs an exit head restricted to the active pixels (see :mod:`.masked_hrnet`)."""
+        from .masked_hrnet import MaskContext, simulate_head
+        if sparse:
+            from .sparse_hrnet import sparse_head
+            return sparse_head(head, feats, active, fill)
+        return simulate_head(head, feats, MaskContext(active, fill))
+
     def stage_out_channels(self) -> List[List[int]]:
         """Channels of each stage's branch outputs, e.g. ``[[256], [18, 36], [18, 36, 72], [18, 36, 72, 144]]``."""
         chans = []

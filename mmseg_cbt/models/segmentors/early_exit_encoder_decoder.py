@@ -217,11 +217,12 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             return self.backbone.forward_stage(stage, feats)
         return self.backbone.forward_stage_masked(stage, feats, active, sparse=feature_mask == 'sparse', fill=fill)
 
-    def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str) -> Tensor:
+    def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
+                  fill: str) -> Tensor:
         head = self.exits[exit_idx]
-        if active is not None and feature_mask == 'sparse' and hasattr(self.backbone, 'forward_head_masked'):
-            return self.backbone.forward_head_masked(head, feats, active)
-        return head.forward(feats)
+        if active is None or feature_mask == 'none':
+            return head.forward(feats)
+        return self.backbone.forward_head_masked(head, feats, active, sparse=feature_mask == 'sparse', fill=fill)
 
     def forward_exits(self,
                       inputs: Tensor,
@@ -251,7 +252,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         active: Optional[Tensor] = None
         for n in range(self.num_exits):
             feats = self._run_stage(n + 1, feats, active, feature_mask, fill)
-            out = self._run_exit(n, feats, active, feature_mask)
+            out = self._run_exit(n, feats, active, feature_mask, fill)
             if active is not None:
                 out = torch.where(active.unsqueeze(1), out, logits[-1])
             logits.append(out)

@@ -1,0 +1,84 @@
+"""Masked inference: the simulated ("dense then mask") path and, where available, the sparse path against it."""
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from test_ee_model import _randomise_bn
+
+FILLS = ('copy', 'zeros', 'rbf')
+
+
+@pytest.fixture(scope='module')
+def model(toy_cfg):
+    m = build_tiny_model(toy_cfg, exit_mode='global')
+    _randomise_bn(m)
+    return m.eval()
+
+
+def _threshold_for(model, x, stop_fraction):
+    with torch.no_grad():
+        p = torch.softmax(model.forward_exits(x, exit_mode='dense')[0], 1).max(1).values
+    return float(torch.quantile(p.flatten(), 1 - stop_fraction))
+
+
+@pytest.mark.parametrize('fill', FILLS)
+def test_nothing_stopped_equals_dense(model, fill):
+    x = torch.randn(2, 3, 250, 330)  # odd sizes: every branch has odd dims
+    model.test_cfg.update(global_threshold=1.0, fill=fill)  # max prob never exceeds 1: nothing stops
+    with torch.no_grad():
+        dense = model.forward_exits(x, exit_mode='dense')
+        sim = model.forward_exits(x, feature_mask='simulate')
+    for d, s in zip(dense, sim):
+        assert (d - s).abs().max() <= 1e-4
+
+
+def test_copy_fill_keeps_stopped_features(model):
+    """With 'copy', a stopped pixel of branch 0 (no transition conv) keeps its stage-2 feature through stage 3;
+    with 'zeros' it is 0; active pixels see their windows' fill values only near the boundary."""
+    from mmseg_cbt.models.backbones.masked_hrnet import MaskContext
+    bb = model.backbone
+    x = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        s2 = bb.forward_stage(2, bb.forward_stage(1, [x]))
+        active = torch.zeros(2, 32, 40, dtype=torch.bool)
+        active[0, :, :20] = True
+        active[1, 10:, 5:30] = True
+        for fill, expect in (('copy', lambda t: t), ('zeros', torch.zeros_like)):
+            s3 = bb.forward_stage_masked(3, list(s2), active, fill=fill)
+            stopped = ~MaskContext(active).mask(s3[0].shape[-2:]).expand_as(s3[0])
+            assert torch.equal(s3[0][stopped], expect(s2[0])[stopped])
+            # far inside the active region nothing differs from the dense stage
+            dense3 = bb.forward_stage(3, list(s2))
+            assert torch.allclose(s3[0][0, :, 8:24, 2:10], dense3[0][0, :, 8:24, 2:10], atol=1e-4)
+
+
+def test_simulated_masks_change_only_near_stopped_pixels(model):
+    x = torch.randn(1, 3, 128, 128)
+    model.test_cfg.update(global_threshold=_threshold_for(model, x, 0.5), fill='copy')
+    with torch.no_grad():
+        none, act_none = model.forward_exits(x, feature_mask='none', return_active=True)
+        sim, act = model.forward_exits(x, feature_mask='simulate', return_active=True)
+    assert 0.2 < act[1].float().mean() < 0.8
+    assert torch.equal(act[1], act_none[1])  # exit 1 is dense in both: same first mask
+    # logits of stopped pixels are copied from the exit where they stopped
+    for n in range(1, 4):
+        stopped = ~act[n].unsqueeze(1).expand_as(sim[n])
+        assert torch.equal(sim[n][stopped], sim[n - 1][stopped])
+    # masking the features changes the logits of active pixels next to stopped ones, not of those far away
+    a = act[1][0]
+    interior = a.clone()
+    for dy in range(-6, 7):
+        for dx in range(-6, 7):
+            interior &= torch.roll(a, (dy, dx), (0, 1))
+    diff = (sim[1] - none[1]).abs().amax(1)[0]
+    assert diff[a].max() > 1e-3
+    if interior.any():
+        assert diff[interior].max() < diff[a].max()
+
+
+def test_bad_fill_is_rejected(model):
+    from mmseg_cbt.models.backbones.masked_hrnet import MaskContext
+    with pytest.raises(ValueError, match='fill'):
+        MaskContext(torch.ones(1, 4, 4, dtype=torch.bool), 'nearest')
+    with pytest.raises(ValueError, match='bool'):
+        MaskContext(torch.ones(1, 4, 4), 'copy')
