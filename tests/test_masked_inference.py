@@ -82,3 +82,41 @@ def test_bad_fill_is_rejected(model):
         MaskContext(torch.ones(1, 4, 4, dtype=torch.bool), 'nearest')
     with pytest.raises(ValueError, match='bool'):
         MaskContext(torch.ones(1, 4, 4), 'copy')
+
+
+def test_masked_training_matches_simulated_inference(toy_cfg):
+    """train_cfg.masked_training: nothing stopped -> the plain loss; with stops, exit 2 is trained on exactly the
+    simulated masked path that inference uses (same mask rule, same fill), and gradients reach every exit."""
+    from conftest import demo_batch
+    model = build_tiny_model(toy_cfg)
+    _randomise_bn(model)
+    model.train()
+    imgs, samples = demo_batch(19, n=2, h=64, w=96)
+    plain = model.loss(imgs, samples)
+    model.train_cfg = dict(masked_training=dict(exit_mode='global', global_threshold=1.0, fill='copy'))
+    same = model.loss(imgs, samples)
+    for k in plain:
+        assert torch.equal(plain[k], same[k]), k
+    # a threshold that stops about half of the pixels at exit 1 (BN in eval mode: deterministic forward)
+    model.eval()
+    with torch.no_grad():
+        p = torch.softmax(model.forward_exits(imgs, exit_mode='dense')[0], 1).max(1).values
+    thr = float(torch.quantile(p.flatten(), 0.5))
+    model.train_cfg = dict(masked_training=dict(exit_mode='global', global_threshold=thr, fill='zeros'))
+    losses = model.loss(imgs, samples)
+    sum(v for k, v in losses.items() if 'loss' in k).backward()
+    for head in model.exits:
+        assert head.conv_seg.weight.grad is not None and head.conv_seg.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        bb = model.backbone
+        f1 = bb.forward_stage(1, [imgs])
+        active = ~(torch.softmax(model.exits[0](f1), 1).max(1).values > thr)
+        f2 = bb.forward_stage_masked(2, f1, active, fill='zeros')
+        want = model.exits[1].loss_by_feat(bb.forward_head_masked(model.exits[1], f2, active, fill='zeros'),
+                                           samples)['loss_ce']
+    assert 0.3 < active.float().mean() < 0.7
+    torch.testing.assert_close(losses['exit2.loss_ce'].detach(), want)
+    assert not torch.equal(losses['exit2.loss_ce'].detach(), plain['exit2.loss_ce'].detach())
+    model.train_cfg = dict(masked_training=dict(exit_mode='dense'))
+    with pytest.raises(ValueError, match='masked_training'):
+        model.loss(imgs, samples)

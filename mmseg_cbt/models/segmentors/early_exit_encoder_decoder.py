@@ -197,12 +197,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         mode = self._resolve_exit_mode(exit_mode)
         if mode == 'dense':
             return logits.new_zeros((logits.shape[0], ) + tuple(logits.shape[2:]), dtype=torch.bool)
-        probs = F.softmax(logits.float(), dim=1)
-        if mode == 'cbt':
-            return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
-        if mode == 'global':
-            return global_stop_mask(probs, float(self._test_opt('global_threshold', 0.998)))
-        return entropy_stop_mask(probs, float(self._test_opt('entropy_threshold', 0.05)))
+        return self._stop_mask_with(logits, exit_idx, dict(exit_mode=mode))
 
     # ------------------------------------------------------------------ forward
     def _run_stage(self, stage: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
@@ -368,15 +363,59 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
 
     # ------------------------------------------------------------------ training
     def loss(self, inputs: Tensor, data_samples: SampleList) -> Dict[str, Tensor]:
-        """Cross-entropy at every exit, keys prefixed per exit (``exit1.loss_ce``, ...), weighted per exit."""
+        """Cross-entropy at every exit, keys prefixed per exit (``exit1.loss_ce``, ...), weighted per exit.
+
+        With ``train_cfg.masked_training`` (a dict with ``exit_mode`` and its threshold keys, and ``fill``; see
+        :meth:`_masked_training_cfg`) the model is trained for the computation it gets at inference: after each exit
+        the stop mask is built from the current (detached) predictions by the same rule as at test time, and the
+        next stage and exit run through the simulated masked path, i.e. with exactly the fill semantics of the
+        sparse kernel. No gradient flows through the mask. Each exit's loss is taken on its own full output.
+        """
+        masked = self._masked_training_cfg()
         feats: List[Tensor] = [inputs]
         losses: Dict[str, Tensor] = {}
+        active: Optional[Tensor] = None
         for n, head in enumerate(self.exits):
-            feats = self.backbone.forward_stage(n + 1, feats)
-            for key, val in head.loss(feats, data_samples, self.train_cfg).items():
+            if active is None:
+                feats = self.backbone.forward_stage(n + 1, feats)
+                logits = head.forward(feats)
+            else:
+                feats = self.backbone.forward_stage_masked(n + 1, feats, active, sparse=False, fill=masked['fill'])
+                logits = self.backbone.forward_head_masked(head, feats, active, sparse=False, fill=masked['fill'])
+            for key, val in head.loss_by_feat(logits, data_samples).items():
                 if 'loss' in key:
                     val = val * self.exit_loss_weights[n]
                 losses[f'exit{n + 1}.{key}'] = val
+            if masked is not None and n < self.num_exits - 1:
+                with torch.no_grad():
+                    keep = ~self._stop_mask_with(logits.detach(), n, masked)
+                active = keep if active is None else active & keep
         if self.with_auxiliary_head:
             losses.update(self._auxiliary_head_forward_train(feats, data_samples))
         return losses
+
+    def _masked_training_cfg(self) -> Optional[dict]:
+        """``train_cfg.masked_training``: None (off) or e.g. ``dict(exit_mode='global', global_threshold=0.998,
+        fill='copy')`` (ADP-C trains with 0.998) or ``dict(exit_mode='cbt', fill='copy')`` (needs calibrated
+        thresholds, e.g. when fine-tuning a calibrated checkpoint)."""
+        cfg = (self.train_cfg or {}).get('masked_training', None)
+        if not cfg:
+            return None
+        cfg = dict(cfg)
+        cfg.setdefault('fill', self._test_opt('fill', 'copy'))
+        mode = cfg.setdefault('exit_mode', 'global')
+        if mode not in EXIT_MODES or mode == 'dense':
+            raise ValueError(f'train_cfg.masked_training.exit_mode must be one of {EXIT_MODES[1:]}, got {mode!r}')
+        return cfg
+
+    def _stop_mask_with(self, logits: Tensor, exit_idx: int, cfg: dict) -> Tensor:
+        """Stop mask by the rule and thresholds of ``cfg`` (falls back to ``test_cfg`` for missing keys)."""
+        mode = self._resolve_exit_mode(cfg['exit_mode'])
+        probs = F.softmax(logits.float(), dim=1)
+        if mode == 'cbt':
+            return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
+        if mode == 'global':
+            return global_stop_mask(probs, float(cfg.get('global_threshold', self._test_opt('global_threshold',
+                                                                                           0.998))))
+        return entropy_stop_mask(probs, float(cfg.get('entropy_threshold', self._test_opt('entropy_threshold',
+                                                                                         0.05))))
