@@ -322,6 +322,34 @@ def test_cpu_worker_threads():
         set_cpu_workers(0)
 
 
+def test_inference_mode_and_autograd():
+    """Worker threads inherit inference mode; with autograd active the op stays differentiable."""
+    from mmseg_cbt.ops import set_cpu_workers
+    torch.manual_seed(10)
+    x = torch.randn(1, 6, 48, 64)
+    w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
+    mask = _blob_mask(1, 48, 64, 0.5, seed=16)
+    set_cpu_workers(2)
+    try:
+        with torch.inference_mode():
+            xi, wi, bi = x.clone(), w.clone(), b.clone()
+            buf, out = to_padded_nhwc(xi), new_padded_buffer(1, 6, 48, 64)
+            sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out,
+                               dense_threshold=1.0)
+            _assert_active_close(padded_interior(out), F.conv2d(xi, wi, bi, padding=1), mask)
+    finally:
+        set_cpu_workers(None)
+    conv = SparseConv2d(6, 6, 3, padding=1)
+    xg = x.clone().requires_grad_()
+    conv(xg, mask).sum().backward()
+    ref_conv = nn.Conv2d(6, 6, 3, padding=1)
+    ref_conv.load_state_dict(conv.state_dict())
+    xr = x.clone().requires_grad_()
+    (ref_conv(xr) * mask[:, None]).sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, atol=ATOL)
+    assert torch.allclose(conv.weight.grad, ref_conv.weight.grad, atol=1e-3)
+
+
 def test_buffer_api_errors():
     idx = SparseIndex.build(torch.ones(1, 6, 6, dtype=torch.bool))
     buf = new_padded_buffer(1, 3, 6, 6)

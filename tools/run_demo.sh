@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The README's main-job command: set-up, the built-in toy-city data, training of the tiny early-exit HRNet with
-# mmseg's tools/train.py (CBT calibration hook on), mmseg's tools/test.py with per-exit mIoU (dense and CBT).
+# mmseg's tools/train.py (CBT calibration hook on), mmseg's tools/test.py with per-exit mIoU (dense and CBT), and the
+# mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot.
 #   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
 #   WORK_DIR=work_dirs/x MAX_ITERS=300 bash tools/run_demo.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+demo_start=$(date +%s)
 bash tools/setup_env.sh
 PY=.venv/bin/python
 CONFIG=configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py
 WORK_DIR="${WORK_DIR:-work_dirs/toycity_demo}"
 MAX_ITERS="${MAX_ITERS:-1000}"
 
-echo "== 1/3 toy-city data (data/toy_city)"
+echo "== 1/4 toy-city data (data/toy_city)"
 $PY tools/dataset_converters/toy_city.py --out data/toy_city
 
-echo "== 2/3 train ($MAX_ITERS iterations, mmseg tools/train.py)"
+echo "== 2/4 train ($MAX_ITERS iterations, mmseg tools/train.py)"
 start=$(date +%s)
 $PY tools/train.py "$CONFIG" --work-dir "$WORK_DIR" \
   --cfg-options train_cfg.max_iters="$MAX_ITERS" train_cfg.val_interval="$MAX_ITERS" \
@@ -22,8 +24,15 @@ $PY tools/train.py "$CONFIG" --work-dir "$WORK_DIR" \
 echo "training wall time: $(( $(date +%s) - start )) s"
 CKPT="$WORK_DIR/iter_${MAX_ITERS}.pth"
 
-echo "== 3/3 test the saved checkpoint (mmseg tools/test.py): dense exits, then CBT stop masks"
+echo "== 3/4 test the saved checkpoint (mmseg tools/test.py): dense exits, then CBT stop masks"
 $PY tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test_dense"
 $PY tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test_cbt" --cfg-options model.test_cfg.exit_mode=cbt
-echo "checkpoint: $CKPT"
+
+echo "== 4/4 mIoU versus GFLOPs per exit"
+$PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$CKPT" --out-dir "$WORK_DIR/report" \
+  --settings dense adpc:0.998 adpc:0.95 cbt:0.9,0.998 cbtns:0.9,0.998
+echo
+echo "checkpoint (with CBT thresholds): $CKPT"
 echo "CBT thresholds: $WORK_DIR/cbt_calibration.json, chart: $WORK_DIR/cbt_thresholds.png"
+echo "report: $WORK_DIR/report/miou_vs_gflops.{txt,json,csv,png}"
+echo "demo wall time: $(( $(date +%s) - demo_start )) s"

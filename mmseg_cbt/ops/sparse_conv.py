@@ -22,6 +22,10 @@ Two levels of API:
       # or, fused and with the dense fallback that writes straight into the buffer:
       conv.apply(buf, idx, out_buf, residual=res_buf, relu=True)
 
+The stage API is inference-only (it writes into preallocated buffers, which autograd cannot track);
+:func:`sparse_conv2d` / :class:`SparseConv2d` fall back to a differentiable dense-and-mask computation
+when autograd is active.
+
 Why this representation (measured on the 2-core CPU machines, see the project reference, section 7, and
 ``tools/analysis_tools/benchmark_masked.py``):
 
@@ -73,14 +77,20 @@ __all__ = [
     'set_cpu_workers',
 ]
 
-# Active fraction above which the dense conv is used instead of gather + GEMM + scatter, as a function
-# of the conv's MACs per output position (k*k*Cin*Cout): the sparse path's GEMM is about as efficient
-# as oneDNN's direct conv for wide convs but the per-row gather/scatter is a fixed cost per position,
-# so thin convs (few MACs per position) cross over early and 1x1 convs (memory-bound dense GEMM)
-# earliest. Points measured with `benchmark_masked.py --sections crossover` (see PERF NOTE below).
+# Active fraction above which the dense fallback is used instead of gather + GEMM + scatter, as a
+# function of the conv's MACs per output position (k*k*Cin*Cout). The alternative is not the bare dense
+# conv: with "copy" semantics the fallback must also write only the active positions (or restore the
+# stopped ones), which costs 1.1-1.3x the dense conv for 3x3 and 1.2-3x for thin 1x1 convs. The sparse
+# path's GEMM is as efficient as oneDNN's direct conv for wide convs, while its per-row gather/scatter is
+# a fixed cost per active position, so thin convs cross over earlier.
+# Measured (benchmark_masked.py --sections crossover --threads 1 --clock thread, fp32, blob masks,
+# HRNet W18-small/W48 branch shapes for a 512x1024 input, sparse vs fallback, both via
+# sparse_conv_buffer): 3x3 stride 1/2 crosses at 0.67-0.70 for 1.5-3k MAC/px (C=9..18), 0.78-0.83 for
+# 6-21k (C=18..48), 0.82 to >0.9 above 40k; 1x1 at 0.61-0.66 below 2.3k, 0.75 at 5-9k, 0.82 to >0.9
+# above 20k. Points are rounded down (conservative: near the crossover both paths cost the same).
 _CROSSOVER_POINTS: Dict[int, Tuple[Tuple[int, float], ...]] = {
-    3: ((1458, 0.40), (2916, 0.44), (5832, 0.51), (11664, 0.58), (23328, 0.68), (46656, 0.72)),
-    1: ((1296, 0.20), (5184, 0.25), (9216, 0.45), (36864, 0.60), (147456, 0.75)),
+    3: ((1458, 0.65), (2916, 0.65), (5832, 0.75), (20736, 0.78), (46656, 0.82)),
+    1: ((324, 0.60), (2304, 0.62), (5184, 0.72), (36864, 0.80), (147456, 0.82)),
 }
 
 
@@ -224,10 +234,16 @@ class SparseIndex:
     (3x3 or 1x1 at the same resolution, or a stride-2 conv reading a 2x finer buffer) reuses it. Tables
     depend only on geometry and are built lazily and cached:
 
-    * :meth:`rows` - flat row of each active position in an output buffer with a given border
-      (used by scatter, residual gather and 1x1 convs),
+    * :meth:`rows` - flat row of each active position in a buffer with a given border (used by the
+      scatter, residual gathers and :func:`gather_rows`),
     * :meth:`windows` - flat row of the top-left tap of each active position's window in an input
-      buffer, plus the ``k*k`` neighbour rows (used by the gather).
+      buffer, plus the rows where its k window strips start (used by the gather),
+    * :meth:`stopped_rows` - rows of the stopped positions (used by the dense fallback),
+    * :meth:`chunks` - cached chunk views of those tables.
+
+    The tables of an index are cached on it, so keep one index object per mask and resolution (a
+    masked HRNet: one per branch and exit) rather than rebuilding it per conv. Building costs ~1-2 ms at
+    128x256 (``mask.nonzero`` plus a few int64 ops), i.e. 0.1-0.5 of one dense conv there.
 
     Attributes:
         mask: The bool mask ``(N, H, W)`` it was built from.
@@ -774,6 +790,12 @@ def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Op
             dst.index_copy_(0, dst_chunks[i], o)
 
 
+def _run_chunks_in_mode(modes: Tuple[bool, bool], *args) -> None:
+    inference, grad = modes
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        _run_chunks(*args)
+
+
 def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, bias: Optional[Tensor],
                   res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool, dst: Tensor,
                   dst_rows: Optional[Tensor], chunk_rows: Optional[int]) -> None:
@@ -807,7 +829,10 @@ def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, 
         return
     pool = _get_pool(workers)
     bounds = [n_chunks * w // workers for w in range(workers + 1)]  # contiguous ranges: locality
-    futures = [pool.submit(_run_chunks, *args, bounds[w], bounds[w + 1]) for w in range(workers)]
+    # grad / inference mode are thread-local: carry the caller's into the workers
+    modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+    futures = [pool.submit(_run_chunks_in_mode, modes, *args, bounds[w], bounds[w + 1])
+               for w in range(workers)]
     for f in futures:
         f.result()
 
@@ -1117,6 +1142,9 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
       fraction (default :func:`dense_crossover`) the dense conv is run and masked; a full mask is the
       dense conv.
 
+    With autograd active (an input, the weight or the bias requires grad and grad mode is on) it
+    computes the dense conv and masks it, so it stays differentiable; the fast paths are inference-only.
+
     This is the per-call convenience API: it converts the input to a padded channels-last buffer and
     builds the index on every call. A network running many convs on one mask should use
     :class:`SparseIndex` + :func:`sparse_conv_buffer` / :func:`sparse_conv_rows` instead.
@@ -1178,6 +1206,12 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
         if out.dtype != input.dtype or out.device != input.device:
             raise TypeError('out must have the dtype and device of input')
 
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # The sparse kernels write into preallocated buffers (no autograd): to stay differentiable
+        # (e.g. a SparseConv2d in training), compute the same values densely and mask them.
+        y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+        keep = mask[:, None]
+        return torch.where(keep, y, 0.0) if out is None else out.copy_(torch.where(keep, y, out))
     idx = SparseIndex.build(mask)
     m = idx.num_active
     if m == 0:

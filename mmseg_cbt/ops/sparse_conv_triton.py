@@ -17,6 +17,12 @@ Kernel design ("one owner per output row", no atomics, no im2col buffer in memor
 ``(BLOCK_K, BLOCK_N)`` slice of the ``(k*k*Cin, Cout)`` weight matrix, accumulates in fp32, then applies
 bias, residual and ReLU in registers and stores straight into the active rows of the output buffer.
 
+Testing without a GPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (triton decides between
+compiling and interpreting when ``@triton.jit`` functions are defined, its own library included), then
+call with CPU tensors and ``backend='triton'``; ``tests/test_sparse_conv.py`` does this in a subprocess.
+Untested on real GPUs so far (no GPU in the session that wrote it): block sizes are plain heuristics and
+the GPU dense-vs-sparse crossover is unmeasured, so by default only full masks go to the dense conv there.
+
 triton is optional: CPU users do not have it and this module then only reports ``HAS_TRITON = False``.
 """
 import os
@@ -50,11 +56,11 @@ if HAS_TRITON:  # the body uses tl.* names, also in its annotations
 
     @triton.jit
     def _sparse_conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, tl_ptr, res_rows_ptr, out_rows_ptr,
-                     M, CIN, COUT, ROW_W,
-                     KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     RES_INDEXED: tl.constexpr, OUT_INDEXED: tl.constexpr, RELU: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                            M, CIN, COUT, ROW_W,
+                            KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                            RES_INDEXED: tl.constexpr, OUT_INDEXED: tl.constexpr, RELU: tl.constexpr,
+                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         """Fused gather + implicit GEMM + bias/residual/ReLU epilogue + scatter (one program per block).
 
         x: (rows_in, CIN) flat padded input buffer; w: (KS*KS*CIN, COUT); tl_ptr: (M,) int64 top-left row

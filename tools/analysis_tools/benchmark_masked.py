@@ -338,7 +338,8 @@ def main(argv: Sequence[str] = None) -> List[dict]:
         for name in args.sections:
             results += SECTIONS[name](args)
     if args.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                    python=platform.python_version(),
                     machine=platform.processor() or platform.machine(), loadavg_start=load,
                     loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
                     clock=args.clock, args=vars(args),
