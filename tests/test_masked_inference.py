@@ -120,3 +120,66 @@ def test_masked_training_matches_simulated_inference(toy_cfg):
     model.train_cfg = dict(masked_training=dict(exit_mode='dense'))
     with pytest.raises(ValueError, match='masked_training'):
         model.loss(imgs, samples)
+
+
+def _blob_mask(n, h, w, frac, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.nn.functional.avg_pool2d(torch.rand(n, 1, h, w, generator=g), 5, 1, 2)[:, 0]
+    return noise > torch.quantile(noise.flatten(), 1 - frac)
+
+
+@pytest.mark.parametrize('fill', ('copy', 'zeros'))
+@pytest.mark.parametrize('size', ((128, 160), (250, 330)))
+def test_sparse_equals_simulated_oracle(model, fill, size):
+    """Every stage output (all branches, every position) and every exit's logits of the sparse path equal the
+    simulated 'dense conv, then mask, same fill' path; batch of 2 images with different masks, odd sizes."""
+    bb = model.backbone
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        feats = bb.forward_stage(1, [x])
+        h4, w4 = feats[0].shape[-2:]
+        active = _blob_mask(2, h4, w4, 0.4, seed=1)
+        active[1] = _blob_mask(1, h4, w4, 0.25, seed=2)[0]
+        sim_f, sp_f = feats, feats
+        for stage in (2, 3, 4):
+            sim_f = bb.forward_stage_masked(stage, sim_f, active, sparse=False, fill=fill)
+            sp_f = bb.forward_stage_masked(stage, sp_f, active, sparse=True, fill=fill)
+            for a, b in zip(sim_f, sp_f):
+                assert a.shape == b.shape
+                assert (a - b).abs().max() <= 1e-4, (stage, fill)
+            head = model.exits[stage - 1]
+            la = bb.forward_head_masked(head, sim_f, active, sparse=False, fill=fill)
+            lb = bb.forward_head_masked(head, sp_f, active, sparse=True, fill=fill)
+            assert (la - lb).abs().max() <= 1e-4
+            active = active & _blob_mask(2, h4, w4, 0.7, seed=stage)
+
+
+def test_sparse_segmentor_matches_simulated(model):
+    x = torch.randn(2, 3, 128, 192)
+    model.test_cfg.update(global_threshold=_threshold_for(model, x, 0.6), fill='copy')
+    with torch.no_grad():
+        sim, a1 = model.forward_exits(x, feature_mask='simulate', return_active=True)
+        sp, a2 = model.forward_exits(x, feature_mask='sparse', return_active=True)
+        model.test_cfg.global_threshold = 1.0
+        dense = model.forward_exits(x, exit_mode='dense')
+        nothing = model.forward_exits(x, feature_mask='sparse')
+    for a, b in zip(a1[1:], a2[1:]):
+        assert torch.equal(a, b)
+    for a, b in zip(sim, sp):
+        assert (a - b).abs().max() <= 1e-4
+    for a, b in zip(dense, nothing):
+        assert (a - b).abs().max() <= 1e-4
+
+
+def test_sparse_rejects_training_and_rbf(model):
+    bb = model.backbone
+    feats = [torch.randn(1, 64, 16, 16)]
+    active = torch.ones(1, 16, 16, dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match='rbf'):
+        bb.forward_stage_masked(2, feats, active, sparse=True, fill='rbf')
+    bb.train()
+    try:
+        with pytest.raises(RuntimeError, match='inference-only'):
+            bb.forward_stage_masked(2, feats, active, sparse=True, fill='copy')
+    finally:
+        bb.eval()

@@ -298,47 +298,18 @@ def test_packed_conv_folds_bn():
     assert torch.allclose(padded_interior(dense), ref, atol=ATOL)
 
 
-def test_cpu_worker_threads():
-    """Chunks split over worker threads give the dense values and leave torch's thread count alone."""
-    from mmseg_cbt.ops import set_cpu_workers
-    torch.manual_seed(9)
-    x = torch.randn(2, 8, 40, 52)
-    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
-    mask = _masks(2, 40, 52, seed=14)
-    ref = F.relu(F.conv2d(x, w, b, padding=1) + x)
-    threads = torch.get_num_threads()
-    try:
-        for workers in (1, 3):
-            set_cpu_workers(workers)
-            buf = to_padded_nhwc(x)
-            out = to_padded_nhwc(x)
-            sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(w), b, out, residual=buf,
-                               relu=True, chunk_rows=100, dense_threshold=1.0)
-            assert torch.allclose(padded_interior(out), _where(mask, ref, x), atol=ATOL)
-    finally:
-        set_cpu_workers(None)
-    assert torch.get_num_threads() == threads
-    with pytest.raises(ValueError, match='n must be'):
-        set_cpu_workers(0)
-
-
 def test_inference_mode_and_autograd():
-    """Worker threads inherit inference mode; with autograd active the op stays differentiable."""
-    from mmseg_cbt.ops import set_cpu_workers
+    """Works under inference mode; with autograd active the op stays differentiable."""
     torch.manual_seed(10)
     x = torch.randn(1, 6, 48, 64)
     w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
     mask = _blob_mask(1, 48, 64, 0.5, seed=16)
-    set_cpu_workers(2)
-    try:
-        with torch.inference_mode():
-            xi, wi, bi = x.clone(), w.clone(), b.clone()
-            buf, out = to_padded_nhwc(xi), new_padded_buffer(1, 6, 48, 64)
-            sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out,
-                               dense_threshold=1.0)
-            _assert_active_close(padded_interior(out), F.conv2d(xi, wi, bi, padding=1), mask)
-    finally:
-        set_cpu_workers(None)
+    with torch.inference_mode():
+        xi, wi, bi = x.clone(), w.clone(), b.clone()
+        buf, out = to_padded_nhwc(xi), new_padded_buffer(1, 6, 48, 64)
+        sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out,
+                           dense_threshold=1.0)
+        _assert_active_close(padded_interior(out), F.conv2d(xi, wi, bi, padding=1), mask)
     conv = SparseConv2d(6, 6, 3, padding=1)
     xg = x.clone().requires_grad_()
     conv(xg, mask).sum().backward()

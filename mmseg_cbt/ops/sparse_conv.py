@@ -37,7 +37,8 @@ Why this representation (measured on the 2-core CPU machines, see the project re
 * Active positions are turned into flat row indices once (:class:`SparseIndex`); each conv geometry
   (1x1, 3x3 stride 1, 3x3 stride 2 reading a 2x finer input buffer) gets its strip table built lazily
   once and cached on the index, so all convs of a stage share it.
-* Work is chunked (~1 MiB of gathered data, 256-4096 active rows): gather k strips per position into
+* Work is chunked (1 MiB of gathered data single-threaded, 4 MiB multi-threaded, 256-4096 active
+  rows): gather k strips per position into
   ``(rows, k*k*Cin)`` -> one GEMM with the ``(k*k*Cin, Cout)`` weight matrix -> bias / residual / ReLU
   -> scatter, while the chunk is hot in cache. Gathering whole strips instead of single
   pixels halves the gather time at C=18; un-chunked im2col is much slower (cache misses).
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -74,7 +74,6 @@ __all__ = [
     'conv_weight_matrix',
     'fold_bn',
     'conv_output_size',
-    'set_cpu_workers',
 ]
 
 # Active fraction above which the dense fallback is used instead of gather + GEMM + scatter, as a
@@ -120,10 +119,12 @@ def dense_crossover(kernel_size: int, cin: int, cout: int) -> float:
     return pts[-1][1]
 
 
-# Target size of one gathered chunk (rows x k*k*Cin fp32). ~1 MiB keeps the gathered block in the
-# 2 MiB per-core L2 while the GEMM reads it; measured flat between 0.5 and 2 MiB, worse at 8+ MiB.
-_CHUNK_BYTES: int = 1 << 20
-_MIN_CHUNK_ROWS: int = 256
+# Size of one gathered chunk (rows x k*k*Cin fp32), by torch thread count. Single-threaded, ~1 MiB keeps
+# the gathered block in the 2 MiB L2 while the GEMM reads it (256-1600 rows best, 4096 rows 20 % worse at
+# C=18). With 2 threads every op of a chunk is an OpenMP fork/join, and 1024-4096-row chunks were 10-35 %
+# faster than 256-600-row ones (C=18..192, 50 % active, idle machine), so chunks grow to ~4 MiB.
+_CHUNK_BYTES_1T, _MIN_CHUNK_ROWS_1T = 1 << 20, 256
+_CHUNK_BYTES_MT, _MIN_CHUNK_ROWS_MT = 4 << 20, 1024
 _MAX_CHUNK_ROWS: int = 4096
 
 _SUPPORTED_KERNELS = (1, 3)
@@ -624,8 +625,11 @@ def _check_buffer_matches(buf: Tensor, idx: SparseIndex, pad: int, name: str) ->
 def _chunk_rows(k: int, cin: int, chunk_rows: Optional[int]) -> int:
     if chunk_rows is not None:
         return max(1, int(chunk_rows))
-    rows = _CHUNK_BYTES // max(1, 4 * k * k * cin)
-    return max(_MIN_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, rows))
+    if torch.get_num_threads() > 1:
+        target, low = _CHUNK_BYTES_MT, _MIN_CHUNK_ROWS_MT
+    else:
+        target, low = _CHUNK_BYTES_1T, _MIN_CHUNK_ROWS_1T
+    return max(low, min(_MAX_CHUNK_ROWS, target // max(1, 4 * k * k * cin)))
 
 
 def _residual_source(residual: Optional[Tensor], idx: SparseIndex, res_pad: int, cout: int
@@ -704,62 +708,6 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     return t[:numel]
 
 
-# ---- CPU parallelism ------------------------------------------------------------------------------
-# The sparse path is a sequence of small ops per chunk (gather, GEMM, epilogue, scatter). With torch's
-# OpenMP intra-op parallelism every one of them is a fork/join of all threads; on a shared machine one
-# descheduled thread stalls every region (measured: 10-70x slowdowns at 2 threads under load, while the
-# single-region dense conv suffers far less). So the chunks are instead split between worker threads
-# that each run single-threaded ops (torch releases the GIL inside ops): no barriers but the final join.
-_POOL_LOCK = threading.Lock()
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_SIZE = 0
-_CPU_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
-_MIN_ROWS_PER_WORKER = 256  # below this a call stays in the calling thread (handoff costs ~20-50 us)
-
-
-def set_cpu_workers(n: Optional[int]) -> None:
-    """Sets how many worker threads the CPU sparse path splits its chunks over.
-
-    Args:
-        n: Number of workers; ``1`` runs every chunk in the calling thread (ops then use torch's own
-            intra-op threads); ``None`` (default) uses ``torch.get_num_threads()`` workers.
-    """
-    global _CPU_WORKERS
-    if n is not None and int(n) < 1:
-        raise ValueError(f'n must be >= 1 or None, got {n}')
-    _CPU_WORKERS = None if n is None else int(n)
-
-
-def _worker_init() -> None:
-    # Per-thread setting (OpenMP ICV / MKL local); it also changes torch's default for threads created
-    # later, which _get_pool restores right after the workers have started.
-    torch.set_num_threads(1)
-
-
-def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != n:
-            main_threads = torch.get_num_threads()
-            if _POOL is not None:
-                _POOL.shutdown(wait=True)
-            pool = ThreadPoolExecutor(n, thread_name_prefix='mmseg_cbt_sparse', initializer=_worker_init)
-            # start all workers now (the executor starts them lazily) and wait for their init
-            barrier = threading.Barrier(n)
-            for f in [pool.submit(barrier.wait) for _ in range(n)]:
-                f.result()
-            torch.set_num_threads(main_threads)
-            _POOL, _POOL_SIZE = pool, n
-        return _POOL
-
-
-def _num_workers(m: int, device: torch.device) -> int:
-    if device.type != 'cpu':
-        return 1
-    n = torch.get_num_threads() if _CPU_WORKERS is None else _CPU_WORKERS
-    return max(1, min(n, m // _MIN_ROWS_PER_WORKER))
-
-
 def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Optional[Tensor],
                 res_src: Optional[Tensor], relu: bool, dst: Tensor, step: int,
                 strip_chunks: List[Tensor], dst_chunks: Optional[List[Tensor]],
@@ -790,20 +738,13 @@ def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Op
             dst.index_copy_(0, dst_chunks[i], o)
 
 
-def _run_chunks_in_mode(modes: Tuple[bool, bool], *args) -> None:
-    inference, grad = modes
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        _run_chunks(*args)
-
-
 def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, bias: Optional[Tensor],
                   res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool, dst: Tensor,
                   dst_rows: Optional[Tensor], chunk_rows: Optional[int]) -> None:
     """Chunked gather -> GEMM -> epilogue (-> scatter). The PyTorch (CPU) path.
 
     ``dst`` is ``(M, Cout)`` compact rows if ``dst_rows`` is None, else a flat ``(rows, Cout)`` buffer view
-    that chunk results are scattered into (while still in cache). Chunks write disjoint rows, so they
-    can run in any order and in parallel.
+    that chunk results are scattered into (while still in cache).
     """
     k, cin, cout = call.k, call.cin, call.cout
     flat = buf.view(-1, cin)
@@ -813,28 +754,17 @@ def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, 
     src = flat if k == 1 else flat.as_strided((flat.shape[0] - k + 1, k * cin), (cin, 1))
     m = idx.num_active
     kkc = k * k * cin
-    workers = _num_workers(m, buf.device)
     step = min(m, _chunk_rows(k, cin, chunk_rows))
-    if workers > 1:
-        step = min(step, -(-m // workers))  # at least one chunk per worker
     # chunk views of the index tables are cached on the index (slicing costs ~1 us per tensor per call)
     strip_chunks = idx.chunks(call.strips, k, step)
     dst_chunks = idx.chunks(dst_rows, 1, step) if dst_rows is not None else None
     res_chunks = idx.chunks(res_rows, 1, step) if res_rows is not None else None
-    args = (src, k, kkc, cout, wmat, bias, res_src, relu, dst, step, strip_chunks, dst_chunks, res_chunks,
-            res_rows is None)
-    n_chunks = len(strip_chunks)
-    if workers == 1 or n_chunks == 1:
-        _run_chunks(*args, 0, n_chunks)
-        return
-    pool = _get_pool(workers)
-    bounds = [n_chunks * w // workers for w in range(workers + 1)]  # contiguous ranges: locality
-    # grad / inference mode are thread-local: carry the caller's into the workers
-    modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-    futures = [pool.submit(_run_chunks_in_mode, modes, *args, bounds[w], bounds[w + 1])
-               for w in range(workers)]
-    for f in futures:
-        f.result()
+    # Parallelism: each op uses torch's intra-op (OpenMP) threads. Splitting the chunks over Python worker
+    # threads running single-threaded ops instead was measured 1.5-2x slower on 2 idle cores (the OpenMP
+    # threads of the surrounding dense convs keep spinning after their regions) and only 0-30 % faster
+    # with one core busy elsewhere, so it was dropped.
+    _run_chunks(src, k, kkc, cout, wmat, bias, res_src, relu, dst, step, strip_chunks, dst_chunks,
+                res_chunks, res_rows is None, 0, len(strip_chunks))
 
 
 def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
@@ -862,7 +792,8 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         in_pad: Border width of ``buf``.
         res_pad: Border width of a residual buffer.
         out: Optional contiguous ``(M, Cout)`` tensor receiving the rows.
-        chunk_rows: Active rows per gather/GEMM chunk; default sized to ~1 MiB of gathered data.
+        chunk_rows: Active rows per gather/GEMM chunk; default from the gathered size (1 MiB with one
+            torch thread, 4 MiB with more), clamped to 256 (1024 multi-threaded) .. 4096 rows.
         dense_weight: ``(Cout, Cin, k, k)`` weight for the dense fallback (derived from ``wmat`` if
             None, at the cost of a reshape copy).
         dense_threshold: Active fraction above which the dense conv (+ a row gather) is used; default

@@ -306,9 +306,6 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--clock', choices=['wall', 'thread'], default='wall',
                    help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
                         "robust against other processes on a shared machine). Default: wall time")
-    p.add_argument('--workers', type=int, default=None,
-                   help='worker threads of the CPU sparse path (mmseg_cbt.ops.set_cpu_workers; '
-                        'default: torch threads; 1 = ops use torch intra-op threads instead)')
     p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
     args = p.parse_args(argv)
@@ -324,7 +321,6 @@ def main(argv: Sequence[str] = None) -> List[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ops.set_cpu_workers(args.workers)
     if args.clock == 'thread':
         if torch.get_num_threads() != 1:
             raise SystemExit('--clock thread needs --threads 1')

@@ -1,0 +1,259 @@
+"""Masked inference that really skips stopped pixels: the early-exit HRNet on sparse convolutions.
+
+Computes exactly the semantics documented in :mod:`.masked_hrnet` (its simulated path is the test oracle), for
+the ``copy`` and ``zeros`` fills, with :mod:`mmseg_cbt.ops`:
+
+* every feature map of a masked stage lives in a zero-bordered channels-last buffer for the whole stage (one
+  NCHW -> NHWC copy per branch and stage, none per layer);
+* one :class:`~mmseg_cbt.ops.SparseIndex` per resolution and exit, shared by all convs whose output lives there;
+* convs are BN-folded (:class:`~mmseg_cbt.ops.PackedConv`, cached per module until its weights change) and
+  computed only at active output positions (gather + GEMM + fused bias/residual/ReLU + scatter; dense above the
+  measured crossover); residual additions, ReLUs and fuse sums run on the active rows only;
+* BasicBlocks work in place: the block output is written into its input buffer, so under ``copy`` a stopped pixel
+  keeps its value at zero cost; one scratch buffer per branch holds the blocks' intermediate map.
+
+Inference only (buffers are written in place, which autograd cannot follow): training with masks uses the
+simulated path (``train_cfg.masked_training``). The ``rbf`` fill is not implemented here (use
+``feature_mask='simulate'`` for it).
+"""
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmseg.models.backbones.resnet import BasicBlock
+from mmseg.models.utils import resize
+
+from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, scatter_rows,
+                           sparse_conv_rows, to_padded_nhwc)
+from .masked_hrnet import MaskContext
+
+__all__ = ['sparse_stage', 'sparse_head']
+
+_PACKED: 'weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, PackedConv]]' = weakref.WeakKeyDictionary()
+
+
+def _packed(conv: nn.Conv2d, bn: Optional[nn.Module]) -> PackedConv:
+    """BN-folded GEMM form of a conv, cached until any of the tensors it was made from changes."""
+    tensors = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    if bn is not None:
+        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors if t is not None)
+    hit = _PACKED.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    packed = PackedConv.from_conv(conv, bn=bn)
+    _PACKED[conv] = (key, packed)
+    return packed
+
+
+class _SparseContext:
+    """Masks and sparse indices per resolution for one exit, plus the fill rule."""
+
+    def __init__(self, active: Tensor, fill: str) -> None:
+        if fill not in ('copy', 'zeros'):
+            raise NotImplementedError(f"feature_mask='sparse' supports fill 'copy' and 'zeros', got {fill!r}; "
+                                      "use feature_mask='simulate' for 'rbf'")
+        self.masks = MaskContext(active, fill)
+        self.fill = fill
+        self._idx: Dict[Tuple[int, int], SparseIndex] = {}
+        self._stopped: Dict[Tuple[int, int], Tensor] = {}
+
+    def index(self, hw) -> SparseIndex:
+        key = (int(hw[0]), int(hw[1]))
+        idx = self._idx.get(key)
+        if idx is None:
+            idx = SparseIndex.build(self.masks.mask(key)[:, 0].contiguous())
+            self._idx[key] = idx
+        return idx
+
+    def zero_stopped(self, buf: Tensor) -> None:
+        """Writes 0 at the stopped positions of a padded buffer (the ``zeros`` fill of a same-shape layer)."""
+        hw = (buf.shape[1] - 2, buf.shape[2] - 2)
+        stopped = ~self.masks.mask(hw)[:, 0]
+        if stopped.any():
+            padded_interior(buf).permute(0, 2, 3, 1)[stopped] = 0
+
+
+def _units(seq: nn.Sequential) -> List[Tuple[nn.Conv2d, Optional[nn.Module], bool]]:
+    """(conv, bn, relu) triples of a transition / fuse-downsample Sequential (possibly nested)."""
+    mods = list(seq)
+    if mods and all(isinstance(m, nn.Sequential) for m in mods):
+        return [u for sub in mods for u in _units(sub)]
+    conv = next(m for m in mods if isinstance(m, nn.Conv2d))
+    bn = next((m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    return [(conv, bn, any(isinstance(m, nn.ReLU) for m in mods))]
+
+
+def _out_hw(buf: Tensor, conv: nn.Conv2d) -> Tuple[int, int]:
+    h, w = buf.shape[1] - 2, buf.shape[2] - 2
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+def _run_units(ctx: _SparseContext, seq: nn.Sequential, buf: Tensor) -> Tensor:
+    """A chain of shape-changing conv units; stopped positions of every output are 0 (fresh zero buffers)."""
+    for conv, bn, relu in _units(seq):
+        hw = _out_hw(buf, conv)
+        out = new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype, device=buf.device)
+        _packed(conv, bn).apply(buf, ctx.index(hw), out, relu=relu)
+        buf = out
+    return buf
+
+
+def _block(ctx: _SparseContext, block: nn.Module, x: Tensor, h: Tensor, first: bool) -> None:
+    """A BasicBlock in place: ``x <- relu(bn2(conv2(relu(bn1(conv1 x)))) + x)`` at the active positions.
+
+    ``h`` is the branch's scratch buffer; its stopped positions hold the fill (copy: the stage's branch input,
+    which no layer changes at stopped positions; zeros: 0).
+    """
+    if not isinstance(block, BasicBlock) or block.downsample is not None:
+        raise NotImplementedError('sparse masked stages support BasicBlocks without downsample (HRNet stages 2-4)')
+    idx = ctx.index((x.shape[1] - 2, x.shape[2] - 2))
+    _packed(block.conv1, block.norm1).apply(x, idx, h, relu=True)
+    # conv2 reads h (never x), the residual row is read before it is overwritten: safe in place
+    _packed(block.conv2, block.norm2).apply(h, idx, x, residual=x, relu=True)
+    if first and ctx.fill == 'zeros':
+        ctx.zero_stopped(x)  # the block input's own stopped values were read by conv1; from now on they are 0
+
+
+def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Tensor]:
+    """The multi-resolution fuse, summed on the active rows of each output branch only."""
+    if module.fuse_layers is None:
+        return bufs
+    sizes = [(b.shape[1] - 2, b.shape[2] - 2) for b in bufs]
+    results = []
+    for i, fuse in enumerate(module.fuse_layers):
+        idx_i = ctx.index(sizes[i])
+        acc = gather_rows(bufs[i], idx_i)
+        for j, layer in enumerate(fuse):
+            if j == i or idx_i.num_active == 0:
+                continue
+            if j > i:
+                conv, bn, upsample = layer[0], layer[1], layer[2]
+                t = new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j], dtype=acc.dtype,
+                                      device=acc.device)
+                _packed(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t)
+                up = resize(upsample(padded_interior(t)), size=sizes[i], mode='bilinear', align_corners=False)
+                acc += up.permute(0, 2, 3, 1)[ctx.masks.mask(sizes[i])[:, 0]]
+            else:
+                units = _units(layer)
+                src = bufs[j]
+                for conv, bn, relu in units[:-1]:
+                    hw = _out_hw(src, conv)
+                    out = new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype, device=src.device)
+                    _packed(conv, bn).apply(src, ctx.index(hw), out, relu=relu)
+                    src = out
+                conv, bn, relu = units[-1]
+                p = _packed(conv, bn)
+                acc += sparse_conv_rows(src, idx_i, p.wmat, p.bias, stride=p.stride, padding=p.padding, relu=relu,
+                                        dense_weight=p.weight)
+        results.append(acc.relu_())
+    outs = bufs[:len(results)]
+    for i, rows in enumerate(results):
+        # all outputs are computed before any buffer is overwritten: every fuse reads the blocks' outputs
+        scatter_rows(outs[i], ctx.index(sizes[i]), rows)
+    return outs
+
+
+@torch.no_grad()
+def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: Tensor, fill: str = 'copy'
+                 ) -> List[Tensor]:
+    """Transition ``stage - 1`` and stage ``stage`` computed at the active pixels only.
+
+    Args:
+        backbone (EarlyExitHRNet): The backbone (eval mode: BN folded with its running statistics).
+        stage (int): 2, 3 or 4.
+        feats (list[Tensor]): Previous stage's branch outputs (NCHW).
+        active (Tensor): (B, H/4, W/4) bool, True = still computing.
+        fill (str): ``'copy'`` or ``'zeros'``.
+
+    Returns:
+        list[Tensor]: Branch outputs, NCHW views (channels-last strides) of the stage's buffers.
+    """
+    if stage not in (2, 3, 4):
+        raise ValueError(f'masked stages are 2, 3 and 4 (stem, stage 1 and exit 1 are dense), got {stage}')
+    if backbone.training:
+        raise RuntimeError("feature_mask='sparse' is inference-only: call model.eval() (training with masks uses "
+                           "the simulated path, train_cfg.masked_training)")
+    ctx = _SparseContext(active, fill)
+    transition = getattr(backbone, f'transition{stage - 1}')
+    num_branches = getattr(backbone, f'stage{stage}_cfg')['num_branches']
+    converted: Dict[int, Tensor] = {}
+
+    def buffer_of(t: Tensor) -> Tensor:
+        if id(t) not in converted:
+            converted[id(t)] = to_padded_nhwc(t)
+        return converted[id(t)]
+
+    bufs = []
+    for i in range(num_branches):
+        src = feats[i] if i < len(feats) else feats[-1]
+        if transition[i] is None:
+            # every transition below reads its source before any block writes a branch buffer in place
+            bufs.append(buffer_of(src))
+        else:
+            bufs.append(_run_units(ctx, transition[i], buffer_of(src)))
+    scratch = [b.clone() if fill == 'copy' else torch.zeros_like(b) for b in bufs]
+    first = True
+    for module in getattr(backbone, f'stage{stage}'):
+        for i, branch in enumerate(module.branches):
+            for k, block in enumerate(branch):
+                _block(ctx, block, bufs[i], scratch[i], first and k == 0)
+        first = False
+        bufs = _fuse(ctx, module, bufs)
+    return [padded_interior(b) for b in bufs]
+
+
+def _masked_pointwise(conv: nn.Conv2d, bn: Optional[nn.Module], relu: bool, x: Tensor, mask: Tensor) -> Tensor:
+    """A 1x1 conv (+BN, ReLU) evaluated on the active pixels' rows only; 0 elsewhere (shape-changing fill)."""
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1):
+        raise NotImplementedError('sparse exit heads support 1x1 convs only')
+    p = _packed(conv, bn)
+    n, _, h, w = x.shape
+    out = x.new_zeros((n, h, w, conv.out_channels))
+    m = mask[:, 0]
+    rows = x.permute(0, 2, 3, 1)[m]
+    y = torch.addmm(p.bias, rows, p.wmat) if p.bias is not None else rows @ p.wmat
+    out[m] = y.relu_() if relu else y
+    return out.permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def sparse_head(head: nn.Module, feats: List[Tensor], active: Tensor, fill: str = 'copy') -> Tensor:
+    """An exit head with its (1x1) convs computed on the active pixels only (RH exit, mmseg FCNHead with 1x1
+    convs); the resizes, the concatenation and the pooling stay dense. Other heads run densely.
+
+    Returns:
+        Tensor: Logits; only the active positions are meaningful (the segmentor copies the rest).
+    """
+    from mmseg.models.decode_heads import FCNHead
+
+    from ..decode_heads import EarlyExitRHHead
+    masks = MaskContext(active, 'zeros' if fill == 'rbf' else fill)
+
+    def cm(mod, x):  # ConvModule: conv + bn + activation
+        return _masked_pointwise(mod.conv, getattr(mod, 'bn', None), mod.with_activation, x,
+                                 masks.mask(x.shape[-2:]))
+
+    def seg(x):
+        return _masked_pointwise(head.conv_seg, None, False, x, masks.mask(x.shape[-2:]))
+
+    if isinstance(head, EarlyExitRHHead):
+        x = head._transform_inputs(feats)
+        sizes = [x.shape[2:]]
+        for conv in head.down_convs:
+            x = cm(conv, head.pool(x))
+            sizes.append(x.shape[2:])
+        for i, conv in enumerate(head.up_convs):
+            x = cm(conv, resize(x, size=sizes[-2 - i], mode='bilinear', align_corners=head.align_corners))
+        return seg(resize(x, size=sizes[0], mode='bilinear', align_corners=head.align_corners))
+    if isinstance(head, FCNHead) and not head.concat_input and all(c.conv.kernel_size == (1, 1)
+                                                                   for c in head.convs):
+        x = head._transform_inputs(feats)
+        for conv in head.convs:
+            x = cm(conv, x)
+        return seg(x)
+    return head(feats)
