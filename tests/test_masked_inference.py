@@ -175,6 +175,7 @@ def test_sparse_rejects_training_and_rbf(model):
     bb = model.backbone
     feats = [torch.randn(1, 64, 16, 16)]
     active = torch.ones(1, 16, 16, dtype=torch.bool)
+    active[:, :4] = False
     with pytest.raises(NotImplementedError, match='rbf'):
         bb.forward_stage_masked(2, feats, active, sparse=True, fill='rbf')
     bb.train()

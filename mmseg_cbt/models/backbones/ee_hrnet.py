@@ -92,6 +92,8 @@ class EarlyExitHRNet(HRNet):
             fill (str): What stopped positions hold: ``'copy'``, ``'zeros'`` or ``'rbf'``.
         """
         from .masked_hrnet import MaskContext, simulate_stage
+        if bool(active.all()):
+            return self.forward_stage(stage, feats)  # nothing stopped: the dense stage has the same semantics
         if sparse:
             from .sparse_hrnet import sparse_stage
             return sparse_stage(self, stage, feats, active, fill)
@@ -101,6 +103,8 @@ class EarlyExitHRNet(HRNet):
                             fill: str = 'copy') -> Tensor:
         """Runs an exit head restricted to the active pixels (see :mod:`.masked_hrnet`)."""
         from .masked_hrnet import MaskContext, simulate_head
+        if bool(active.all()):
+            return head(feats)
         if sparse:
             from .sparse_hrnet import sparse_head
             return sparse_head(head, feats, active, fill)

@@ -1,0 +1,109 @@
+"""Section (b) of ``benchmark_masked.py``: whole early-exit HRNet backbones, dense versus masked inference.
+
+For each model (W18-small, W48 early-exit configs) at the given input size and each stopped fraction, a blob-shaped
+stop mask is applied after exit 1 (stem and stage 1 dense, as in ADP-C); the dense pass runs all four stages, the
+masked pass runs stage 1 densely and stages 2-4 through the sparse path (``forward_stage_masked(sparse=True)``).
+The two are timed interleaved in one process (best of ``--repeats``); the MAC ratio counts every conv of the
+backbone at the positions it computes (its output positions that are active under the nearest-resized mask).
+"""
+import os.path as osp
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIGS = {
+    'W18s': osp.join(ROOT, 'configs/ee_hrnet/ee-fcn_hr18s_4xb2-80k_cityscapes-512x1024.py'),
+    'W48': osp.join(ROOT, 'configs/ee_hrnet/ee-fcn_hr48_4xb2-80k_cityscapes-512x1024.py'),
+}
+
+
+def build_backbone(name: str) -> nn.Module:
+    """The early-exit model's backbone in eval mode, BN with non-trivial statistics, SyncBN reverted."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    import mmseg_cbt  # noqa: F401
+    register_all_modules()
+    cfg = Config.fromfile(CONFIGS[name])
+    cfg.model.pretrained = None
+    torch.manual_seed(0)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model.init_weights()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+    return model.backbone.eval()
+
+
+def conv_macs(bb: nn.Module, x: torch.Tensor) -> List[tuple]:
+    """(module name, output (h, w), dense MACs) of every conv call of one dense forward."""
+    rec = []
+    hooks = []
+    for name, m in bb.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, out, name=name):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                rec.append((name, tuple(out.shape[-2:]), out.numel() * k))
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        bb.forward_stages(x)
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+def mac_ratio(rec: List[tuple], active: torch.Tensor) -> float:
+    """Masked / dense MACs: convs of transitions and stages 2-4 count their active output positions only."""
+    dense = masked = 0.0
+    for name, hw, macs in rec:
+        dense += macs
+        if name.startswith(('transition', 'stage')):
+            p = (F.interpolate(active[:, None].float(), size=hw, mode='nearest') > 0.5).float().mean().item()
+            masked += macs * p
+        else:
+            masked += macs
+    return masked / dense
+
+
+def bench_backbones(args) -> List[dict]:
+    """Section (b): the table of wall ratio masked/dense next to the MAC ratio."""
+    from benchmark_masked import blob_mask, time_interleaved
+    rows = []
+    h, w = args.input_size
+    print(f'\n(b) whole early-exit backbones at {h}x{w}, batch 1, fill=copy: dense vs masked (sparse) stages 2-4')
+    print(f'{"model":<6} {"stopped":>7} {"dense ms":>9} {"masked ms":>9} {"wall ratio":>10} {"MAC ratio":>9} '
+          f'{"wall/MAC":>8}')
+    for name in args.models:
+        bb = build_backbone(name)
+        x = torch.randn(1, 3, h, w)
+        rec = conv_macs(bb, x)
+        with torch.no_grad():
+            f1 = bb.forward_stage(1, [x])
+
+        def dense():
+            return bb.forward_stages(x)
+
+        for stopped in args.stopped:
+            active = blob_mask(1, f1[0].shape[-2], f1[0].shape[-1], 1 - stopped / 100, seed=int(stopped))
+
+            def masked(active=active):
+                feats = bb.forward_stage(1, [x])
+                for s in (2, 3, 4):
+                    feats = bb.forward_stage_masked(s, feats, active, sparse=True, fill='copy')
+                return feats
+
+            t: Dict[str, float] = time_interleaved({'dense': dense, 'masked': masked}, args.e2e_repeats)
+            mr = mac_ratio(rec, active)
+            row = dict(section='b', model=name, stopped=stopped, dense_ms=t['dense'], masked_ms=t['masked'],
+                       wall_ratio=t['masked'] / t['dense'], mac_ratio=mr)
+            row['wall_over_mac'] = row['wall_ratio'] / mr
+            rows.append(row)
+            print(f'{name:<6} {stopped:>6.0f}% {t["dense"]:9.1f} {t["masked"]:9.1f} {row["wall_ratio"]:10.3f} '
+                  f'{mr:9.3f} {row["wall_over_mac"]:8.3f}')
+    return rows
