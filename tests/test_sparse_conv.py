@@ -304,12 +304,16 @@ def test_inference_mode_and_autograd():
     x = torch.randn(1, 6, 48, 64)
     w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
     mask = _blob_mask(1, 48, 64, 0.5, seed=16)
+    sc._TLS.scratch = {}  # make the sparse path allocate its scratch buffers inside inference mode
     with torch.inference_mode():
         xi, wi, bi = x.clone(), w.clone(), b.clone()
         buf, out = to_padded_nhwc(xi), new_padded_buffer(1, 6, 48, 64)
         sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out,
                            dense_threshold=1.0)
         _assert_active_close(padded_interior(out), F.conv2d(xi, wi, bi, padding=1), mask)
+    with torch.no_grad():  # the scratch buffers created under inference mode stay usable outside it
+        y = sparse_conv2d(x, w, b, mask, 1, 1, dense_threshold=1.0)
+        _assert_active_close(y, F.conv2d(x, w, b, padding=1), mask)
     conv = SparseConv2d(6, 6, 3, padding=1)
     xg = x.clone().requires_grad_()
     conv(xg, mask).sum().backward()

@@ -82,14 +82,18 @@ __all__ = [
 # stopped ones), which costs 1.1-1.3x the dense conv for 3x3 and 1.2-3x for thin 1x1 convs. The sparse
 # path's GEMM is as efficient as oneDNN's direct conv for wide convs, while its per-row gather/scatter is
 # a fixed cost per active position, so thin convs cross over earlier.
-# Measured (benchmark_masked.py --sections crossover --threads 1 --clock thread, fp32, blob masks,
-# HRNet W18-small/W48 branch shapes for a 512x1024 input, sparse vs fallback, both via
-# sparse_conv_buffer): 3x3 stride 1/2 crosses at 0.67-0.70 for 1.5-3k MAC/px (C=9..18), 0.78-0.83 for
-# 6-21k (C=18..48), 0.82 to >0.9 above 40k; 1x1 at 0.61-0.66 below 2.3k, 0.75 at 5-9k, 0.82 to >0.9
-# above 20k. Points are rounded down (conservative: near the crossover both paths cost the same).
+# Measured with benchmark_masked.py --sections crossover (fp32, blob masks, HRNet W18-small/W48 branch
+# shapes for a 512x1024 input, sparse vs fallback both through sparse_conv_buffer):
+# * 2 threads, wall clock, idle machine (the target): 3x3 stride 1 crosses at 0.63-0.75 for 20k-330k
+#   MAC/px (C=48..192) and above 0.9 for C=144/384 at 16x32; 3x3 stride 2 at 0.70-0.79 for 1.5k-41k
+#   (C=9..48 -> 18..96), 0.85 to >0.9 beyond. (The thinnest 3x3 and the 1x1 rows of that run were
+#   disturbed by other jobs.)
+# * 1 thread, CPU time: about 0.05-0.15 higher: 3x3 0.67-0.70 at 1.5-3k MAC/px, 0.78-0.83 at 6-21k,
+#   0.82 to >0.9 above 40k; 1x1 0.61-0.66 below 2.3k, 0.75 at 5-9k, 0.82 to >0.9 above 20k.
+# The points follow the 2-thread numbers, rounded down (near the crossover both paths cost the same).
 _CROSSOVER_POINTS: Dict[int, Tuple[Tuple[int, float], ...]] = {
-    3: ((1458, 0.65), (2916, 0.65), (5832, 0.75), (20736, 0.78), (46656, 0.82)),
-    1: ((324, 0.60), (2304, 0.62), (5184, 0.72), (36864, 0.80), (147456, 0.82)),
+    3: ((1458, 0.62), (20736, 0.66), (82944, 0.66), (331776, 0.75)),
+    1: ((324, 0.55), (2304, 0.58), (5184, 0.65), (36864, 0.72), (147456, 0.75)),
 }
 
 
@@ -704,7 +708,9 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     key = (name, dtype, device)
     t = cache.get(key)
     if t is None or t.numel() < numel:
-        t = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal (not inference-mode) tensor: usable both inside and outside torch.inference_mode
+        with torch.inference_mode(False):
+            t = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return t[:numel]
 
 

@@ -38,7 +38,9 @@ def build_backbone(name: str) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)
             m.running_mean.normal_(0, 0.1)
-    return model.backbone.eval()
+    bb = model.backbone
+    bb.eval()  # (mmseg's HRNet.train returns None: no chaining)
+    return bb
 
 
 def conv_macs(bb: nn.Module, x: torch.Tensor) -> List[tuple]:

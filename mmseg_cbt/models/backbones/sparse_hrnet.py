@@ -35,12 +35,17 @@ __all__ = ['sparse_stage', 'sparse_head']
 _PACKED: 'weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, PackedConv]]' = weakref.WeakKeyDictionary()
 
 
+def _version(t: Tensor) -> int:
+    # inference-mode tensors have no version counter; they cannot be changed in place outside inference mode
+    return -1 if t.is_inference() else t._version
+
+
 def _packed(conv: nn.Conv2d, bn: Optional[nn.Module]) -> PackedConv:
     """BN-folded GEMM form of a conv, cached until any of the tensors it was made from changes."""
     tensors = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
     if bn is not None:
         tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors if t is not None)
+    key = tuple((id(t), t.data_ptr(), _version(t), t.device, t.dtype) for t in tensors if t is not None)
     hit = _PACKED.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -59,7 +64,7 @@ class _SparseContext:
         self.masks = MaskContext(active, fill)
         self.fill = fill
         self._idx: Dict[Tuple[int, int], SparseIndex] = {}
-        self._stopped: Dict[Tuple[int, int], Tensor] = {}
+        self._taps: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
     def index(self, hw) -> SparseIndex:
         key = (int(hw[0]), int(hw[1]))
@@ -68,6 +73,34 @@ class _SparseContext:
             idx = SparseIndex.build(self.masks.mask(key)[:, 0].contiguous())
             self._idx[key] = idx
         return idx
+
+    def bilinear_taps(self, hw_out, hw_in, scale: float) -> Tuple[Tensor, Tensor]:
+        """Source rows (M, 4) into a padded (border 1) buffer at ``hw_in`` and weights (M, 4) of x``scale`` bilinear
+        upsampling (align_corners=False, PyTorch's source-index rule) at the active positions of ``hw_out``."""
+        key = (tuple(hw_out), tuple(hw_in))
+        hit = self._taps.get(key)
+        if hit is not None:
+            return hit
+        idx = self.index(hw_out)
+        h_in, w_in = hw_in
+        inv = 1.0 / scale
+
+        def axis(dst: Tensor, size_in: int):
+            src = ((dst.to(torch.float32) + 0.5) * inv - 0.5).clamp_(min=0)
+            i0 = src.floor().to(torch.int64)
+            i1 = torch.where(i0 < size_in - 1, i0 + 1, i0)
+            l1 = src - i0.to(torch.float32)
+            return i0, i1, 1 - l1, l1
+
+        y0, y1, wy0, wy1 = axis(idx.y, h_in)
+        x0, x1, wx0, wx1 = axis(idx.x, w_in)
+        wp = w_in + 2
+        base = idx.n * ((h_in + 2) * wp) + wp + 1  # image offset plus the 1-pixel border
+        rows = torch.stack([base + y0 * wp + x0, base + y0 * wp + x1, base + y1 * wp + x0,
+                            base + y1 * wp + x1], dim=1).contiguous()
+        weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=1).contiguous()
+        self._taps[key] = (rows, weights)
+        return rows, weights
 
     def zero_stopped(self, buf: Tensor) -> None:
         """Writes 0 at the stopped positions of a padded buffer (the ``zeros`` fill of a same-shape layer)."""
@@ -136,8 +169,16 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                 t = new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j], dtype=acc.dtype,
                                       device=acc.device)
                 _packed(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t)
-                up = resize(upsample(padded_interior(t)), size=sizes[i], mode='bilinear', align_corners=False)
-                acc += up.permute(0, 2, 3, 1)[ctx.masks.mask(sizes[i])[:, 0]]
+                scale = float(upsample.scale_factor)
+                if all(int(sj * scale) == si for sj, si in zip(sizes[j], sizes[i])) and not upsample.align_corners:
+                    # bilinear upsampling evaluated at the active rows only (4 taps each) instead of the full map
+                    rows, weights = ctx.bilinear_taps(sizes[i], sizes[j], scale)
+                    flat = t.view(-1, t.shape[-1])
+                    for k in range(4):
+                        acc.addcmul_(flat.index_select(0, rows[:, k]), weights[:, k:k + 1])
+                else:  # sizes that the scale factor does not reach exactly: mmseg's two-step resize, densely
+                    up = resize(upsample(padded_interior(t)), size=sizes[i], mode='bilinear', align_corners=False)
+                    acc += up.permute(0, 2, 3, 1)[ctx.masks.mask(sizes[i])[:, 0]]
             else:
                 units = _units(layer)
                 src = bufs[j]
