@@ -3,6 +3,7 @@
 #
 #   bash tools/setup_env.sh            # first run: ~8 min (mmcv compiles its ops), re-run: seconds
 #   MMSEG_CBT_WHEEL_DIR=../shared/wheels bash tools/setup_env.sh   # take a prebuilt mmcv wheel: ~1-2 min
+#   MMSEG_CBT_WITH_TRITON=1 bash tools/setup_env.sh   # also triton (~290 MB): interpreter tests of the CUDA kernel
 #
 # Order matters: torch 2.13.0 (local CPU wheel, never a newer CUDA build) first, then the build tools,
 # then mmcv with --no-build-isolation (otherwise pip builds it against a freshly downloaded CUDA torch),
@@ -13,7 +14,7 @@ cd "$ROOT"
 PY="${PYTHON:-python3.11}"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.mmseg_cbt_setup_stamp"
-want_stamp="$(cat requirements/*.txt setup.py | sha1sum | cut -d' ' -f1)"
+want_stamp="$( (cat requirements/*.txt setup.py; echo "triton=${MMSEG_CBT_WITH_TRITON:-0}") | sha1sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] \
    && "$VENV/bin/python" -c "import mmcv._ext, mmseg, mmseg_cbt" 2>/dev/null; then
@@ -42,6 +43,10 @@ fi
 
 echo "[setup_env] runtime + test requirements, mmseg_cbt (editable)"
 "${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/tests.txt "torch==2.13.0"
+if [[ "${MMSEG_CBT_WITH_TRITON:-0}" == "1" ]]; then
+  echo "[setup_env] optional: triton (CPU interpreter tests of the CUDA kernel)"
+  "${PIP[@]}" install -q -r requirements/optional.txt "torch==2.13.0"
+fi
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import mmcv._ext, mmseg, mmseg_cbt; print('[setup_env] ok: mmcv', mmcv.__version__, 'mmseg', mmseg.__version__)"
 echo "$want_stamp" > "$STAMP"

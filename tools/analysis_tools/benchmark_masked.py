@@ -7,10 +7,12 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
     scatter from a persistent padded channels-last buffer, or its dense fallback) at several stopped
     fractions with blob-shaped masks. Index building (once per exit and resolution in a real network)
     is timed separately.
-(crossover) ``bench_crossover``: the forced sparse path against dense from 30 to 90 % active for 3x3
-    stride-1, 3x3 stride-2 and 1x1 convs at the same shapes, and where the ratio crosses 1; these
-    points are the table behind ``mmseg_cbt.ops.dense_crossover``.
-(b) end-to-end backbone: to be added as another ``bench_*`` function + ``--sections b``.
+(crossover) ``bench_crossover``: the forced sparse path against the forced dense fallback (both with
+    "copy" semantics) from 30 to 90 % active for 3x3 stride-1, 3x3 stride-2 and 1x1 convs at the same
+    shapes, and where the sparse path stops winning; these points are the table behind
+    ``mmseg_cbt.ops.dense_crossover``.
+(b) end-to-end backbone: to be added as another ``bench_*(args) -> List[dict]`` function, registered in
+    ``SECTIONS`` under ``'b'`` (then ``--sections a b``); reuse ``blob_mask``, ``timed_quiet``.
 
 Timing: all variants of one configuration are timed interleaved in one process (round-robin, best of
 ``--repeats`` rounds), because the 2 CPU cores are shared and absolute times drift. Ratios are what to
@@ -343,8 +345,16 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
+def bench_backbones(args: argparse.Namespace) -> List[dict]:
+    """Section (b): whole W18-small / W48 early-exit backbones (see ``benchmark_masked_backbone.py``)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchmark_masked_backbone import bench_backbones as run
+    return run(args)
+
+
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
     'a': bench_single_convs,
+    'b': bench_backbones,
     'crossover': bench_crossover,
 }
 
@@ -352,8 +362,8 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--sections', nargs='+', default=['a'], choices=sorted(SECTIONS),
-                   help='which sections to run (default: a)')
+    p.add_argument('--sections', nargs='+', default=['a', 'b'], choices=sorted(SECTIONS),
+                   help='which sections to run (default: a b)')
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     p.add_argument('--input-size', nargs=2, type=int, default=[512, 1024], metavar=('H', 'W'),
                    help='network input size; branch 1 is at 1/4 of it (default 512 1024)')
@@ -362,6 +372,7 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--stopped', nargs='+', type=float, default=[0, 50, 75, 90],
                    help='stopped percentages (default 0 50 75 90)')
     p.add_argument('--repeats', type=int, default=None, help='timing rounds (default 7, quick 3)')
+    p.add_argument('--e2e-repeats', type=int, default=3, help='timing rounds of section b (default 3)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     p.add_argument('--clock', choices=['wall', 'thread'], default='wall',
                    help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
