@@ -162,7 +162,8 @@ def test_stop_masks_and_copy_aggregation(toy_cfg):
         # a threshold that stops about 30 % of the pixels at exit 1
         thr = float(torch.quantile(torch.softmax(dense[0], 1).max(1).values.flatten(), 0.7))
         model.test_cfg.global_threshold = thr
-        logits, actives = model.forward_exits(x, return_active=True)
+        # post-hoc early exit: dense features, only the logits of stopped pixels frozen
+        logits, actives = model.forward_exits(x, feature_mask='none', return_active=True)
     assert actives[0] is None
     # exit 1 is always dense; later exits: active pixels equal the dense logits, stopped ones copy the previous exit
     assert torch.equal(logits[0], dense[0])

@@ -29,4 +29,4 @@ model = dict(
     decode_head=dict(num_classes=num_classes),
     exit_loss_weights=[1.0, 1.0, 1.0, 1.0],
     # exit_mode: 'dense' | 'cbt' | 'global' | 'entropy'; feature_mask: 'none' | 'simulate' | 'sparse'
-    test_cfg=dict(mode='whole', exit_mode='dense', global_threshold=0.998, feature_mask='none', fill='copy'))
+    test_cfg=dict(mode='whole', exit_mode='dense', global_threshold=0.998, feature_mask='sparse', fill='copy'))

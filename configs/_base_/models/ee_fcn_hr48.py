@@ -27,4 +27,4 @@ model = dict(
     ],
     decode_head=dict(in_channels=[48, 96, 192, 384], channels=sum([48, 96, 192, 384]), num_classes=num_classes),
     exit_loss_weights=[1.0, 1.0, 1.0, 1.0],
-    test_cfg=dict(mode='whole', exit_mode='dense', global_threshold=0.998, feature_mask='none', fill='copy'))
+    test_cfg=dict(mode='whole', exit_mode='dense', global_threshold=0.998, feature_mask='sparse', fill='copy'))

@@ -52,8 +52,10 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         train_cfg (dict, optional): mmseg train cfg.
         test_cfg (dict, optional): mmseg test cfg plus ``exit_mode`` (one of :data:`EXIT_MODES`, default
             ``'dense'``), ``global_threshold`` (default 0.998), ``entropy_threshold`` (default 0.05),
-            ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'none'``) and ``fill`` (``'copy'``,
-            ``'zeros'`` or ``'rbf'``, default ``'copy'``).
+            ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'sparse'``) and ``fill`` (``'copy'``,
+            ``'zeros'`` or ``'rbf'``, default ``'copy'``). With ``feature_mask='sparse'`` (the default) inference
+            really skips stopped pixels; under autograd or in training mode the simulated path (same semantics)
+            is used instead.
         data_preprocessor (dict, optional): mmseg data preprocessor.
         pretrained (str, optional): Backbone weights.
         init_cfg (dict, optional): Initialisation config.
@@ -237,9 +239,12 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             logits of the exit where it stopped. With ``return_active`` a tuple ``(logits, actives)``.
         """
         mode = self._resolve_exit_mode(exit_mode)
-        feature_mask = feature_mask if feature_mask is not None else self._test_opt('feature_mask', 'none')
+        feature_mask = feature_mask if feature_mask is not None else self._test_opt('feature_mask', 'sparse')
         if feature_mask not in FEATURE_MASKS:
             raise ValueError(f'feature_mask must be one of {FEATURE_MASKS}, got {feature_mask!r}')
+        if feature_mask == 'sparse' and (self.training or torch.is_grad_enabled()):
+            # the sparse path writes buffers in place (no autograd); the simulated path has the same semantics
+            feature_mask = 'simulate'
         fill = self._test_opt('fill', 'copy')
         feats: List[Tensor] = [inputs]
         logits: List[Tensor] = []
