@@ -4,6 +4,7 @@
 # mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot.
 #   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
 #   WORK_DIR=work_dirs/x MAX_ITERS=300 bash tools/run_demo.sh
+#   FINETUNE=1 bash tools/run_demo.sh       # plus 300 iterations of fine-tuning with the stop masks on (~4 min)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 demo_start=$(date +%s)
@@ -31,6 +32,13 @@ $PY tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test_cbt" --cfg-option
 echo "== 4/4 mIoU versus GFLOPs per exit"
 $PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$CKPT" --out-dir "$WORK_DIR/report" \
   --settings dense adpc:0.998 adpc:0.95 cbt:0.9,0.998 cbtns:0.9,0.998
+if [[ "${FINETUNE:-0}" == "1" ]]; then
+  echo "== extra: fine-tuning with the stop masks active (train_cfg.masked_training), then its report"
+  $PY tools/train.py configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-300i-ft-masked_toycity-256x512.py \
+    --work-dir "$WORK_DIR/ft_masked" --cfg-options load_from="$CKPT"
+  $PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$WORK_DIR/ft_masked/iter_300.pth" \
+    --out-dir "$WORK_DIR/ft_masked/report" --settings dense cbt:0.9,0.998 cbt:0.8,0.99
+fi
 echo
 echo "checkpoint (with CBT thresholds): $CKPT"
 echo "CBT thresholds: $WORK_DIR/cbt_calibration.json, chart: $WORK_DIR/cbt_thresholds.png"
