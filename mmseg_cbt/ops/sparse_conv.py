@@ -1149,6 +1149,11 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         keep = mask[:, None]
         return torch.where(keep, y, 0.0) if out is None else out.copy_(torch.where(keep, y, out))
+    if bool(mask.all()):
+        # nothing stopped: exactly the dense conv, without building an index (a full nonzero() costs ~0.7x a
+        # thin conv at 128x256)
+        y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+        return y if out is None else out.copy_(y)
     idx = SparseIndex.build(mask)
     m = idx.num_active
     if m == 0:

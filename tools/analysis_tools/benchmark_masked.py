@@ -223,6 +223,13 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
     def run() -> object:
         return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
 
+    if bool(mask.all()):
+        # nothing stopped: what the library does then (sparse_conv2d's full-mask path, the masked HRNet's dense
+        # stage) is the plain dense conv, not a dense conv written into a stage buffer
+        def run() -> object:  # noqa: F811
+            return ops.sparse_conv2d(x, weight, bias, mask, stride=stride, padding=k // 2)
+
+        path = 'full'
     return run, build_ms, path
 
 
