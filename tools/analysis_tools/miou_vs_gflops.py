@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
         evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
         evaluator.dataset_meta = loader.dataset.metainfo
         metrics, sec_per_img = evaluate_setting(model, loader, evaluator, args.max_images, args.feature_mask)
-        flops = average_flops(model, loader, max_images=args.max_images)
+        # the same masks as the timed pass: feature masking changes later exits' predictions and so their masks
+        flops = average_flops(model, loader, feature_mask=args.feature_mask, max_images=args.max_images)
         exits = []
         for n, ef in enumerate(flops.exits, start=1):
             exits.append(dict(exit=n, mIoU=float(metrics[f'exit{n}.mIoU']), gflops_2_30=ef.gflops_2_30,
