@@ -1,7 +1,7 @@
 """HRNet that runs stage by stage, so that an early-exit segmentor can run an exit between stages."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-import torch
+import torch.nn as nn
 from torch import Tensor
 
 from mmseg.models.backbones import HRNet
@@ -51,18 +51,17 @@ class EarlyExitHRNet(HRNet):
             return [self.layer1(self.forward_stem(feats[0]))]
         if stage not in (2, 3, 4):
             raise ValueError(f'stage must be in [1, 4], got {stage}')
-        transition = getattr(self, f'transition{stage - 1}')
-        num_branches = getattr(self, f'stage{stage}_cfg')['num_branches']
-        x_list = []
-        for i in range(num_branches):
-            if transition[i] is None:
-                x_list.append(feats[i])
-            else:
-                # same rule as mmseg's HRNet.forward: new branches are made from the lowest-resolution one
-                src = feats[i] if i < len(feats) else feats[-1]
-                x_list.append(transition[i](src))
+        x_list = [src if layer is None else layer(src) for layer, src in self.transition_inputs(stage, feats)]
         # HRModule.forward writes into its input list: hand it a copy so the caller's list stays intact
         return getattr(self, f'stage{stage}')(list(x_list))
+
+    def transition_inputs(self, stage: int, feats: List[Tensor]) -> List[Tuple[Optional[nn.Module], Tensor]]:
+        """Per branch of stage ``stage`` (2-4): its transition layer (None: the branch passes through) and the
+        tensor it reads. Same rule as mmseg's ``HRNet.forward``: new branches are made from the lowest-resolution
+        branch of the previous stage."""
+        transition = getattr(self, f'transition{stage - 1}')
+        num_branches = getattr(self, f'stage{stage}_cfg')['num_branches']
+        return [(transition[i], feats[i] if i < len(feats) else feats[-1]) for i in range(num_branches)]
 
     def forward_stages(self, x: Tensor) -> List[List[Tensor]]:
         """Runs all stages and returns every stage's branch outputs.

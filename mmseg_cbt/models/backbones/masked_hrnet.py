@@ -157,14 +157,8 @@ def simulate_stage(backbone: nn.Module, stage: int, feats: List[Tensor], ctx: Ma
     """
     if stage not in (2, 3, 4):
         raise ValueError(f'masked stages are 2, 3 and 4 (stem, stage 1 and exit 1 are dense), got {stage}')
-    transition = getattr(backbone, f'transition{stage - 1}')
-    num_branches = getattr(backbone, f'stage{stage}_cfg')['num_branches']
-    xs = []
-    for i in range(num_branches):
-        if transition[i] is None:
-            xs.append(feats[i])
-        else:
-            xs.append(_sequential_units(ctx, transition[i], feats[i] if i < len(feats) else feats[-1]))
+    xs = [src if layer is None else _sequential_units(ctx, layer, src)
+          for layer, src in backbone.transition_inputs(stage, feats)]
     for module in getattr(backbone, f'stage{stage}'):
         xs = _hr_module(ctx, module, xs)
     return xs

@@ -220,8 +220,6 @@ def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: T
         raise RuntimeError("feature_mask='sparse' is inference-only: call model.eval() (training with masks uses "
                            "the simulated path, train_cfg.masked_training)")
     ctx = _SparseContext(active, fill)
-    transition = getattr(backbone, f'transition{stage - 1}')
-    num_branches = getattr(backbone, f'stage{stage}_cfg')['num_branches']
     converted: Dict[int, Tensor] = {}
 
     def buffer_of(t: Tensor) -> Tensor:
@@ -229,14 +227,9 @@ def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: T
             converted[id(t)] = to_padded_nhwc(t)
         return converted[id(t)]
 
-    bufs = []
-    for i in range(num_branches):
-        src = feats[i] if i < len(feats) else feats[-1]
-        if transition[i] is None:
-            # every transition below reads its source before any block writes a branch buffer in place
-            bufs.append(buffer_of(src))
-        else:
-            bufs.append(_run_units(ctx, transition[i], buffer_of(src)))
+    # every transition reads its source before any block writes a branch buffer in place
+    bufs = [buffer_of(src) if layer is None else _run_units(ctx, layer, buffer_of(src))
+            for layer, src in backbone.transition_inputs(stage, feats)]
     scratch = [b.clone() if fill == 'copy' else torch.zeros_like(b) for b in bufs]
     first = True
     for module in getattr(backbone, f'stage{stage}'):
