@@ -35,7 +35,7 @@ if ! "$VENV/bin/python" -c "import mmcv._ext" 2>/dev/null; then
     MMCV_ARGS+=(--find-links "$(cd "$MMSEG_CBT_WHEEL_DIR" && pwd)")
     echo "[setup_env]   using wheels from $MMSEG_CBT_WHEEL_DIR"
   else
-    echo "[setup_env]   compiling mmcv ops from source (about 7 minutes on 2 cores)"
+    echo "[setup_env]   building mmcv with its ops from source (7-14 min on 2 cores; pip reuses a wheel it built before)"
   fi
   MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "${PIP[@]}" install -q --no-build-isolation "${MMCV_ARGS[@]}" "mmcv==2.1.0"
