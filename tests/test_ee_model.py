@@ -237,3 +237,18 @@ def test_every_config_parses_and_builds(path):
     assert model.num_exits == 4
     expect_k = 150 if 'ade20k' in path else 19
     assert all(h.num_classes == expect_k for h in model.exits)
+
+
+def test_everything_stopped_skips_the_rest(toy_cfg):
+    """When every pixel stops at exit 1, later exits are copies and no later stage runs."""
+    model = build_tiny_model(toy_cfg, exit_mode='global', global_threshold=0.0)
+    model.eval()
+    calls = []
+    model.backbone.stage2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        for fm in ('none', 'simulate', 'sparse'):
+            logits, actives = model.forward_exits(torch.randn(1, 3, 64, 64), feature_mask=fm, return_active=True)
+            assert len(logits) == len(actives) == 4
+            assert all(torch.equal(lg, logits[0]) for lg in logits)
+            assert all(not a.any() for a in actives[1:])
+    assert not calls

@@ -251,6 +251,11 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         actives: List[Optional[Tensor]] = []
         active: Optional[Tensor] = None
         for n in range(self.num_exits):
+            if active is not None and not bool(active.any()):
+                # every pixel has stopped: the remaining exits are copies, there is nothing left to compute
+                logits += [logits[-1]] * (self.num_exits - n)
+                actives += [active] * (self.num_exits - n)
+                break
             feats = self._run_stage(n + 1, feats, active, feature_mask, fill)
             out = self._run_exit(n, feats, active, feature_mask, fill)
             if active is not None:
