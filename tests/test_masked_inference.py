@@ -128,7 +128,7 @@ def _blob_mask(n, h, w, frac, seed=0):
     return noise > torch.quantile(noise.flatten(), 1 - frac)
 
 
-@pytest.mark.parametrize('fill', ('copy', 'zeros'))
+@pytest.mark.parametrize('fill', FILLS)
 @pytest.mark.parametrize('size', ((128, 160), (250, 330)))
 def test_sparse_equals_simulated_oracle(model, fill, size):
     """Every stage output (all branches, every position) and every exit's logits of the sparse path equal the
@@ -171,13 +171,13 @@ def test_sparse_segmentor_matches_simulated(model):
         assert (a - b).abs().max() <= 1e-4
 
 
-def test_sparse_rejects_training_and_rbf(model):
+def test_sparse_rejects_training_and_bad_fill(model):
     bb = model.backbone
     feats = [torch.randn(1, 64, 16, 16)]
     active = torch.ones(1, 16, 16, dtype=torch.bool)
     active[:, :4] = False
-    with pytest.raises(NotImplementedError, match='rbf'):
-        bb.forward_stage_masked(2, feats, active, sparse=True, fill='rbf')
+    with pytest.raises(ValueError, match='fill'):
+        bb.forward_stage_masked(2, feats, active, sparse=True, fill='nearest')
     bb.train()
     try:
         with pytest.raises(RuntimeError, match='inference-only'):

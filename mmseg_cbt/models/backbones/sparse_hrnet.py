@@ -13,8 +13,9 @@ the ``copy`` and ``zeros`` fills, with :mod:`mmseg_cbt.ops`:
   keeps its value at zero cost; one scratch buffer per branch holds the blocks' intermediate map.
 
 Inference only (buffers are written in place, which autograd cannot follow): training with masks uses the
-simulated path (``train_cfg.masked_training``). The ``rbf`` fill is not implemented here (use
-``feature_mask='simulate'`` for it).
+simulated path (``train_cfg.masked_training``). With the ``rbf`` fill the convs still run sparsely, but the fill
+itself (a depthwise 7x7 of each masked output) is computed over the whole map and written at every stopped
+position, exactly as in the simulated path; restricting it to the ring that active windows read is left to do.
 """
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -28,7 +29,7 @@ from mmseg.models.utils import resize
 
 from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, scatter_rows,
                            sparse_conv_rows, to_padded_nhwc)
-from .masked_hrnet import MaskContext
+from .masked_hrnet import MaskContext, rbf_fill
 
 __all__ = ['sparse_stage', 'sparse_head']
 
@@ -58,9 +59,8 @@ class _SparseContext:
     """Masks and sparse indices per resolution for one exit, plus the fill rule."""
 
     def __init__(self, active: Tensor, fill: str) -> None:
-        if fill not in ('copy', 'zeros'):
-            raise NotImplementedError(f"feature_mask='sparse' supports fill 'copy' and 'zeros', got {fill!r}; "
-                                      "use feature_mask='simulate' for 'rbf'")
+        if fill not in ('copy', 'zeros', 'rbf'):
+            raise ValueError(f"fill must be 'copy', 'zeros' or 'rbf', got {fill!r}")
         self.masks = MaskContext(active, fill)
         self.fill = fill
         self._idx: Dict[Tuple[int, int], SparseIndex] = {}
@@ -102,6 +102,17 @@ class _SparseContext:
         self._taps[key] = (rows, weights)
         return rows, weights
 
+    def finish(self, buf: Tensor) -> Tensor:
+        """After a masked conv wrote the active positions of ``buf``: with ``rbf``, write ADP-C's interpolation
+        of the active values at every stopped position (the other fills need no work here)."""
+        if self.fill == 'rbf':
+            y = padded_interior(buf)
+            m = self.masks.mask(y.shape[-2:])
+            stopped = ~m[:, 0]
+            if stopped.any():
+                y.permute(0, 2, 3, 1)[stopped] = rbf_fill(y, m).permute(0, 2, 3, 1)[stopped]
+        return buf
+
     def zero_stopped(self, buf: Tensor) -> None:
         """Writes 0 at the stopped positions of a padded buffer (the ``zeros`` fill of a same-shape layer)."""
         hw = (buf.shape[1] - 2, buf.shape[2] - 2)
@@ -132,7 +143,7 @@ def _run_units(ctx: _SparseContext, seq: nn.Sequential, buf: Tensor) -> Tensor:
         hw = _out_hw(buf, conv)
         out = new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype, device=buf.device)
         _packed(conv, bn).apply(buf, ctx.index(hw), out, relu=relu)
-        buf = out
+        buf = ctx.finish(out)
     return buf
 
 
@@ -145,9 +156,9 @@ def _block(ctx: _SparseContext, block: nn.Module, x: Tensor, h: Tensor, first: b
     if not isinstance(block, BasicBlock) or block.downsample is not None:
         raise NotImplementedError('sparse masked stages support BasicBlocks without downsample (HRNet stages 2-4)')
     idx = ctx.index((x.shape[1] - 2, x.shape[2] - 2))
-    _packed(block.conv1, block.norm1).apply(x, idx, h, relu=True)
+    ctx.finish(_packed(block.conv1, block.norm1).apply(x, idx, h, relu=True))
     # conv2 reads h (never x), the residual row is read before it is overwritten: safe in place
-    _packed(block.conv2, block.norm2).apply(h, idx, x, residual=x, relu=True)
+    ctx.finish(_packed(block.conv2, block.norm2).apply(h, idx, x, residual=x, relu=True))
     if first and ctx.fill == 'zeros':
         ctx.zero_stopped(x)  # the block input's own stopped values were read by conv1; from now on they are 0
 
@@ -168,7 +179,7 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                 conv, bn, upsample = layer[0], layer[1], layer[2]
                 t = new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j], dtype=acc.dtype,
                                       device=acc.device)
-                _packed(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t)
+                ctx.finish(_packed(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t))
                 scale = float(upsample.scale_factor)
                 if all(int(sj * scale) == si for sj, si in zip(sizes[j], sizes[i])) and not upsample.align_corners:
                     # bilinear upsampling evaluated at the active rows only (4 taps each) instead of the full map
@@ -186,7 +197,7 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                     hw = _out_hw(src, conv)
                     out = new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype, device=src.device)
                     _packed(conv, bn).apply(src, ctx.index(hw), out, relu=relu)
-                    src = out
+                    src = ctx.finish(out)
                 conv, bn, relu = units[-1]
                 p = _packed(conv, bn)
                 acc += sparse_conv_rows(src, idx_i, p.wmat, p.bias, stride=p.stride, padding=p.padding, relu=relu,
@@ -195,7 +206,7 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
     outs = bufs[:len(results)]
     for i, rows in enumerate(results):
         # all outputs are computed before any buffer is overwritten: every fuse reads the blocks' outputs
-        scatter_rows(outs[i], ctx.index(sizes[i]), rows)
+        ctx.finish(scatter_rows(outs[i], ctx.index(sizes[i]), rows))
     return outs
 
 
@@ -266,14 +277,17 @@ def sparse_head(head: nn.Module, feats: List[Tensor], active: Tensor, fill: str 
     from mmseg.models.decode_heads import FCNHead
 
     from ..decode_heads import EarlyExitRHHead
-    masks = MaskContext(active, 'zeros' if fill == 'rbf' else fill)
+    masks = MaskContext(active, fill)
+
+    def done(y):  # stopped positions: 0 (shape-changing layers under copy/zeros) or the rbf interpolation
+        return masks.apply(y) if fill == 'rbf' else y
 
     def cm(mod, x):  # ConvModule: conv + bn + activation
-        return _masked_pointwise(mod.conv, getattr(mod, 'bn', None), mod.with_activation, x,
-                                 masks.mask(x.shape[-2:]))
+        return done(_masked_pointwise(mod.conv, getattr(mod, 'bn', None), mod.with_activation, x,
+                                      masks.mask(x.shape[-2:])))
 
     def seg(x):
-        return _masked_pointwise(head.conv_seg, None, False, x, masks.mask(x.shape[-2:]))
+        return done(_masked_pointwise(head.conv_seg, None, False, x, masks.mask(x.shape[-2:])))
 
     if isinstance(head, EarlyExitRHHead):
         x = head._transform_inputs(feats)
