@@ -108,3 +108,22 @@ def test_calibrate_tool_never_overwrites_and_remaps(toy_cfg, tiny_city, tmp_path
         calibrate.main([cfg_file, out, '--alpha', '0.9', '--beta', '0.998', '--from-stats', '--out', out])
     with pytest.raises(RuntimeError, match='no calibration statistics'):
         calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--from-stats'])
+
+
+def test_resume_through_mmengine_runner(toy_cfg, tiny_city, tmp_path):
+    """mmengine 0.10 + torch >= 2.6: a run resumes from its own checkpoint (safe globals registered by
+    mmseg_cbt), continues the iteration count and recalibrates at its new end."""
+    from mmengine.runner import Runner
+    cfg = tiny_run_cfg(toy_cfg, tiny_city, tmp_path / 'run')
+    Runner.from_cfg(copy.deepcopy(cfg)).train()
+    cfg.resume = True
+    cfg.train_cfg.max_iters = 4
+    cfg.train_cfg.val_interval = 4
+    cfg.default_hooks.checkpoint.interval = 2
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=4)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 4
+    ckpt = torch.load(tmp_path / 'run' / 'iter_4.pth', map_location='cpu', weights_only=False)
+    assert ckpt['meta']['iter'] == 4 and bool(ckpt['state_dict']['cbt_calibrated'])
+    assert json.load(open(tmp_path / 'run' / 'cbt_calibration.json'))['iteration'] == 4
