@@ -2,17 +2,31 @@
 
 Importing this package registers every module into mmseg's registries, so a config needs only
 ``custom_imports=dict(imports=['mmseg_cbt'], allow_failed_imports=False)``.
+
+Without mmsegmentation installed (e.g. a GPU machine used only to test and time the sparse-convolution kernel)
+only :mod:`mmseg_cbt.ops`, which needs nothing but torch, is available.
 """
+import warnings
+
 from .version import __version__
-from .utils import allow_mmengine_checkpoints
 
-allow_mmengine_checkpoints()  # mmengine 0.10 + torch >= 2.6: let tools/test.py and resume read mmengine checkpoints
-from . import analysis, calibration, datasets, engine, evaluation, models, ops, utils  # noqa: F401  (registers the modules)
-from .engine import CBTCalibrationHook
-from .evaluation import EarlyExitIoUMetric
-from .models import EarlyExitEncoderDecoder, EarlyExitHRNet, EarlyExitRHHead
+try:
+    import mmseg  # noqa: F401
+except ImportError:
+    warnings.warn('mmsegmentation is not installed: only mmseg_cbt.ops (the sparse convolution) is available')
+    from . import ops  # noqa: F401
+    __all__ = ['__version__', 'ops']
+else:
+    from .utils import allow_mmengine_checkpoints
 
-__all__ = [
-    '__version__', 'analysis', 'utils', 'calibration', 'datasets', 'engine', 'evaluation', 'models', 'ops', 'CBTCalibrationHook',
-    'EarlyExitIoUMetric', 'EarlyExitEncoderDecoder', 'EarlyExitHRNet', 'EarlyExitRHHead'
-]
+    # mmengine 0.10 + torch >= 2.6: let tools/test.py, load_from and resume read mmengine's own checkpoints
+    allow_mmengine_checkpoints()
+    from . import analysis, calibration, datasets, engine, evaluation, models, ops, utils  # noqa: F401,E402
+    from .engine import CBTCalibrationHook
+    from .evaluation import EarlyExitIoUMetric
+    from .models import EarlyExitEncoderDecoder, EarlyExitHRNet, EarlyExitRHHead
+
+    __all__ = [
+        '__version__', 'analysis', 'calibration', 'datasets', 'engine', 'evaluation', 'models', 'ops', 'utils',
+        'CBTCalibrationHook', 'EarlyExitIoUMetric', 'EarlyExitEncoderDecoder', 'EarlyExitHRNet', 'EarlyExitRHHead'
+    ]

@@ -11,7 +11,11 @@ TOY_CONFIG = osp.join(ROOT, 'configs', 'ee_hrnet', 'ee-fcn_hr-tiny_1xb4-1k_toyci
 
 @pytest.fixture(scope='session', autouse=True)
 def _register():
-    from mmseg.utils import register_all_modules
+    try:
+        from mmseg.utils import register_all_modules
+    except ImportError:
+        # a machine with torch only (e.g. a GPU box for the kernel tests): tests/test_sparse_conv.py still runs
+        return
     register_all_modules(init_default_scope=True)
     import mmseg_cbt  # noqa: F401
 

@@ -87,6 +87,8 @@ def blob_mask(n: int, h: int, w: int, active: float, seed: int = 0, blob: int = 
 
 
 CLOCK: Callable[[], float] = time.perf_counter
+# Waits for queued device work before the clock is read (torch.cuda.synchronize with --device cuda).
+SYNC: Callable[[], None] = lambda: None
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.01
@@ -107,16 +109,20 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sam
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocator, oneDNN primitive cache)
+        SYNC()
         t0 = CLOCK()
         fn()
+        SYNC()
         dt = CLOCK() - t0
         inner[name] = max(1, int(math.ceil(min_sample_s / max(dt, 1e-7))))
     best = {name: float('inf') for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            SYNC()
             t0 = CLOCK()
             for _ in range(inner[name]):
                 fn()
+            SYNC()
             best[name] = min(best[name], (CLOCK() - t0) / inner[name])
     return {name: 1e3 * t for name, t in best.items()}
 
@@ -277,11 +283,11 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     print(hdr)
     print('-' * len(hdr))
     for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
-        x, weight, bias = _conv_case(c, c, h, w)
+        x, weight, bias = (t.to(args.device) for t in _conv_case(c, c, h, w))
         dense = _dense_runners(x, weight, bias)
         for stopped in args.stopped:
             active = 1.0 - stopped / 100.0
-            mask = blob_mask(1, h, w, active, seed=c + int(stopped))
+            mask = blob_mask(1, h, w, active, seed=c + int(stopped)).to(args.device)
             run, build_ms, path = _masked_runner(x, weight, bias, mask)
             t, foreign = timed_quiet({**dense, 'masked': run}, args)
             fmt = min(dense, key=lambda k: t[k])
@@ -401,6 +407,8 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--retries', type=int, default=4, help='re-measurements per row (default 4)')
     p.add_argument('--retry-wait', type=float, default=2.0, help='seconds between them (default 2)')
     p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
+                   help="'cuda': section a on the GPU (the Triton kernel when triton is importable)")
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -415,6 +423,9 @@ def main(argv: Sequence[str] = None) -> List[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == 'cuda':
+        global SYNC
+        SYNC = torch.cuda.synchronize
     if args.clock == 'thread':
         if torch.get_num_threads() != 1:
             raise SystemExit('--clock thread needs --threads 1')
