@@ -1,15 +1,13 @@
 """CBT calibration end to end: statistics gathering, the hook inside mmseg's runner, checkpoints, the tool."""
 import copy
 import json
-import os
 import os.path as osp
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TOY_CONFIG, build_tiny_model, tiny_run_cfg
+from conftest import ROOT, build_tiny_model, tiny_run_cfg
 
 
 def _loader(cfg, indices=None):

@@ -9,10 +9,8 @@ Examples:
     python tools/calibrate.py CONFIG CKPT --alpha 0.99 --beta 0.998 --no-share
 """
 import argparse
-import os
 import os.path as osp
 import sys
-import tempfile
 
 import torch
 from mmengine.config import Config, DictAction
@@ -37,21 +35,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def save_checkpoint_atomic(ckpt: dict, path: str) -> None:
-    """torch.save through a temporary file in the same directory and os.replace (never a half-written file)."""
-    d = osp.dirname(osp.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix='.pth.tmp')
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(argv=None) -> str:
     args = parse_args(argv)
     from mmengine.runner import load_checkpoint
@@ -60,7 +43,8 @@ def main(argv=None) -> str:
 
     import mmseg_cbt  # noqa: F401  (registers the modules)
     from mmseg_cbt.calibration.calibrate import (apply_calibration, build_calibration_dataloader,
-                                                 calibration_report, gather_class_prob_stats, write_json_atomic)
+                                                 calibration_report, gather_class_prob_stats)
+    from mmseg_cbt.utils.io import atomic_path, write_json_atomic
     from mmseg_cbt.calibration.thresholds import _check_alpha_beta
 
     _check_alpha_beta(args.alpha, args.beta)  # fail before any work
@@ -101,7 +85,8 @@ def main(argv=None) -> str:
     new_ckpt.setdefault('meta', {})
     new_ckpt['meta'] = dict(new_ckpt['meta'], cbt=dict(alpha=args.alpha, beta=args.beta, share_exits=share,
                                                        source=osp.abspath(args.checkpoint)))
-    save_checkpoint_atomic(new_ckpt, out)
+    with atomic_path(out) as tmp:  # the input is never touched, the output never half-written
+        torch.save(new_ckpt, tmp)
     report = calibration_report(thr, mean_probs, counts, args.alpha, args.beta, class_names)
     base = osp.splitext(out)[0]
     write_json_atomic(report, base + '_calibration.json')

@@ -1,9 +1,5 @@
 """Runs a model over data to gather CBT statistics, turns them into thresholds and writes the results."""
 import copy
-import json
-import os
-import os.path as osp
-import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -12,6 +8,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.utils import ProgressBar
 from torch import nn
 
+from ..utils.io import write_json_atomic
 from .stats import ClassProbStats
 from .thresholds import cbt_thresholds, class_margins
 
@@ -180,18 +177,3 @@ def calibration_report(thresholds: torch.Tensor,
         num_exits=int(class_mean_probs.shape[0]),
         class_order_easy_to_hard=[class_names[k] for k in order],
         classes=classes)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Writes JSON through a temporary file and ``os.replace``: an interrupted write never leaves a broken file."""
-    d = osp.dirname(osp.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise

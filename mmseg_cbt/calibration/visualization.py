@@ -3,12 +3,12 @@
 matplotlib is imported lazily (only :func:`plot_thresholds` needs it) and driven through its object API with
 the Agg canvas, so importing this module never touches a global pyplot backend.
 """
-import os
-import tempfile
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from ..utils.io import atomic_path
 
 __all__ = ['CITYSCAPES_PALETTE', 'plot_thresholds']
 
@@ -109,16 +109,6 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
             ax.set_title(f'exit {row + 1}', fontsize=9)
     fig.suptitle(title if title is not None else f'CBT thresholds in [{alpha:g}, {beta:g}]')
 
-    out_dir = os.path.dirname(os.path.abspath(out_file))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp_thresholds_', suffix='.png', dir=out_dir)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the PNG the usual permissions
-        os.replace(tmp, out_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(out_file) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
     return out_file

@@ -226,10 +226,10 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
            else dense_threshold)
     path = 'skip' if idx.num_active == 0 else ('dense' if idx.active_fraction > thr else 'sparse')
 
-    def run() -> object:
-        return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
-
-    if bool(mask.all()):
+    if not bool(mask.all()):
+        def run() -> object:
+            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
+    else:
         # nothing stopped: what the library does then (sparse_conv2d's full-mask path, the masked HRNet's dense
         # stage) is the plain dense conv, not a dense conv written into a stage buffer. The input comes in the
         # memory format a network would keep (the faster of NCHW and channels-last, as for the dense side).
@@ -240,10 +240,11 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
             t0 = time.perf_counter()
             for _ in range(3):
                 ops.sparse_conv2d(cand, weight, bias, mask, stride=stride, padding=k // 2)
-            if time.perf_counter() - t0 < best_t:
-                best_t, x_full = time.perf_counter() - t0, cand
+            dt = time.perf_counter() - t0
+            if dt < best_t:
+                best_t, x_full = dt, cand
 
-        def run() -> object:  # noqa: F811
+        def run() -> object:
             return ops.sparse_conv2d(x_full, weight, bias, mask, stride=stride, padding=k // 2)
 
         path = 'full'

@@ -24,11 +24,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import os.path as osp
 import sys
-import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -132,24 +129,6 @@ def _signature(model: torch.nn.Module, shape: Sequence[int]) -> Optional[str]:
     return None
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes ``obj`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=2)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def count(model: torch.nn.Module, shape: Sequence[int], device: str):
     """Dense count at ``shape`` on ``device``; returns (FlopsResult, device actually used)."""
     from mmseg_cbt.analysis import count_flops
@@ -233,7 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         out['mmengine_equal'] = all(same)
 
     if args.json:
-        write_json_atomic(args.json, out)
+        from mmseg_cbt.utils.io import write_json_atomic
+        write_json_atomic(out, args.json)
         print(f'written: {args.json}')
     return out
 

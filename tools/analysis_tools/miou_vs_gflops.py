@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
 
     import mmseg_cbt  # noqa: F401
     from mmseg_cbt.analysis import average_flops
-    from mmseg_cbt.calibration.calibrate import apply_calibration, write_json_atomic
+    from mmseg_cbt.calibration.calibrate import apply_calibration
+    from mmseg_cbt.utils.io import atomic_path, write_json_atomic
 
     register_all_modules()
     cfg = Config.fromfile(args.config)
@@ -160,14 +161,14 @@ def main(argv=None) -> dict:
     print('\n' + table + '\n' + note)
     report = dict(config=args.config, checkpoint=args.checkpoint, note=note, rows=rows)
     write_json_atomic(report, osp.join(out_dir, 'miou_vs_gflops.json'))
-    with open(osp.join(out_dir, 'miou_vs_gflops.csv'), 'w', newline='') as f:
+    with atomic_path(osp.join(out_dir, 'miou_vs_gflops.csv')) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['setting', 'exit', 'mIoU', 'gflops_2_30', 'gflops_1e9', 'ms_per_image'])
         for r in rows:
             for e in r['exits']:
                 w.writerow([r['setting'], e['exit'], f'{e["mIoU"]:.2f}', f'{e["gflops_2_30"]:.6f}',
                             f'{e["gflops_1e9"]:.6f}', f'{1e3 * r["sec_per_image"]:.2f}'])
-    with open(osp.join(out_dir, 'miou_vs_gflops.txt'), 'w') as f:
+    with atomic_path(osp.join(out_dir, 'miou_vs_gflops.txt')) as tmp, open(tmp, 'w') as f:
         f.write(table + '\n' + note + '\n')
     plot(rows, osp.join(out_dir, 'miou_vs_gflops.png'), img_shape)
     print(f'\nwrote {out_dir}/miou_vs_gflops.{{json,csv,txt,png}}')
@@ -194,10 +195,10 @@ def plot(rows: List[dict], path: str, img_shape) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp)
+    from mmseg_cbt.utils.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png')
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == '__main__':

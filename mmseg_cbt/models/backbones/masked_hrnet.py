@@ -17,12 +17,11 @@ ReLU, residual additions and the fuse sums apply at active positions only (stopp
 these semantics are what the sparse path (:mod:`mmseg_cbt.models.backbones.sparse_hrnet`) computes for real, so the
 simulated path here is its test oracle. Stem, stage 1 and exit 1 are always dense.
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import ConvModule
 from torch import Tensor
 
 from mmseg.models.backbones.resnet import BasicBlock

@@ -1,5 +1,4 @@
 """Early-exit encoder-decoder: one exit head after every HRNet stage, stop masks between exits."""
-import copy
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -11,7 +10,6 @@ from torch import Tensor
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
-from mmseg.structures import SegDataSample
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, OptSampleList, SampleList
 
 from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask, stop_mask_from_probs
