@@ -184,3 +184,47 @@ def test_sparse_rejects_training_and_bad_fill(model):
             bb.forward_stage_masked(2, feats, active, sparse=True, fill='copy')
     finally:
         bb.eval()
+
+
+def test_optimized_model_sparse_equals_unfused_oracle(model):
+    """optimize_for_inference (BN folded into the convs, channels-last) keeps the dense outputs, and the sparse
+    path on the folded model (BNs replaced by Identity) equals the simulated oracle of the original model."""
+    import copy
+
+    from mmseg_cbt.utils import optimize_for_inference
+    opt = optimize_for_inference(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in opt.backbone.modules())
+    x = torch.randn(2, 3, 250, 330)
+    with torch.no_grad():
+        for a, b in zip(model.forward_exits(x, exit_mode='dense'), opt.forward_exits(x, exit_mode='dense')):
+            assert (a - b).abs().max() <= 1e-4
+        feats = model.backbone.forward_stage(1, [x])
+        feats_o = opt.backbone.forward_stage(1, [x.contiguous(memory_format=torch.channels_last)])
+        h4, w4 = feats[0].shape[-2:]
+        active = _blob_mask(2, h4, w4, 0.4, seed=3)
+        for stage in (2, 3, 4):
+            feats = model.backbone.forward_stage_masked(stage, feats, active, sparse=False, fill='copy')
+            feats_o = opt.backbone.forward_stage_masked(stage, feats_o, active, sparse=True, fill='copy')
+            for a, b in zip(feats, feats_o):
+                assert (a - b).abs().max() <= 1e-4, stage
+            la = model.backbone.forward_head_masked(model.exits[stage - 1], feats, active, sparse=False)
+            lb = opt.backbone.forward_head_masked(opt.exits[stage - 1], feats_o, active, sparse=True)
+            assert (la - lb).abs().max() <= 1e-4
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match='eval'):
+            optimize_for_inference(model)
+    finally:
+        model.eval()
+
+
+def test_tune_malloc_is_idempotent():
+    import sys
+
+    from mmseg_cbt.utils import tune_malloc
+    first = tune_malloc()
+    assert isinstance(first, bool) and tune_malloc() is first
+    if sys.platform.startswith('linux') and 'glibc' in ' '.join(__import__('platform').libc_ver()):
+        assert first
+    big = torch.ones(40 << 20, dtype=torch.uint8)  # > glibc's largest mmap threshold: served from the heap now
+    assert int(big.sum()) == 40 << 20

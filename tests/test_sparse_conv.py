@@ -431,3 +431,108 @@ if __name__ == '__main__':  # subprocess entry of test_triton_interpreter_cpu
     if len(sys.argv) == 3 and sys.argv[1] == '--triton-checks':
         _triton_checks(sys.argv[2])
         print('TRITON CHECKS OK')
+
+
+# ---------------------------------------------------------------------------------------------------
+# the 'segments' method: packed row segments + one dense conv per chunk
+# ---------------------------------------------------------------------------------------------------
+def test_segment_tables_known_row():
+    """One image row with positions 0, 1, 3, 7 (3x3, stride 1, d = 2): the gap of 1 at x=2 is filled, the gap
+    of 3 after x=3 breaks the run (2 trailing slots), the last run gets 2 trailing slots."""
+    mask = torch.zeros(1, 1, 10, dtype=torch.bool)
+    mask[0, 0, [0, 1, 3, 7]] = True
+    idx = SparseIndex.build(mask)
+    t = idx.segments()
+    assert t.real.tolist() == [0, 1, 3, 6]
+    assert t.slots == 9 and t.group == 32 and t.groups == 1 and t.in_width == 34
+    wp = 12  # padded width; window top-left of output x is padded column x of padded row 0
+    g = t.gather.view(1, 3, 34)
+    assert g[0, 0, :11].tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9, 0, 0]
+    assert torch.equal(g[0, 1], g[0, 0] + wp) and torch.equal(g[0, 2], g[0, 0] + 2 * wp)
+    assert len(t.chunks) == 1 and t.chunks[0][:4] == (0, 1, 0, 4)
+    # stride 2 (d = 1): gap 1 filled, gap 3 -> 1 trailing slot; windows start at even columns
+    t2 = idx.segments((1, 20), stride=2)
+    assert t2.real.tolist() == [0, 1, 3, 5]
+    assert t2.slots == 7 and t2.in_width == 2 * 32 + 1
+    wp2 = 22
+    g2 = t2.gather.view(1, 3, -1)
+    assert g2[0, 0, :15].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 16, 17, 0]
+    assert torch.equal(g2[0, 2, :14], g2[0, 0, :14] + 2 * wp2)
+
+
+def test_segment_bucketing_limits_conv_shapes():
+    """The conv of a layer sees few distinct shapes whatever the mask: fixed group width, chunks of 16 groups
+    and the last chunk's group count rounded to a few values per octave (oneDNN compiles one primitive per
+    shape), with at most 25 % padding groups in that chunk."""
+    assert [sc._bucket(n) for n in (1, 7, 8, 9, 10, 11, 15, 16, 17)] == [1, 7, 8, 10, 10, 12, 16, 16, 20]
+    shapes = set()
+    for seed in range(30):
+        idx = SparseIndex.build(_blob_mask(1, 128, 256, 0.05 + 0.03 * seed, seed))
+        t = idx.segments()
+        assert t.group == sc._SEGMENT_GROUP
+        used = -(-t.slots // t.group)
+        last = t.chunks[-1][1]
+        assert used <= t.groups and (t.groups - used) <= max(1, last // 4)
+        shapes.update(ng for _, ng, _, _, _ in t.chunks)
+        assert sum(ng for _, ng, _, _, _ in t.chunks) == t.groups
+        assert t.chunks[-1][3] == idx.num_active  # every active position lands in a chunk
+    assert len(shapes) <= 13
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('size', [(25, 33), (61, 250)])
+def test_segments_parity(stride, size):
+    """Both CPU methods equal F.conv2d at the active positions: masks with gaps of 1, 2 and 3 pixels, runs
+    touching both image edges, two images with different masks, in-place residual buffer + ReLU, compact
+    residual rows, several chunks (the 61x250 case has > 16 groups of 256 slots at stride 1)."""
+    torch.manual_seed(stride)
+    n, cin, cout = 2, 6, 5
+    x = torch.randn(n, cin, *size)
+    w = torch.randn(cout, cin, 3, 3)
+    b = torch.randn(cout)
+    ref = F.conv2d(x, w, b, stride, 1)
+    h, wo = ref.shape[-2:]
+    mask = _masks(n, h, wo, seed=stride)
+    mask[0, 0] = False
+    mask[0, 0, [0, 1, 3, 6, 10, wo - 1]] = True  # gaps 1, 2, 3 and the right edge
+    mask[1, -1] = True  # a full last row
+    idx = SparseIndex.build(mask)
+    buf = to_padded_nhwc(x)
+    conv = PackedConv.from_weight(w, b, stride=stride)
+    refl = ref.permute(0, 2, 3, 1)
+    results = {}
+    for method in ('gemm', 'segments'):
+        rows = conv.rows(buf, idx, dense_threshold=float('inf'), method=method)
+        assert (rows - refl[mask]).abs().max() <= ATOL
+        res_rows = torch.randn(idx.num_active, cout, generator=torch.Generator().manual_seed(0))
+        rows2 = conv.rows(buf, idx, residual=res_rows, relu=True, dense_threshold=float('inf'), method=method)
+        assert (rows2 - (refl[mask] + res_rows).relu()).abs().max() <= ATOL
+        out = new_padded_buffer(n, cout, h, wo)
+        padded_interior(out).copy_(torch.randn(n, cout, h, wo, generator=torch.Generator().manual_seed(1)))
+        before = padded_interior(out).permute(0, 2, 3, 1).clone()
+        conv.apply(buf, idx, out, residual=out, relu=True, dense_threshold=float('inf'), method=method)
+        got = padded_interior(out).permute(0, 2, 3, 1)
+        assert (got[mask] - (refl[mask] + before[mask]).relu()).abs().max() <= ATOL
+        assert torch.equal(got[~mask], before[~mask])  # stopped positions untouched
+        assert out[:, 0].abs().max() == 0 and out[:, :, 0].abs().max() == 0  # zero border kept
+        results[method] = got.clone()
+    if stride == 1 and size == (61, 250):
+        assert len(idx.segments().chunks) > 1
+    assert (results['gemm'] - results['segments']).abs().max() <= ATOL
+
+
+def test_choose_method():
+    idx = SparseIndex.build(_blob_mask(1, 64, 64, 0.5, 0))
+    buf = to_padded_nhwc(torch.randn(1, 4, 64, 64))
+    call3 = sc._ConvCall(buf, idx, torch.randn(36, 4), None, 1, None, 1)
+    call1 = sc._ConvCall(buf, idx, torch.randn(4, 4), None, 1, None, 1)
+    assert sc.choose_method('auto', idx, call3) == 'gemm'  # measured faster inside the network (see module)
+    assert sc.choose_method('segments', idx, call3) == 'segments'
+    with pytest.raises(ValueError, match='3x3'):
+        sc.choose_method('segments', idx, call1)
+    with pytest.raises(ValueError, match='method'):
+        sc.choose_method('im2col', idx, call3)
+    with pytest.raises(ValueError, match='3x3'):
+        idx.segments(kernel_size=1)
+    empty = SparseIndex.build(torch.zeros(1, 8, 8, dtype=torch.bool))
+    assert empty.segments().chunks == []

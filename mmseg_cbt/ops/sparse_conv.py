@@ -60,7 +60,9 @@ from torch import Tensor
 
 __all__ = [
     'dense_crossover',
+    'choose_method',
     'SparseIndex',
+    'SegmentTables',
     'PackedConv',
     'sparse_conv2d',
     'sparse_conv_rows',
@@ -267,6 +269,7 @@ class SparseIndex:
         self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._windows: Dict[Tuple[int, int, int, int, int, int], Tuple[Tensor, Tensor]] = {}
         self._chunks: Dict[Tuple[int, int, int], List[Tensor]] = {}
+        self._segments: Dict[tuple, 'SegmentTables'] = {}
 
     @classmethod
     def build(cls, mask: Tensor) -> 'SparseIndex':
@@ -391,6 +394,52 @@ class SparseIndex:
             self._windows[key] = t
         return t
 
+    def segments(self, in_hw: Optional[Tuple[int, int]] = None, kernel_size: int = 3, stride: int = 1,
+                 padding: Optional[int] = None, in_pad: int = 1, group: Optional[int] = None
+                 ) -> 'SegmentTables':
+        """Row-segment packing of the active positions for the dense-conv-on-packed-rows path.
+
+        Active positions are split into horizontal runs (raster order). Every run becomes a line of
+        output *slots*: its positions, gaps of at most ``d`` stopped positions inside the run filled
+        with slots (computed, never written), and ``d`` trailing slots that continue the run, where
+        ``d = ceil((k - stride) / stride)`` is the number of slots whose input columns the last real
+        window still reads (2 for 3x3 stride 1, 1 for stride 2). The line of all runs is cut into
+        groups of ``group`` slots; group ``g`` gathers its ``k`` input rows (columns of its slots plus
+        the next ``d`` slots' columns) into a packed image of height ``k`` and width
+        ``group * stride + k - stride``, and one dense convolution with stride ``(k, stride)`` over the
+        stacked groups computes every slot. Consecutive slots of a line are adjacent input columns of
+        one image row, so the packed windows of the real slots are exactly their windows in the buffer.
+
+        Why: the gather copies ``k`` input pixels per slot instead of ``k * k`` (3x fewer bytes than the
+        im2col gather for 3x3), and the convolution runs in oneDNN's direct-convolution kernels, which
+        stay efficient for thin layers (18-96 channels) where a ``(M, 9 Cin) x (9 Cin, Cout)`` GEMM
+        does not. The price is ``d`` extra slots per run, so masks made of long runs (blobs) profit and
+        salt-and-pepper masks do not (:attr:`SegmentTables.overhead`).
+
+        Args:
+            in_hw: Interior size of the input buffer (default: this grid; a stride-2 conv's finer input).
+            kernel_size: 3 (1x1 convs have no halo and use the compact-rows GEMM).
+            stride: 1 or 2.
+            padding: Conv padding (default ``kernel_size // 2``).
+            in_pad: Border of the input buffer.
+            group: Slots per group (default: 256, or fewer for small lines).
+
+        Returns:
+            :class:`SegmentTables`, cached.
+        """
+        if padding is None:
+            padding = kernel_size // 2
+        top_left, _ = self.windows(in_hw, kernel_size, stride, padding, in_pad)  # validates geometry
+        if kernel_size != 3:
+            raise ValueError('segment packing is for 3x3 convs (1x1 convs use compact rows)')
+        h_in, w_in = (self.height, self.width) if in_hw is None else (int(in_hw[0]), int(in_hw[1]))
+        key = (h_in, w_in, kernel_size, stride, padding, in_pad, group)
+        t = self._segments.get(key)
+        if t is None:
+            t = self._segments[key] = SegmentTables.build(
+                self, top_left, h_in + 2 * in_pad, w_in + 2 * in_pad, kernel_size, stride, group)
+        return t
+
     def chunks(self, table: Tensor, per_position: int, step: int) -> List[Tensor]:
         """Views of ``table`` (one of this index's cached tables) split into chunks of ``step`` positions.
 
@@ -442,6 +491,104 @@ class SparseIndex:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(shape={self.shape}, active={self.num_active}, '
                 f'fraction={self.active_fraction:.3f})')
+
+
+def _bucket(n: int) -> int:
+    """Rounds a group count up to one of ~4 values per octave (1..8 exact, then steps of n/8 .. n/4)."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+@dataclass
+class SegmentTables:
+    """Gather and output tables of :meth:`SparseIndex.segments` (one conv geometry, one mask).
+
+    The groups are convolved in chunks of at most ``_SEGMENT_CHUNK_GROUPS`` groups; the group width is fixed
+    (``_SEGMENT_GROUP`` slots, or a multiple of 32 for short lines) and the last chunk's group count is rounded
+    up to a few buckets per octave, so that the convolutions of a layer take a handful of shapes whatever the
+    mask. (oneDNN creates, JIT-compiles and caches a primitive per input shape: 2-15 ms per new shape measured
+    here, which per image would cost more than the conv.)
+
+    Attributes:
+        gather: int64 ``(B * k * W_in,)`` flat input-buffer row of every packed input pixel, ordered
+            (group, kernel row, column); ``B`` includes the padding groups of the last chunk.
+        groups: Number of groups ``B``.
+        group: Output slots per group.
+        in_width: Packed input width ``W_in = group * stride + k - stride``.
+        real: int64 ``(M,)`` slot of every active position (in the index's row order).
+        chunks: ``(first group, groups, first position, end position, real slots relative to the chunk)``
+            per chunk; the active positions ``first .. end-1`` (index order) have their slots in it.
+        slots: Slots that carry a real output or a filler (excluding padding).
+        overhead: Computed slots per active position, ``B * group / M`` (1.0 = no waste).
+    """
+
+    gather: Tensor
+    groups: int
+    group: int
+    in_width: int
+    real: Tensor
+    chunks: List[Tuple[int, int, int, int, Tensor]]
+    slots: int
+    overhead: float
+
+    @classmethod
+    def build(cls, idx: 'SparseIndex', top_left: Tensor, hp: int, wp: int, k: int, stride: int,
+              group: Optional[int]) -> 'SegmentTables':
+        """See :meth:`SparseIndex.segments`; ``top_left`` are the windows' top-left rows, ``hp x wp``
+        the padded input buffer's grid."""
+        m = idx.num_active
+        dev = top_left.device
+        d = -(-(k - stride) // stride)  # trailing slots a run's last window reads into
+        if m == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=dev)
+            return cls(empty, 0, max(1, group or 1), 0, empty, [], 0, 1.0)
+        # extra slots after position i: the gap to the next position of the same run (<= d stopped
+        # positions, computed rather than split) or d trailing slots where the run ends
+        same_row = (idx.n[1:] == idx.n[:-1]) & (idx.y[1:] == idx.y[:-1])
+        gap = idx.x[1:] - idx.x[:-1] - 1
+        extra = torch.where(same_row & (gap <= d), gap, torch.full_like(gap, d))
+        extra = torch.cat([extra, torch.full((1,), d, dtype=torch.int64, device=dev)])
+        counts = extra + 1
+        ends = torch.cumsum(counts, 0)
+        real = ends - counts  # slot of every active position
+        slots = int(ends[-1])
+        group = _SEGMENT_GROUP if group is None else max(1, int(group))
+        if slots < group:  # short line: one group, its width rounded up to a multiple of 32 slots
+            group = -(-slots // 32) * 32
+        used = -(-slots // group)
+        full, rest = divmod(used, _SEGMENT_CHUNK_GROUPS)
+        sizes = [_SEGMENT_CHUNK_GROUPS] * full + ([_bucket(rest)] if rest else [])
+        groups = sum(sizes)
+        # slot -> its owner (the last active position at or before it) and its distance from the owner
+        owner = torch.repeat_interleave(torch.arange(m, device=dev), counts)
+        step = torch.arange(slots, device=dev) - real[owner]
+        base = top_left[owner] + step * stride
+        # padding slots (end of the line, padding groups, the next d slots read by the last windows): any
+        # valid row, their outputs are never read
+        need = groups * group + d
+        base = torch.cat([base, torch.zeros(need - slots, dtype=torch.int64, device=dev)])
+        in_width = group * stride + k - stride
+        col = torch.arange(in_width, device=dev)
+        slot_of_col = torch.arange(groups, device=dev)[:, None] * group + col[None, :] // stride  # (B, W_in)
+        first = base[slot_of_col] + col[None, :] % stride  # kernel row 0
+        rows = torch.arange(k, device=dev) * wp
+        gather = (first[:, None, :] + rows[None, :, None]).reshape(-1)
+        # filler slots past the right edge of the last image row can point beyond the buffer: clamp (their
+        # values are never read by a real output)
+        gather.clamp_(0, idx.batch * hp * wp - 1)
+        chunks = []
+        g0 = 0
+        bounds = torch.tensor([sum(sizes[:i + 1]) * group for i in range(len(sizes))], dtype=torch.int64,
+                              device=dev)
+        pos_end = torch.searchsorted(real, bounds).tolist()
+        p0 = 0
+        for size, p1 in zip(sizes, pos_end):
+            chunks.append((g0, size, p0, p1, real[p0:p1] - g0 * group))
+            g0 += size
+            p0 = p1
+        return cls(gather, groups, group, in_width, real, chunks, slots, groups * group / m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -773,12 +920,91 @@ def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, 
                 res_chunks, res_rows is None, 0, len(strip_chunks))
 
 
+# Slots per packed group (the packed image is ~this wide; 128-1024 measured equally fast at C=18..96) and
+# groups per conv call (16 x 256 slots: a chunk's packed input stays within L2 for C <= 96).
+_SEGMENT_GROUP = 256
+_SEGMENT_CHUNK_GROUPS = 16
+# Whether 'auto' ever picks the segment path, and when: 3x3 convs with at least _SEGMENT_MIN_ACTIVE active
+# positions whose packed line computes at most _SEGMENT_MAX_OVERHEAD slots per active position. Measured (2
+# threads, blob masks, W18s/W48 branch shapes at a 512x1024 input, tune_malloc on): as single convs, segments
+# beat the GEMM by 5-20 % at 128x256 and 64x128 (C=18..96, 10-50 % active) and lose by 20-130 % on 16x32
+# maps and below ~1000 active positions. Inside the whole masked W18s/W48 stages 2-4, though, the rule above
+# was 2-25 % SLOWER than the GEMM everywhere (50/75/90 % stopped; e.g. W48 75 %: 510 vs 473 ms, W18s 75 %:
+# 110 vs 87 ms), so 'auto' uses the GEMM and segments stay an explicit option (method='segments').
+_AUTO_SEGMENTS = False
+_SEGMENT_MIN_ACTIVE = 1024
+_SEGMENT_MAX_OVERHEAD = 1.3
+
+
+def choose_method(method: str, idx: SparseIndex, call: '_ConvCall') -> str:
+    """The CPU sparse algorithm for one conv call.
+
+    ``'auto'`` is ``'gemm'``: the segment path wins as a single conv on large thin maps but lost inside the
+    whole masked HRNet (see ``_AUTO_SEGMENTS``); with that switch on, ``'auto'`` picks ``'segments'`` for 3x3
+    convs with many active positions whose packed line wastes few slots.
+
+    Args:
+        method: ``'auto'``, ``'gemm'`` or ``'segments'``.
+        idx: The output index.
+        call: The validated conv call.
+
+    Returns:
+        ``'gemm'`` or ``'segments'``.
+
+    Raises:
+        ValueError: Unknown method, or ``'segments'`` for a 1x1 conv.
+    """
+    if method not in ('auto', 'gemm', 'segments'):
+        raise ValueError(f"method must be 'auto', 'gemm' or 'segments', got {method!r}")
+    if method == 'segments' and call.k != 3:
+        raise ValueError('the segments method is for 3x3 convs; 1x1 convs use the gemm method')
+    if method != 'auto':
+        return method
+    if not _AUTO_SEGMENTS or call.k != 3 or idx.num_active < _SEGMENT_MIN_ACTIVE:
+        return 'gemm'
+    t = idx.segments((call.h_in, call.w_in), call.k, call.stride, call.padding, call.in_pad)
+    return 'segments' if t.overhead <= _SEGMENT_MAX_OVERHEAD else 'gemm'
+
+
+def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tensor, bias: Optional[Tensor],
+                    res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool, dst: Tensor,
+                    dst_rows: Optional[Tensor]) -> None:
+    """Packed row segments -> dense conv per chunk -> real slots -> epilogue (-> scatter). CPU path for 3x3.
+
+    See :meth:`SparseIndex.segments`. ``dst`` / ``dst_rows`` as in :func:`_torch_sparse`.
+    """
+    t = idx.segments((call.h_in, call.w_in), call.k, call.stride, call.padding, call.in_pad)
+    cin, cout, k = call.cin, call.cout, call.k
+    flat = buf.view(-1, cin)
+    per_group = k * t.in_width
+    for g0, ng, p0, p1, real in t.chunks:
+        # gather this chunk's packed image while the previous chunk's results are written: it stays in cache
+        packed = torch.index_select(flat, 0, t.gather[g0 * per_group:(g0 + ng) * per_group])
+        # (1, C, ng*k, W_in) in channels-last strides: oneDNN's layout, no conversion. Stride k vertically
+        # puts the output of group g at row g.
+        x = packed.view(1, ng * k, t.in_width, cin).permute(0, 3, 1, 2)
+        y = F.conv2d(x, weight, bias, stride=(k, call.stride))
+        y = y.permute(0, 2, 3, 1).reshape(-1, cout)  # a view for oneDNN's channels-last output
+        if p1 == p0:
+            continue
+        if dst_rows is None:
+            rows = torch.index_select(y, 0, real, out=dst[p0:p1])
+        else:
+            rows = torch.index_select(y, 0, real)
+        if res_src is not None:
+            rows.add_(res_src[p0:p1] if res_rows is None else torch.index_select(res_src, 0, res_rows[p0:p1]))
+        if relu:
+            rows.relu_()
+        if dst_rows is not None:
+            dst.index_copy_(0, dst_rows[p0:p1], rows)
+
+
 def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
                      stride: int = 1, padding: Optional[int] = None, residual: Optional[Tensor] = None,
                      relu: bool = False, in_pad: int = 1, res_pad: int = 1,
                      out: Optional[Tensor] = None, chunk_rows: Optional[int] = None,
                      dense_weight: Optional[Tensor] = None, dense_threshold: Optional[float] = None,
-                     backend: str = 'auto') -> Tensor:
+                     backend: str = 'auto', method: str = 'auto') -> Tensor:
     """Computes a conv (+ bias, residual, ReLU) at the active positions only, as compact rows.
 
     ``y[i] = relu(window_i(buf) @ wmat + bias + residual[i])`` for the ``M`` active positions of ``idx``
@@ -808,6 +1034,9 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
             ``'triton'`` (also runs on CPU tensors under ``TRITON_INTERPRET=1``). With Triton the
             default ``dense_threshold`` only sends full masks to the dense conv (its GPU crossover is
             not measured).
+        method: CPU sparse algorithm: ``'gemm'`` (chunked im2col gather + GEMM), ``'segments'``
+            (3x3 only: packed row segments + one dense conv, :meth:`SparseIndex.segments`) or
+            ``'auto'`` (:func:`choose_method`).
 
     Returns:
         ``(M, Cout)`` rows (``out`` if given).
@@ -836,6 +1065,10 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         return sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
                                        kernel_size=call.k, residual=res_src, residual_rows=res_rows,
                                        relu=relu, out=out)
+    if choose_method(method, idx, call) == 'segments':
+        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
+        _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, out, None)
+        return out
     _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out, None, chunk_rows)
     return out
 
@@ -970,7 +1203,7 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
                        residual: Optional[Tensor] = None, relu: bool = False, in_pad: int = 1,
                        out_pad: int = 1, res_pad: int = 1, chunk_rows: Optional[int] = None,
                        dense_weight: Optional[Tensor] = None, dense_threshold: Optional[float] = None,
-                       backend: str = 'auto') -> Tensor:
+                       backend: str = 'auto', method: str = 'auto') -> Tensor:
     """Masked conv from a padded buffer into a padded buffer: active positions written, others kept.
 
     The stage-level entry point. Below ``dense_threshold`` active fraction: per chunk of active rows,
@@ -996,6 +1229,7 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
         dense_weight: ``(Cout, Cin, k, k)`` for the dense fallback (else derived from ``wmat``).
         dense_threshold: Default :func:`dense_crossover`; ``float('inf')`` forces the sparse path.
         backend: ``'auto'``, ``'torch'`` or ``'triton'``.
+        method: ``'auto'``, ``'gemm'`` or ``'segments'`` (see :func:`sparse_conv_rows`).
 
     Returns:
         ``out_buf``.
@@ -1020,6 +1254,11 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
         sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
                                 kernel_size=call.k, residual=res_src, residual_rows=res_rows,
                                 relu=relu, out=out_buf.view(-1, call.cout), out_rows=idx.rows(out_pad))
+        return out_buf
+    if choose_method(method, idx, call) == 'segments':
+        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
+        _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
+                        idx.rows(out_pad))
         return out_buf
     _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
                   idx.rows(out_pad), chunk_rows)

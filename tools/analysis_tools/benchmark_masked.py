@@ -203,7 +203,7 @@ def _conv_case(c_in: int, c_out: int, h: int, w: int, kernel_size: int = 3, stri
 
 
 def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
-                   stride: int = 1, dense_threshold: float = None
+                   stride: int = 1, dense_threshold: float = None, method: str = 'auto'
                    ) -> Tuple[Callable[[], object], float, str]:
     """Prepares the stage-API call for one conv; returns (callable, index build ms, path).
 
@@ -228,7 +228,7 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
 
     if not bool(mask.all()):
         def run() -> object:
-            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold)
+            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, method=method)
     else:
         # nothing stopped: what the library does then (sparse_conv2d's full-mask path, the masked HRNet's dense
         # stage) is the plain dense conv, not a dense conv written into a stage buffer. The input comes in the
@@ -277,7 +277,8 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     """
     rows = []
     print(f'\n(a) single 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads, '
-          f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover')
+          f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover; '
+          f'method {args.method}')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
            f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"idx ms":>7} '
            f'{"bg%":>4}')
@@ -289,7 +290,7 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
         for stopped in args.stopped:
             active = 1.0 - stopped / 100.0
             mask = blob_mask(1, h, w, active, seed=c + int(stopped)).to(args.device)
-            run, build_ms, path = _masked_runner(x, weight, bias, mask)
+            run, build_ms, path = _masked_runner(x, weight, bias, mask, method=args.method)
             t, foreign = timed_quiet({**dense, 'masked': run}, args)
             fmt = min(dense, key=lambda k: t[k])
             d_ms = t[fmt]
@@ -410,6 +411,11 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
                    help="'cuda': section a on the GPU (the Triton kernel when triton is importable)")
+    p.add_argument('--method', default='auto', choices=['auto', 'gemm', 'segments'],
+                   help="CPU sparse algorithm of section a (ops.sparse_conv_buffer's method; default auto = gemm)")
+    p.add_argument('--no-tune-malloc', action='store_true',
+                   help="keep glibc's default allocator settings (default: mmseg_cbt.utils.tune_malloc() "
+                        'before anything is timed, for dense and masked alike)')
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -432,9 +438,14 @@ def main(argv: Sequence[str] = None) -> List[dict]:
             raise SystemExit('--clock thread needs --threads 1')
         global CLOCK
         CLOCK = time.thread_time
+    tuned = False
+    if not args.no_tune_malloc:
+        from mmseg_cbt.utils.inference import tune_malloc
+        tuned = tune_malloc()
+    args.malloc_tuned = tuned
     load = os.getloadavg() if hasattr(os, 'getloadavg') else None
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, '
-          f'load avg {load}')
+          f'malloc tuned: {tuned}, load avg {load}')
     results: List[dict] = []
     with torch.inference_mode():
         for name in args.sections:

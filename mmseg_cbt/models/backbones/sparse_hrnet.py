@@ -42,7 +42,15 @@ def _version(t: Tensor) -> int:
 
 
 def _packed(conv: nn.Conv2d, bn: Optional[nn.Module]) -> PackedConv:
-    """BN-folded GEMM form of a conv, cached until any of the tensors it was made from changes."""
+    """BN-folded GEMM form of a conv, cached until any of the tensors it was made from changes.
+
+    ``bn`` may be ``nn.Identity`` (a model whose BNs were already fused into the convs, e.g. by
+    :func:`mmseg_cbt.utils.optimize_for_inference`).
+    """
+    if isinstance(bn, nn.Identity):
+        bn = None
+    elif bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise NotImplementedError(f'sparse masked inference folds BatchNorm only, got {type(bn).__name__}')
     tensors = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
     if bn is not None:
         tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
