@@ -46,6 +46,11 @@ Why this representation (measured on the 2-core CPU machines, see the project re
   position) the dense conv is cheaper and is used.
 * 1x1 convs between 3x3 convs can also run on compact rows (:func:`gather_rows` once, then
   ``torch.mm(rows, wmat).add_(bias)``), with no gather/scatter at all.
+* A second CPU algorithm for 3x3 convs, ``method='segments'`` (:meth:`SparseIndex.segments`): the active
+  positions' horizontal runs are packed, with their k input rows, into a small dense image that oneDNN's
+  direct convolution processes (3x fewer gathered bytes than im2col, no thin GEMM). It is exact too and
+  wins on single thin convs at 128x256 / 64x128, but lost inside the whole masked HRNet, so ``'auto'``
+  uses the GEMM (numbers at ``_AUTO_SEGMENTS``).
 """
 from __future__ import annotations
 
