@@ -228,3 +228,34 @@ def test_tune_malloc_is_idempotent():
         assert first
     big = torch.ones(40 << 20, dtype=torch.uint8)  # > glibc's largest mmap threshold: served from the heap now
     assert int(big.sum()) == 40 << 20
+
+
+def test_sparse_rbf_support_tables():
+    """rbf in the sparse path: the fill is computed on its support only (stopped positions within Chebyshev
+    distance 3 of an active one), with ADP-C's normalised kernel weights; the rest of the stopped positions are the
+    'far' rows that hold 0."""
+    from mmseg_cbt.models.backbones.masked_hrnet import rbf_kernel
+    from mmseg_cbt.models.backbones.sparse_hrnet import _SparseContext
+    active = torch.zeros(1, 9, 11, dtype=torch.bool)
+    active[0, 4, 5] = True  # one active pixel in the middle
+    active[0, 0, 0] = True  # and one in the corner (window clipped by the border)
+    ctx = _SparseContext(active, 'rbf')
+    mat, support_rows, far_rows = ctx.rbf_tables((9, 11))
+    dense = mat.to_dense()
+    wp = 13
+    grid = torch.zeros(9, 11, dtype=torch.long)
+    grid.view(-1)[:] = torch.arange(99)
+    expect = set()
+    for y in range(9):
+        for x in range(11):
+            if not active[0, y, x] and (max(abs(y - 4), abs(x - 5)) <= 3 or max(y, x) <= 3):
+                expect.add((y + 1) * wp + x + 1)
+    assert set(support_rows.tolist()) == expect
+    assert support_rows.numel() + far_rows.numel() + 2 == 99
+    k = rbf_kernel()
+    rows = {r: i for i, r in enumerate(support_rows.tolist())}
+    # index order of the active pixels: (0, 0) first, then (4, 5)
+    assert torch.isclose(dense[rows[(3 + 1) * wp + 5 + 1], 1], k[3 + 1, 3 + 0])  # q=(3,5) reads p=(4,5) at d=(1,0)
+    assert torch.isclose(dense[rows[(2 + 1) * wp + 1 + 1], 0], k[3 - 2, 3 - 1])  # q=(2,1) reads p=(0,0) at d=(-2,-1)
+    assert dense[rows[(2 + 1) * wp + 1 + 1], 1] == 0  # (2,1) is 4 columns from (4,5): out of its window
+    assert torch.isclose(dense.sum(), k.sum() * 2 - (k.sum() - k[3:, 3:].sum()))  # the corner pixel's clipped window

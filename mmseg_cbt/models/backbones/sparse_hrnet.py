@@ -13,10 +13,13 @@ the ``copy`` and ``zeros`` fills, with :mod:`mmseg_cbt.ops`:
   keeps its value at zero cost; one scratch buffer per branch holds the blocks' intermediate map.
 
 Inference only (buffers are written in place, which autograd cannot follow): training with masks uses the
-simulated path (``train_cfg.masked_training``). With the ``rbf`` fill the convs still run sparsely, but the fill
-itself (a depthwise 7x7 of each masked output) is computed over the whole map and written at every stopped
-position, exactly as in the simulated path; restricting it to the ring that active windows read is left to do.
+simulated path (``train_cfg.masked_training``). With the ``rbf`` fill the interpolation is computed only on its
+support, the stopped positions within 3 pixels of an active one (which contains the ring that active windows read),
+as a sparse (support x active) matrix times the active rows; the stopped positions beyond it hold 0, as in ADP-C's
+formula, so every position of every stage output equals the simulated path. (The exit heads' small maps still take
+the fill densely.)
 """
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -29,7 +32,7 @@ from mmseg.models.utils import resize
 
 from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, scatter_rows,
                            sparse_conv_rows, to_padded_nhwc)
-from .masked_hrnet import MaskContext, rbf_fill
+from .masked_hrnet import MaskContext, rbf_kernel
 
 __all__ = ['sparse_stage', 'sparse_head']
 
@@ -73,6 +76,10 @@ class _SparseContext:
         self.fill = fill
         self._idx: Dict[Tuple[int, int], SparseIndex] = {}
         self._taps: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._rbf: Dict[Tuple[int, int], Tuple[Optional[Tensor], Tensor, Tensor]] = {}
+        # buffers whose stopped positions beyond the rbf support hold 0: id -> weak reference (an id can be reused
+        # once its tensor is freed, the weak reference tells)
+        self._clean: Dict[int, 'weakref.ref'] = {}
 
     def index(self, hw) -> SparseIndex:
         key = (int(hw[0]), int(hw[1]))
@@ -110,16 +117,90 @@ class _SparseContext:
         self._taps[key] = (rows, weights)
         return rows, weights
 
-    def finish(self, buf: Tensor) -> Tensor:
-        """After a masked conv wrote the active positions of ``buf``: with ``rbf``, write ADP-C's interpolation
-        of the active values at every stopped position (the other fills need no work here)."""
-        if self.fill == 'rbf':
-            y = padded_interior(buf)
-            m = self.masks.mask(y.shape[-2:])
-            stopped = ~m[:, 0]
-            if stopped.any():
-                y.permute(0, 2, 3, 1)[stopped] = rbf_fill(y, m).permute(0, 2, 3, 1)[stopped]
+    def rbf_tables(self, hw) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """The ``rbf`` fill at resolution ``hw`` as a sparse matrix over the active rows, cached.
+
+        ADP-C's fill at a stopped position q is ``sum_d K(d) y(q + d) m(q + d)`` over the 7x7 window (K normalised
+        by its full sum, so positions with no active pixel within 3 hold exactly 0). Only the stopped positions
+        within Chebyshev distance 3 of an active one (the *support*) can be non-zero; the ring that active 3x3
+        windows read (distance 1) is part of it. Returns ``(W, support_rows, far_rows)``: ``W`` a CSR matrix
+        (support x M) holding ``K(d)`` for each (support position, active tap) pair (None when there is none),
+        the padded-buffer rows of the support and of the other stopped positions.
+        """
+        key = (int(hw[0]), int(hw[1]))
+        hit = self._rbf.get(key)
+        if hit is not None:
+            return hit
+        idx = self.index(key)
+        mask = idx.mask
+        n_img, h, w = mask.shape
+        dev = mask.device
+        k = rbf_kernel(device=dev)
+        r = torch.arange(-3, 4, device=dev)
+        dy, dx = (t.reshape(-1) for t in torch.meshgrid(r, r, indexing='ij'))
+        keep = (dy != 0) | (dx != 0)
+        dy, dx = dy[keep], dx[keep]
+        wt = k[dy + 3, dx + 3]
+        # pairs (stopped q = p - d, active p): q reads p through the kernel tap at offset d
+        qy = idx.y[:, None] - dy[None, :]
+        qx = idx.x[:, None] - dx[None, :]
+        nn_ = idx.n[:, None].expand_as(qy)
+        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+        qy, qx, nn_ = qy.clamp(0, h - 1), qx.clamp(0, w - 1), nn_
+        sel = inside & ~mask[nn_, qy, qx]
+        grid = (nn_ * h + qy) * w + qx
+        cols = torch.arange(idx.num_active, device=dev)[:, None].expand_as(qy)
+        g, c, v = grid[sel], cols[sel], wt[None, :].expand_as(qy)[sel]
+        support, row = torch.unique(g, return_inverse=True)
+        order = torch.argsort(row, stable=True)
+        row, c, v = row[order], c[order], v[order]
+        crow = torch.zeros(support.numel() + 1, dtype=torch.int64, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(row, minlength=support.numel()), 0)
+        mat = None
+        if support.numel():
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the CSR x dense product is all we use
+                warnings.simplefilter('ignore')
+                mat = torch.sparse_csr_tensor(crow, c, v, size=(support.numel(), idx.num_active))
+
+        def padded_rows(flat_grid: Tensor) -> Tensor:
+            nq, rem = flat_grid // (h * w), flat_grid % (h * w)
+            return (nq * (h + 2) + rem // w + 1) * (w + 2) + rem % w + 1
+
+        far = ~mask.reshape(-1)
+        far[support] = False
+        out = (mat, padded_rows(support), padded_rows(far.nonzero()[:, 0]))
+        self._rbf[key] = out
+        return out
+
+    def mark_clean(self, buf: Tensor) -> Tensor:
+        """Declares that the stopped positions of a (fresh, zero) buffer outside the rbf support hold 0."""
+        self._clean[id(buf)] = weakref.ref(buf)
         return buf
+
+    def _is_clean(self, buf: Tensor) -> bool:
+        ref = self._clean.get(id(buf))
+        return ref is not None and ref() is buf
+
+    def finish(self, buf: Tensor) -> Tensor:
+        """After a masked conv wrote the active positions of ``buf``: with ``rbf``, write ADP-C's interpolation of
+        the active values at the stopped positions of its support (sparse matrix x active rows) and make sure the
+        stopped positions beyond it hold 0, once per buffer; the other fills need no work here. Every position then
+        equals the simulated path's ``torch.where(m, y, rbf_fill(y, m))``."""
+        if self.fill == 'rbf':
+            hw = (buf.shape[1] - 2, buf.shape[2] - 2)
+            mat, support_rows, far_rows = self.rbf_tables(hw)
+            flat = buf.view(-1, buf.shape[-1])
+            if mat is not None:
+                active = gather_rows(buf, self.index(hw))
+                flat.index_copy_(0, support_rows, torch.sparse.mm(mat, active))
+            if buf.data_ptr() not in self._clean:
+                flat.index_fill_(0, far_rows, 0)
+                self._clean[id(buf)] = weakref.ref(buf)
+        return buf
+
+    def _is_clean(self, buf: Tensor) -> bool:
+        ref = self._clean.get(id(buf))
+        return ref is not None and ref() is buf
 
     def zero_stopped(self, buf: Tensor) -> None:
         """Writes 0 at the stopped positions of a padded buffer (the ``zeros`` fill of a same-shape layer)."""
@@ -149,7 +230,8 @@ def _run_units(ctx: _SparseContext, seq: nn.Sequential, buf: Tensor) -> Tensor:
     """A chain of shape-changing conv units; stopped positions of every output are 0 (fresh zero buffers)."""
     for conv, bn, relu in _units(seq):
         hw = _out_hw(buf, conv)
-        out = new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype, device=buf.device)
+        out = ctx.mark_clean(new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype,
+                                               device=buf.device))
         _packed(conv, bn).apply(buf, ctx.index(hw), out, relu=relu)
         buf = ctx.finish(out)
     return buf
@@ -185,8 +267,8 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                 continue
             if j > i:
                 conv, bn, upsample = layer[0], layer[1], layer[2]
-                t = new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j], dtype=acc.dtype,
-                                      device=acc.device)
+                t = ctx.mark_clean(new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j],
+                                                     dtype=acc.dtype, device=acc.device))
                 ctx.finish(_packed(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t))
                 scale = float(upsample.scale_factor)
                 if all(int(sj * scale) == si for sj, si in zip(sizes[j], sizes[i])) and not upsample.align_corners:
@@ -203,7 +285,8 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                 src = bufs[j]
                 for conv, bn, relu in units[:-1]:
                     hw = _out_hw(src, conv)
-                    out = new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype, device=src.device)
+                    out = ctx.mark_clean(new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype,
+                                                           device=src.device))
                     _packed(conv, bn).apply(src, ctx.index(hw), out, relu=relu)
                     src = ctx.finish(out)
                 conv, bn, relu = units[-1]
@@ -249,7 +332,7 @@ def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: T
     # every transition reads its source before any block writes a branch buffer in place
     bufs = [buffer_of(src) if layer is None else _run_units(ctx, layer, buffer_of(src))
             for layer, src in backbone.transition_inputs(stage, feats)]
-    scratch = [b.clone() if fill == 'copy' else torch.zeros_like(b) for b in bufs]
+    scratch = [b.clone() if fill == 'copy' else ctx.mark_clean(torch.zeros_like(b)) for b in bufs]
     first = True
     for module in getattr(backbone, f'stage{stage}'):
         for i, branch in enumerate(module.branches):
