@@ -259,3 +259,69 @@ def test_sparse_rbf_support_tables():
     assert torch.isclose(dense[rows[(2 + 1) * wp + 1 + 1], 0], k[3 - 2, 3 - 1])  # q=(2,1) reads p=(0,0) at d=(-2,-1)
     assert dense[rows[(2 + 1) * wp + 1 + 1], 1] == 0  # (2,1) is 4 columns from (4,5): out of its window
     assert torch.isclose(dense.sum(), k.sum() * 2 - (k.sum() - k[3:, 3:].sum()))  # the corner pixel's clipped window
+
+
+def test_report_tool_optimize_keeps_results(toy_cfg, tiny_city, tmp_path):
+    """tools/analysis_tools/miou_vs_gflops.py --optimize (tune_malloc + BN folding + channels-last) gives the same
+    mIoU and GFLOPs per exit as without it, with sparse masked inference, and says so in its report."""
+    import importlib.util
+    import os.path as osp
+
+    from conftest import ROOT, tiny_run_cfg
+    spec = importlib.util.spec_from_file_location('miou_tool', osp.join(ROOT, 'tools', 'analysis_tools',
+                                                                       'miou_vs_gflops.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = tiny_run_cfg(toy_cfg, tiny_city, tmp_path / 'run')
+    cfg_file = str(tmp_path / 'cfg.py')
+    cfg.dump(cfg_file)
+    model = build_tiny_model(toy_cfg)
+    _randomise_bn(model)
+    ckpt = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    common = [cfg_file, ckpt, '--settings', 'dense', 'adpc:0.06', '--max-images', '3', '--device', 'cpu',
+              '--feature-mask', 'sparse']
+    plain = tool.main(common + ['--out-dir', str(tmp_path / 'plain')])
+    opt = tool.main(common + ['--out-dir', str(tmp_path / 'opt'), '--optimize'])
+    assert plain['optimized'] is False and opt['optimized'] is True
+    assert 'optimize_for_inference' in opt['note']
+    for a, b in zip(plain['rows'], opt['rows']):
+        for ea, eb in zip(a['exits'], b['exits']):
+            assert abs(ea['mIoU'] - eb['mIoU']) <= 1e-6
+            assert ea['gflops_2_30'] == eb['gflops_2_30']
+    stopped = plain['rows'][1]['exits']
+    assert stopped[-1]['gflops_2_30'] < plain['rows'][0]['exits'][-1]['gflops_2_30']  # the masks stop something
+
+
+def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
+    """feature_mask='sparse' runs a stage/exit sparsely only while at most test_cfg.sparse_max_active of the pixels
+    are active (the simulated path, same semantics, is faster above); both give the same logits."""
+    x = torch.randn(1, 3, 128, 192)
+    bb = model.backbone
+    calls = []
+    orig_stage, orig_head = bb.forward_stage_masked, bb.forward_head_masked
+
+    def stage(stage_idx, feats, active, sparse=False, fill='copy'):
+        calls.append(('stage', round(float(active.float().mean()), 4), sparse))
+        return orig_stage(stage_idx, feats, active, sparse=sparse, fill=fill)
+
+    def head(h, feats, active, sparse=False, fill='copy'):
+        calls.append(('head', round(float(active.float().mean()), 4), sparse))
+        return orig_head(h, feats, active, sparse=sparse, fill=fill)
+
+    monkeypatch.setattr(bb, 'forward_stage_masked', stage)
+    monkeypatch.setattr(bb, 'forward_head_masked', head)
+    model.test_cfg.update(global_threshold=_threshold_for(model, x, 0.5), fill='copy')
+    results = {}
+    try:
+        for limit in (1.0, 0.0, 0.45):
+            calls.clear()
+            model.test_cfg.sparse_max_active = limit
+            with torch.no_grad():
+                results[limit] = model.forward_exits(x, feature_mask='sparse')
+            assert calls and all(sparse == (frac <= limit) for _, frac, sparse in calls), (limit, calls)
+    finally:
+        model.test_cfg.pop('sparse_max_active', None)
+    assert any(s for _, _, s in calls) or all(f > 0.45 for _, f, _ in calls)
+    for a, b in zip(results[1.0], results[0.0]):
+        assert (a - b).abs().max() <= 1e-4

@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help='how stopped pixels are treated in the timed pass (default: the config\'s test_cfg)')
     p.add_argument('--max-images', type=int, default=None, help='evaluate on the first N test images')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--optimize', action='store_true',
+                   help='CPU inference settings before timing: mmseg_cbt.utils.tune_malloc() and '
+                        'optimize_for_inference(model) (BN folded into the convs, channels-last); same predictions')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     return p.parse_args(argv)
 
@@ -111,6 +114,10 @@ def main(argv=None) -> dict:
     model = MODELS.build(cfg.model)
     load_checkpoint(model, args.checkpoint, map_location='cpu', strict=False)
     model.to(args.device).eval()
+    if args.optimize:
+        from mmseg_cbt.utils.inference import optimize_for_inference, tune_malloc
+        tune_malloc()
+        optimize_for_inference(model)
     calibrated = model.is_calibrated and int(model.cbt_class_counts.sum()) > 0
     alpha, beta = (float(v) for v in model.cbt_range) if calibrated else (0.9, 0.998)
     settings = args.settings or (['dense', f'adpc:{beta}', f'cbt:{alpha},{beta}', f'cbtns:{alpha},{beta}']
@@ -157,9 +164,10 @@ def main(argv=None) -> dict:
     table = '\n'.join(lines)
     img_shape = tuple(loader.dataset[0]['inputs'].shape[1:])
     note = (f'GFLOPs: multiply-adds of conv/linear layers / 2^30, cumulative per exit, per-image mean at the test '
-            f'pipeline size {img_shape[0]}x{img_shape[1]}; mIoU in %; ms/img measured on {args.device}')
+            f'pipeline size {img_shape[0]}x{img_shape[1]}; mIoU in %; ms/img measured on {args.device}'
+            + (' (tune_malloc + optimize_for_inference)' if args.optimize else ''))
     print('\n' + table + '\n' + note)
-    report = dict(config=args.config, checkpoint=args.checkpoint, note=note, rows=rows)
+    report = dict(config=args.config, checkpoint=args.checkpoint, note=note, optimized=bool(args.optimize), rows=rows)
     write_json_atomic(report, osp.join(out_dir, 'miou_vs_gflops.json'))
     with atomic_path(osp.join(out_dir, 'miou_vs_gflops.csv')) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f)
