@@ -11,8 +11,13 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
     "copy" semantics) from 30 to 90 % active for 3x3 stride-1, 3x3 stride-2 and 1x1 convs at the same
     shapes, and where the sparse path stops winning; these points are the table behind
     ``mmseg_cbt.ops.dense_crossover``.
-(b) end-to-end backbone: to be added as another ``bench_*(args) -> List[dict]`` function, registered in
-    ``SECTIONS`` under ``'b'`` (then ``--sections a b``); reuse ``blob_mask``, ``timed_quiet``.
+(b) ``bench_backbones`` (in ``benchmark_masked_backbone.py``): the whole W18-small and W48 early-exit
+    backbones, dense (as built, and BN-folded channels-last) versus masked stages 2-4, wall ratio next to
+    the MAC ratio.
+
+Before anything is timed, ``mmseg_cbt.utils.tune_malloc()`` is applied (process-wide, so to the dense and
+the masked side alike; ``--no-tune-malloc`` keeps glibc's defaults): without it every call re-faults the
+pages of large fresh tensors on these VMs. ``--method`` selects the CPU sparse algorithm of section (a).
 
 Timing: all variants of one configuration are timed interleaved in one process (round-robin, best of
 ``--repeats`` rounds), because the 2 CPU cores are shared and absolute times drift. Ratios are what to

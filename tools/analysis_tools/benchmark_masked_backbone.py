@@ -1,10 +1,12 @@
 """Section (b) of ``benchmark_masked.py``: whole early-exit HRNet backbones, dense versus masked inference.
 
 For each model (W18-small, W48 early-exit configs) at the given input size and each stopped fraction, a blob-shaped
-stop mask is applied after exit 1 (stem and stage 1 dense, as in ADP-C); the dense pass runs all four stages, the
-masked pass runs stage 1 densely and stages 2-4 through the sparse path (``forward_stage_masked(sparse=True)``).
-The two are timed interleaved in one process (best of ``--repeats``); the MAC ratio counts every conv of the
-backbone at the positions it computes (its output positions that are active under the nearest-resized mask).
+stop mask is applied after exit 1 (stem and stage 1 dense, as in ADP-C); the dense passes run all four stages (mmseg's
+module as built, and the same after ``optimize_for_inference``), the masked pass runs stem and stage 1 densely on the
+optimized backbone and stages 2-4 through the sparse path (``forward_stage_masked(sparse=True)``). All are timed
+interleaved in one process (best of ``--e2e-repeats``); ratios are against the faster dense pass. The MAC ratio
+counts every conv of the backbone at the positions it computes (its output positions that are active under the
+nearest-resized mask).
 """
 import os.path as osp
 from typing import Dict, List

@@ -193,14 +193,10 @@ class _SparseContext:
             if mat is not None:
                 active = gather_rows(buf, self.index(hw))
                 flat.index_copy_(0, support_rows, torch.sparse.mm(mat, active))
-            if buf.data_ptr() not in self._clean:
+            if not self._is_clean(buf):
                 flat.index_fill_(0, far_rows, 0)
-                self._clean[id(buf)] = weakref.ref(buf)
+                self.mark_clean(buf)
         return buf
-
-    def _is_clean(self, buf: Tensor) -> bool:
-        ref = self._clean.get(id(buf))
-        return ref is not None and ref() is buf
 
     def zero_stopped(self, buf: Tensor) -> None:
         """Writes 0 at the stopped positions of a padded buffer (the ``zeros`` fill of a same-shape layer)."""
