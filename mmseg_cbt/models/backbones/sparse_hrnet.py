@@ -144,11 +144,11 @@ class _SparseContext:
         # pairs (stopped q = p - d, active p): q reads p through the kernel tap at offset d
         qy = idx.y[:, None] - dy[None, :]
         qx = idx.x[:, None] - dx[None, :]
-        nn_ = idx.n[:, None].expand_as(qy)
-        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
-        qy, qx, nn_ = qy.clamp(0, h - 1), qx.clamp(0, w - 1), nn_
-        sel = inside & ~mask[nn_, qy, qx]
-        grid = (nn_ * h + qy) * w + qx
+        img = idx.n[:, None].expand_as(qy)
+        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)  # F.conv2d's zero padding: no tap outside the map
+        qy, qx = qy.clamp(0, h - 1), qx.clamp(0, w - 1)
+        sel = inside & ~mask[img, qy, qx]
+        grid = (img * h + qy) * w + qx
         cols = torch.arange(idx.num_active, device=dev)[:, None].expand_as(qy)
         g, c, v = grid[sel], cols[sel], wt[None, :].expand_as(qy)[sel]
         support, row = torch.unique(g, return_inverse=True)
