@@ -50,10 +50,11 @@ Why this representation (measured on the 2-core CPU machines, see the project re
   positions' horizontal runs are packed, with their k input rows, into a small dense image that oneDNN's
   direct convolution processes (3x fewer gathered bytes than im2col, no thin GEMM). It is exact too and
   wins on single thin convs at 128x256 / 64x128, but lost inside the whole masked HRNet, so ``'auto'``
-  uses the GEMM (numbers at ``_AUTO_SEGMENTS``).
+  uses the GEMM (numbers at :func:`choose_method`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ __all__ = [
     'scatter_rows',
     'to_padded_nhwc',
     'padded_interior',
+    'padded_row_index',
     'new_padded_buffer',
     'conv_weight_matrix',
     'fold_bn',
@@ -239,6 +241,21 @@ def _check_buffer(buf: Tensor, name: str = 'buffer') -> None:
 # --------------------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------------------
+def padded_row_index(n: Tensor, y: Tensor, x: Tensor, height: int, width: int, pad: int = 1) -> Tensor:
+    """Flat row of positions ``(n, y, x)`` of a ``height x width`` map in its padded buffer.
+
+    Args:
+        n, y, x: int64 coordinates (image, row, column) in the map's interior.
+        height: Interior height.
+        width: Interior width.
+        pad: Border width of the buffer ``(N, height + 2 pad, width + 2 pad, C)``.
+
+    Returns:
+        int64 rows into ``buf.view(-1, C)``.
+    """
+    return (n * (height + 2 * pad) + y + pad) * (width + 2 * pad) + x + pad
+
+
 class SparseIndex:
     """Active output positions of one mask at one resolution, as flat row indices into padded buffers.
 
@@ -320,9 +337,7 @@ class SparseIndex:
         key = (pad, 0)
         r = self._rows.get(key)
         if r is None:
-            hp, wp = self.height + 2 * pad, self.width + 2 * pad
-            r = (self.n * hp + self.y + pad) * wp + self.x + pad
-            self._rows[key] = r
+            r = self._rows[key] = padded_row_index(self.n, self.y, self.x, self.height, self.width, pad)
         return r
 
     @property
@@ -340,8 +355,7 @@ class SparseIndex:
         r = self._rows.get(key)
         if r is None:
             n, y, x = (~self.mask).nonzero(as_tuple=True)
-            hp, wp = self.height + 2 * pad, self.width + 2 * pad
-            r = self._rows[key] = (n * hp + y + pad) * wp + x + pad
+            r = self._rows[key] = padded_row_index(n, y, x, self.height, self.width, pad)
         return r
 
     def windows(self, in_hw: Optional[Tuple[int, int]] = None, kernel_size: int = 3, stride: int = 1,
@@ -583,16 +597,10 @@ class SegmentTables:
         # filler slots past the right edge of the last image row can point beyond the buffer: clamp (their
         # values are never read by a real output)
         gather.clamp_(0, idx.batch * hp * wp - 1)
-        chunks = []
-        g0 = 0
-        bounds = torch.tensor([sum(sizes[:i + 1]) * group for i in range(len(sizes))], dtype=torch.int64,
-                              device=dev)
-        pos_end = torch.searchsorted(real, bounds).tolist()
-        p0 = 0
-        for size, p1 in zip(sizes, pos_end):
-            chunks.append((g0, size, p0, p1, real[p0:p1] - g0 * group))
-            g0 += size
-            p0 = p1
+        group_end = list(itertools.accumulate(sizes))
+        pos_end = torch.searchsorted(real, torch.tensor(group_end, device=dev) * group).tolist()
+        chunks = [(g1 - size, size, p0, p1, real[p0:p1] - (g1 - size) * group)
+                  for size, g1, p0, p1 in zip(sizes, group_end, [0] + pos_end[:-1], pos_end)]
         return cls(gather, groups, group, in_width, real, chunks, slots, groups * group / m)
 
 
@@ -929,24 +937,17 @@ def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, 
 # groups per conv call (16 x 256 slots: a chunk's packed input stays within L2 for C <= 96).
 _SEGMENT_GROUP = 256
 _SEGMENT_CHUNK_GROUPS = 16
-# Whether 'auto' ever picks the segment path, and when: 3x3 convs with at least _SEGMENT_MIN_ACTIVE active
-# positions whose packed line computes at most _SEGMENT_MAX_OVERHEAD slots per active position. Measured (2
-# threads, blob masks, W18s/W48 branch shapes at a 512x1024 input, tune_malloc on): as single convs, segments
-# beat the GEMM by 5-20 % at 128x256 and 64x128 (C=18..96, 10-50 % active) and lose by 20-130 % on 16x32
-# maps and below ~1000 active positions. Inside the whole masked W18s/W48 stages 2-4, though, the rule above
-# was 2-25 % SLOWER than the GEMM everywhere (50/75/90 % stopped; e.g. W48 75 %: 510 vs 473 ms, W18s 75 %:
-# 110 vs 87 ms), so 'auto' uses the GEMM and segments stay an explicit option (method='segments').
-_AUTO_SEGMENTS = False
-_SEGMENT_MIN_ACTIVE = 1024
-_SEGMENT_MAX_OVERHEAD = 1.3
-
-
+# 'auto' means the GEMM. Measured (2 threads, blob masks, W18s/W48 branch shapes at a 512x1024 input, tune_malloc
+# on): as single convs, segments beat the GEMM by 5-20 % at 128x256 and 64x128 (C=18..96, 10-50 % active) and lose
+# by 20-130 % on 16x32 maps and below ~1000 active positions. Inside the whole masked W18s/W48 stages 2-4, though,
+# a rule picking segments for 3x3 convs with >= 1024 active positions and <= 1.3 slots per position was 2-25 %
+# SLOWER than the GEMM everywhere (50/75/90 % stopped; e.g. W48 75 %: 510 vs 473 ms, W18s 75 %: 110 vs 87 ms),
+# so segments stay an explicit option (method='segments').
 def choose_method(method: str, idx: SparseIndex, call: '_ConvCall') -> str:
     """The CPU sparse algorithm for one conv call.
 
     ``'auto'`` is ``'gemm'``: the segment path wins as a single conv on large thin maps but lost inside the
-    whole masked HRNet (see ``_AUTO_SEGMENTS``); with that switch on, ``'auto'`` picks ``'segments'`` for 3x3
-    convs with many active positions whose packed line wastes few slots.
+    whole masked HRNet (numbers above this function).
 
     Args:
         method: ``'auto'``, ``'gemm'`` or ``'segments'``.
@@ -963,12 +964,7 @@ def choose_method(method: str, idx: SparseIndex, call: '_ConvCall') -> str:
         raise ValueError(f"method must be 'auto', 'gemm' or 'segments', got {method!r}")
     if method == 'segments' and call.k != 3:
         raise ValueError('the segments method is for 3x3 convs; 1x1 convs use the gemm method')
-    if method != 'auto':
-        return method
-    if not _AUTO_SEGMENTS or call.k != 3 or idx.num_active < _SEGMENT_MIN_ACTIVE:
-        return 'gemm'
-    t = idx.segments((call.h_in, call.w_in), call.k, call.stride, call.padding, call.in_pad)
-    return 'segments' if t.overhead <= _SEGMENT_MAX_OVERHEAD else 'gemm'
+    return 'gemm' if method == 'auto' else method
 
 
 def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tensor, bias: Optional[Tensor],
@@ -1002,6 +998,17 @@ def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tens
             rows.relu_()
         if dst_rows is not None:
             dst.index_copy_(0, dst_rows[p0:p1], rows)
+
+
+def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, dense_weight: Optional[Tensor],
+                bias: Optional[Tensor], res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool,
+                dst: Tensor, dst_rows: Optional[Tensor], chunk_rows: Optional[int], method: str) -> None:
+    """The PyTorch sparse path of :func:`sparse_conv_rows` / :func:`sparse_conv_buffer`, by ``method``."""
+    if choose_method(method, idx, call) == 'segments':
+        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
+        _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, dst, dst_rows)
+    else:
+        _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, dst, dst_rows, chunk_rows)
 
 
 def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
@@ -1070,11 +1077,7 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         return sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
                                        kernel_size=call.k, residual=res_src, residual_rows=res_rows,
                                        relu=relu, out=out)
-    if choose_method(method, idx, call) == 'segments':
-        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
-        _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, out, None)
-        return out
-    _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out, None, chunk_rows)
+    _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out, None, chunk_rows, method)
     return out
 
 
@@ -1260,13 +1263,8 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
                                 kernel_size=call.k, residual=res_src, residual_rows=res_rows,
                                 relu=relu, out=out_buf.view(-1, call.cout), out_rows=idx.rows(out_pad))
         return out_buf
-    if choose_method(method, idx, call) == 'segments':
-        w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
-        _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
-                        idx.rows(out_pad))
-        return out_buf
-    _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
-                  idx.rows(out_pad), chunk_rows)
+    _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
+                idx.rows(out_pad), chunk_rows, method)
     return out_buf
 
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from mmseg.models.backbones.resnet import BasicBlock
 from mmseg.models.utils import resize
 
-from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, scatter_rows,
-                           sparse_conv_rows, to_padded_nhwc)
+from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, padded_row_index,
+                           scatter_rows, sparse_conv_rows, to_padded_nhwc)
 from .masked_hrnet import MaskContext, rbf_kernel
 
 __all__ = ['sparse_stage', 'sparse_head']
@@ -109,10 +109,8 @@ class _SparseContext:
 
         y0, y1, wy0, wy1 = axis(idx.y, h_in)
         x0, x1, wx0, wx1 = axis(idx.x, w_in)
-        wp = w_in + 2
-        base = idx.n * ((h_in + 2) * wp) + wp + 1  # image offset plus the 1-pixel border
-        rows = torch.stack([base + y0 * wp + x0, base + y0 * wp + x1, base + y1 * wp + x0,
-                            base + y1 * wp + x1], dim=1).contiguous()
+        rows = torch.stack([padded_row_index(idx.n, ty, tx, h_in, w_in) for ty, tx in ((y0, x0), (y0, x1), (y1, x0),
+                                                                                       (y1, x1))], dim=1).contiguous()
         weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=1).contiguous()
         self._taps[key] = (rows, weights)
         return rows, weights
@@ -133,7 +131,7 @@ class _SparseContext:
             return hit
         idx = self.index(key)
         mask = idx.mask
-        n_img, h, w = mask.shape
+        _, h, w = mask.shape
         dev = mask.device
         k = rbf_kernel(device=dev)
         r = torch.arange(-3, 4, device=dev)
@@ -162,13 +160,12 @@ class _SparseContext:
                 warnings.simplefilter('ignore')
                 mat = torch.sparse_csr_tensor(crow, c, v, size=(support.numel(), idx.num_active))
 
-        def padded_rows(flat_grid: Tensor) -> Tensor:
-            nq, rem = flat_grid // (h * w), flat_grid % (h * w)
-            return (nq * (h + 2) + rem // w + 1) * (w + 2) + rem % w + 1
-
-        far = ~mask.reshape(-1)
-        far[support] = False
-        out = (mat, padded_rows(support), padded_rows(far.nonzero()[:, 0]))
+        # support (sorted grid ids = raster order, the CSR's row order) and the other stopped positions as rows
+        in_support = torch.zeros_like(mask)
+        in_support.view(-1)[support] = True
+        far = ~mask & ~in_support
+        out = (mat, padded_row_index(*in_support.nonzero(as_tuple=True), h, w),
+               padded_row_index(*far.nonzero(as_tuple=True), h, w))
         self._rbf[key] = out
         return out
 
