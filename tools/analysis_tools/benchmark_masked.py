@@ -14,6 +14,8 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
 (b) ``bench_backbones`` (in ``benchmark_masked_backbone.py``): the whole W18-small and W48 early-exit
     backbones, dense (as built, and BN-folded channels-last) versus masked stages 2-4, wall ratio next to
     the MAC ratio.
+(paths) ``bench_paths`` (same file): stages 2-4 timed as dense, simulated, sparse (GEMM), sparse with every
+    3x3 conv through ``method='segments'``, and sparse with the rbf fill.
 
 Before anything is timed, ``mmseg_cbt.utils.tune_malloc()`` is applied (process-wide, so to the dense and
 the masked side alike; ``--no-tune-malloc`` keeps glibc's defaults): without it every call re-faults the
@@ -376,16 +378,24 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
-def bench_backbones(args: argparse.Namespace) -> List[dict]:
-    """Section (b): whole W18-small / W48 early-exit backbones (see ``benchmark_masked_backbone.py``)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark_masked_backbone import bench_backbones as run
-    return run(args)
+def _backbone_section(name: str) -> Callable[[argparse.Namespace], List[dict]]:
+    """A section implemented in ``benchmark_masked_backbone.py`` (imported lazily: it needs mmseg)."""
+    def run(args: argparse.Namespace) -> List[dict]:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import benchmark_masked_backbone
+        return getattr(benchmark_masked_backbone, name)(args)
+    return run
+
+
+# Section (b): whole W18-small / W48 early-exit backbones; 'paths': their stages 2-4 by execution path.
+bench_backbones = _backbone_section('bench_backbones')
+bench_paths = _backbone_section('bench_paths')
 
 
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
     'a': bench_single_convs,
     'b': bench_backbones,
+    'paths': bench_paths,
     'crossover': bench_crossover,
 }
 

@@ -154,3 +154,51 @@ def bench_backbones(args) -> List[dict]:
                   f'{row["wall_ratio"]:10.3f} {mr:9.3f} {row["wall_over_mac"]:8.3f} | {row["wall_ratio_234"]:8.3f} '
                   f'{mr234:8.3f} {row["wall_over_mac_234"]:8.3f}{flag}', flush=True)
     return rows
+
+
+def bench_paths(args) -> List[dict]:
+    """Section ``paths``: stages 2-4 of the optimized backbones by execution path, timed interleaved.
+
+    ``dense`` (all pixels), ``simulate`` (dense then mask, copy fill: what ``test_cfg.sparse_max_active`` falls back
+    to), ``sparse`` (the default GEMM method, copy fill), ``sparse_segments`` (every 3x3 conv through
+    ``method='segments'``) and ``sparse_rbf`` (GEMM, rbf fill on its support). These are the measurements behind
+    ``choose_method``'s 'auto' = GEMM, the 0.6 default of ``sparse_max_active`` and the rbf cost in the README.
+    """
+    import copy
+    from unittest import mock
+
+    from benchmark_masked import blob_mask, time_interleaved
+
+    import mmseg_cbt.ops.sparse_conv as sc
+    from mmseg_cbt.utils.inference import optimize_for_inference
+    rows = []
+    h, w = args.input_size
+    print(f'\n(paths) stages 2-4 at {h}x{w} (optimized backbone, batch 1): ms per pass')
+    names = ('dense', 'simulate', 'sparse', 'sparse_segments', 'sparse_rbf')
+    print(f'{"model":<6} {"stopped":>7} ' + ' '.join(f'{n:>15}' for n in names))
+    for name in args.models:
+        ob = optimize_for_inference(copy.deepcopy(build_backbone(name)))
+        with torch.no_grad():
+            f1 = ob.forward_stage(1, [torch.randn(1, 3, h, w).contiguous(memory_format=torch.channels_last)])
+        for stopped in [s for s in args.stopped if s > 0]:
+            active = blob_mask(1, f1[0].shape[-2], f1[0].shape[-1], 1 - stopped / 100, seed=int(stopped))
+
+            def stages(sparse: bool = True, fill: str = 'copy', masked: bool = True, active=active):
+                feats = f1
+                for s in (2, 3, 4):
+                    feats = (ob.forward_stage_masked(s, feats, active, sparse=sparse, fill=fill) if masked
+                             else ob.forward_stage(s, feats))
+                return feats
+
+            def segments():
+                # the network has no method switch (segments are opt-in per call): route every 3x3 conv there
+                with mock.patch.object(sc, 'choose_method', lambda m, i, c: 'segments' if c.k == 3 else 'gemm'):
+                    return stages()
+
+            t: Dict[str, float] = time_interleaved(
+                {'dense': lambda: stages(masked=False), 'simulate': lambda: stages(sparse=False),
+                 'sparse': stages, 'sparse_segments': segments, 'sparse_rbf': lambda: stages(fill='rbf')},
+                args.e2e_repeats)
+            rows.append(dict(section='paths', model=name, stopped=stopped, **{f'{k}_ms': v for k, v in t.items()}))
+            print(f'{name:<6} {stopped:>6.0f}% ' + ' '.join(f'{t[n]:15.1f}' for n in names), flush=True)
+    return rows
