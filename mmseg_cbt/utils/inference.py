@@ -5,9 +5,10 @@ measured on, so the benchmarks apply them to both sides before comparing:
 
 * :func:`tune_malloc` - glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
   ``mmap``, and its pages are faulted in on first touch on every call. An HRNet stage-1 feature map at a
-  512x1024 input (256 x 128 x 256 fp32) is 33.5 MiB, so each of those layers paid ~8,000 page faults per call:
-  measured in this VM, a 1x1 conv 64->256 at 128x256 took 18.5 ms with glibc's defaults and 4.6 ms with mmap
-  disabled, and the 3->64 stem conv 14.1 ms vs 1.9 ms. Keeping freed memory in the heap removes that.
+  512x1024 input (256 x 128 x 256 fp32) is 33.5 MiB, so those layers paid thousands of page faults per call.
+  Keeping freed memory in the heap removes that: the dense W18s backbone at 512x1024 went from 493 to 336 ms,
+  W48 from 1834 to 1480 ms (``tools/analysis_tools/benchmark_masked.py --sections b --stopped 0`` with and
+  without ``--no-tune-malloc``).
 * :func:`optimize_for_inference` - BatchNorm folded into the preceding convs and channels-last weights: oneDNN's
   convolutions then run without layout conversions and without a separate BN pass.
 """
