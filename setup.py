@@ -30,6 +30,8 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'demo')),
         include_package_data=True,
+        # the compiled CPU kernel of the masked conv is built from this source on first use
+        package_data={'mmseg_cbt.ops': ['csrc/*.cpp']},
         python_requires='>=3.8',
         license='Apache License 2.0',
         install_requires=parse_requirements('requirements/runtime.txt'),

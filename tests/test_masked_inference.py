@@ -325,3 +325,27 @@ def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
     assert any(s for _, _, s in calls) or all(f > 0.45 for _, f, _ in calls)
     for a, b in zip(results[1.0], results[0.0]):
         assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('fill', ('copy', 'rbf'))
+def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
+    """The masked stages through the compiled CPU kernel (default) and through the pure-PyTorch path
+    (MMSEG_CBT_CPU_EXT=0) both equal the simulated oracle at every position (250x330, batch 2)."""
+    from mmseg_cbt.ops import cpu_ext_available
+    bb = model.backbone
+    x = torch.randn(2, 3, 250, 330)
+    outs = {}
+    with torch.no_grad():
+        feats = bb.forward_stage(1, [x])
+        h4, w4 = feats[0].shape[-2:]
+        active = _blob_mask(2, h4, w4, 0.35, seed=4)
+        for env in ('1', '0', 'oracle'):
+            monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0' if env == '0' else '1')
+            if env == '1':
+                assert cpu_ext_available()
+            f = feats
+            for stage in (2, 3, 4):
+                f = bb.forward_stage_masked(stage, f, active, sparse=env != 'oracle', fill=fill)
+            outs[env] = f
+    for a, b, c in zip(outs['1'], outs['0'], outs['oracle']):
+        assert (a - c).abs().max() <= 1e-4 and (b - c).abs().max() <= 1e-4

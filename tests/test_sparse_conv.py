@@ -536,3 +536,114 @@ def test_choose_method():
         idx.segments(kernel_size=1)
     empty = SparseIndex.build(torch.zeros(1, 8, 8, dtype=torch.bool))
     assert empty.segments().chunks == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# compiled CPU kernel (csrc/sparse_conv_cpu.cpp) against the PyTorch path, its reference
+# ---------------------------------------------------------------------------------------------------
+def _cpu_ext():
+    """The compiled kernel; CI builds it (compiler + ninja are in the set-up), so a failed build fails here."""
+    from mmseg_cbt.ops import cpu_ext_enabled, load_cpu_ext
+    if not cpu_ext_enabled():
+        pytest.skip('MMSEG_CBT_CPU_EXT=0')
+    ext = load_cpu_ext()
+    assert ext is not None, 'the CPU kernel failed to build (see the warning)'
+    return ext
+
+
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1)])
+@pytest.mark.parametrize('residual', [None, 'rows', 'buffer', 'out'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cpu_kernel_matches_torch_path(k, stride, residual, dtype):
+    """Buffer API, batch of 2 with different masks, odd sizes, chunks that do not divide M: the kernel writes the
+    PyTorch path's values at active positions (equal to F.conv2d there) and leaves every other position as it was,
+    including when the residual is the output buffer itself."""
+    _cpu_ext()
+    torch.manual_seed(11)
+    h_in, w_in, cin, cout = 23, 37, 7, 12
+    ho, wo = (h_in, w_in) if stride == 1 else ((h_in + 1) // 2, (w_in + 1) // 2)
+    x = torch.randn(2, cin, h_in, w_in, dtype=dtype)
+    w, b = torch.randn(cout, cin, k, k, dtype=dtype), torch.randn(cout, dtype=dtype)
+    mask = _masks(2, ho, wo, seed=5)
+    idx = SparseIndex.build(mask)
+    buf = to_padded_nhwc(x)
+    prev = torch.randn(2, cout, ho, wo, dtype=dtype)  # what the output buffer held before (copy fill)
+    res_nchw = torch.randn(2, cout, ho, wo, dtype=dtype)
+    results = {}
+    for backend in ('torch', 'cpp'):
+        out_buf = to_padded_nhwc(prev)
+        res = None
+        if residual == 'rows':
+            res = gather_rows(to_padded_nhwc(res_nchw), idx)
+        elif residual == 'buffer':
+            res = to_padded_nhwc(res_nchw)
+        elif residual == 'out':
+            res = out_buf
+        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b if residual != 'rows' else None, out_buf,
+                           stride=stride, padding=k // 2, residual=res, relu=residual is not None,
+                           chunk_rows=13, dense_threshold=float('inf'), backend=backend)
+        results[backend] = padded_interior(out_buf)
+    ref = F.conv2d(x, w, b if residual != 'rows' else None, stride=stride, padding=k // 2)
+    if residual is not None:
+        ref = F.relu(ref + (prev if residual == 'out' else res_nchw))
+    keep = mask[:, None].expand_as(ref)
+    atol = ATOL if dtype == torch.float32 else 1e-10
+    assert torch.allclose(results['cpp'], results['torch'], atol=atol, rtol=0)
+    assert torch.allclose(results['cpp'][keep], ref[keep], atol=atol, rtol=0)
+    assert torch.equal(results['cpp'][~keep], prev[~keep])
+
+
+@pytest.mark.parametrize('chunk', [None, 1, 1000])
+def test_cpu_kernel_rows_api_and_default_backend(chunk, monkeypatch):
+    """Compact rows out (sparse_conv_rows) with compact residual rows; 'auto' on a CPU tensor runs the kernel
+    (the PyTorch path is not called) and gives the same rows as backend='torch'."""
+    _cpu_ext()
+    torch.manual_seed(12)
+    x = torch.randn(2, 9, 31, 29)
+    mask = _masks(2, 31, 29, seed=6)
+    w, b = torch.randn(10, 9, 3, 3), torch.randn(10)
+    idx = SparseIndex.build(mask)
+    buf = to_padded_nhwc(x)
+    res = torch.randn(idx.num_active, 10)
+    ref = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk,
+                           dense_threshold=float('inf'), backend='torch')
+    monkeypatch.setattr(sc, '_torch_sparse', lambda *a, **kw: pytest.fail('PyTorch path used under auto'))
+    y = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk,
+                         dense_threshold=float('inf'))
+    assert torch.allclose(y, ref, atol=ATOL, rtol=0)
+    dense = F.relu(F.conv2d(x, w, b, padding=1).permute(0, 2, 3, 1)[mask] + res)
+    assert torch.allclose(y, dense, atol=ATOL, rtol=0)
+
+
+def test_cpu_kernel_switch_and_errors(monkeypatch):
+    """MMSEG_CBT_CPU_EXT=0 sends 'auto' to the PyTorch path and makes backend='cpp' an error; the kernel refuses
+    dtypes and index tables it cannot handle with a message instead of reading out of bounds."""
+    ext = _cpu_ext()
+    from mmseg_cbt.ops import cpu_ext_available
+    x = torch.randn(1, 4, 9, 11)
+    w = torch.randn(5, 4, 3, 3)
+    mask = torch.rand(1, 9, 11) < 0.5
+    with pytest.raises(ValueError, match="backend='cpp' runs float32/float64"):
+        sparse_conv2d(x.half(), w.half(), None, mask, padding=1, backend='cpp', dense_threshold=2.0)
+    monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0')
+    assert not cpu_ext_available()
+    calls = []
+    real = sc._torch_sparse
+    monkeypatch.setattr(sc, '_torch_sparse', lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    y = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=2.0)
+    assert calls, 'auto must fall back to the PyTorch path when the kernel is disabled'
+    _assert_active_close(y, F.conv2d(x, w, padding=1), mask)
+    with pytest.raises(RuntimeError, match='CPU kernel is not available'):
+        sparse_conv2d(x, w, None, mask, padding=1, backend='cpp', dense_threshold=2.0)
+    monkeypatch.delenv('MMSEG_CBT_CPU_EXT')
+    src = torch.randn(50, 4)
+    wm = torch.randn(36, 5)
+    with pytest.raises(RuntimeError, match='int64'):
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int32), 3, wm, None, None, None, False,
+                             torch.empty(1, 5), None, 8)
+    with pytest.raises(RuntimeError, match='wmat must be'):
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, torch.randn(35, 5), None, None, None,
+                             False, torch.empty(1, 5), None, 8)
+    with pytest.raises(RuntimeError, match='compact dst'):
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, wm, None, None, None, False,
+                             torch.empty(2, 5), None, 8)

@@ -1,4 +1,5 @@
-"""Masked ("sparse") 2-D convolution for early-exit inference, pure PyTorch.
+"""Masked ("sparse") 2-D convolution for early-exit inference: the PyTorch path, and the dispatch to the compiled
+CPU kernel (:mod:`.sparse_conv_cpu`, same algorithm fused per chunk) and the Triton kernel (CUDA).
 
 Semantics (the ones that keep a trained network unchanged, cf. ADP-C's dense simulation and mmcv's
 ``MaskedConv2d``): outputs are computed only at *active* output positions (``mask == True``); every
@@ -1000,15 +1001,52 @@ def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tens
             dst.index_copy_(0, dst_rows[p0:p1], rows)
 
 
+# Chunk of the compiled CPU kernel: each thread gathers into its own block, so ~256 KiB (within a core's L2 next
+# to the GEMM's packed weight panels), at least 128 rows so the GEMM amortises reading the weight. Measured on W48
+# stages 2-4 (75 % stopped): 16-256-row minimums within 3 % of each other, 512 rows 7 % slower.
+_EXT_CHUNK_BYTES, _EXT_MIN_CHUNK_ROWS, _EXT_MAX_CHUNK_ROWS = 256 << 10, 128, 1024
+
+
+def _ext_chunk_rows(kkc: int, itemsize: int) -> int:
+    return max(_EXT_MIN_CHUNK_ROWS, min(_EXT_MAX_CHUNK_ROWS, _EXT_CHUNK_BYTES // max(1, itemsize * kkc)))
+
+
 def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, dense_weight: Optional[Tensor],
                 bias: Optional[Tensor], res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool,
-                dst: Tensor, dst_rows: Optional[Tensor], chunk_rows: Optional[int], method: str) -> None:
-    """The PyTorch sparse path of :func:`sparse_conv_rows` / :func:`sparse_conv_buffer`, by ``method``."""
+                dst: Tensor, dst_rows: Optional[Tensor], chunk_rows: Optional[int], method: str,
+                backend: str = 'auto') -> None:
+    """The CPU sparse path of :func:`sparse_conv_rows` / :func:`sparse_conv_buffer`, by ``method`` and backend.
+
+    ``'gemm'`` runs in the compiled kernel (:mod:`mmseg_cbt.ops.sparse_conv_cpu`) when ``backend`` allows it and
+    it is built, else in :func:`_torch_sparse` (its reference: same tables, same chunked algorithm).
+    """
     if choose_method(method, idx, call) == 'segments':
         w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
         _segment_sparse(buf, idx, call, w4, bias, res_src, res_rows, relu, dst, dst_rows)
-    else:
+        return
+    ext = _cpu_ext(backend, buf)
+    if ext is None:
         _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, dst, dst_rows, chunk_rows)
+        return
+    step = int(chunk_rows) if chunk_rows is not None else _ext_chunk_rows(call.k * call.k * call.cin,
+                                                                          buf.element_size())
+    ext.sparse_conv_gemm(buf.view(-1, call.cin), call.strips, call.k, wmat,
+                         None if bias is None else bias.contiguous(), res_src, res_rows, relu, dst, dst_rows,
+                         max(1, step))
+
+
+def _cpu_ext(backend: str, t: Tensor):
+    """The compiled CPU kernel module if ``backend`` selects it for tensor ``t``, else None."""
+    if backend in ('torch', 'triton') or t.is_cuda or t.dtype not in (torch.float32, torch.float64):
+        if backend == 'cpp':
+            raise ValueError(f"backend='cpp' runs float32/float64 CPU tensors, got {t.dtype} on {t.device}")
+        return None
+    from .sparse_conv_cpu import load_cpu_ext
+    ext = load_cpu_ext()
+    if ext is None and backend == 'cpp':
+        raise RuntimeError("backend='cpp' requested but the CPU kernel is not available (disabled by "
+                           "MMSEG_CBT_CPU_EXT=0, or its build failed: see the warning)")
+    return ext
 
 
 def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
@@ -1042,8 +1080,10 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
             None, at the cost of a reshape copy).
         dense_threshold: Active fraction above which the dense conv (+ a row gather) is used; default
             :func:`dense_crossover`. Pass ``float('inf')`` to force the sparse path.
-        backend: ``'auto'`` (Triton for CUDA tensors when importable, else PyTorch), ``'torch'`` or
-            ``'triton'`` (also runs on CPU tensors under ``TRITON_INTERPRET=1``). With Triton the
+        backend: ``'auto'`` (CUDA tensors: Triton when importable, else PyTorch; float32/64 CPU tensors:
+            the compiled CPU kernel when built, else PyTorch), ``'torch'`` (pure PyTorch, the reference),
+            ``'cpp'`` (the compiled CPU kernel, error if unavailable) or ``'triton'`` (also runs on CPU
+            tensors under ``TRITON_INTERPRET=1``). With Triton the
             default ``dense_threshold`` only sends full masks to the dense conv (its GPU crossover is
             not measured).
         method: CPU sparse algorithm: ``'gemm'`` (chunked im2col gather + GEMM), ``'segments'``
@@ -1077,7 +1117,8 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         return sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
                                        kernel_size=call.k, residual=res_src, residual_rows=res_rows,
                                        relu=relu, out=out)
-    _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out, None, chunk_rows, method)
+    _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out, None, chunk_rows, method,
+                backend)
     return out
 
 
@@ -1236,7 +1277,7 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
         chunk_rows: See :func:`sparse_conv_rows`.
         dense_weight: ``(Cout, Cin, k, k)`` for the dense fallback (else derived from ``wmat``).
         dense_threshold: Default :func:`dense_crossover`; ``float('inf')`` forces the sparse path.
-        backend: ``'auto'``, ``'torch'`` or ``'triton'``.
+        backend: ``'auto'``, ``'torch'``, ``'cpp'`` or ``'triton'`` (see :func:`sparse_conv_rows`).
         method: ``'auto'``, ``'gemm'`` or ``'segments'`` (see :func:`sparse_conv_rows`).
 
     Returns:
@@ -1264,7 +1305,7 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
                                 relu=relu, out=out_buf.view(-1, call.cout), out_rows=idx.rows(out_pad))
         return out_buf
     _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
-                idx.rows(out_pad), chunk_rows, method)
+                idx.rows(out_pad), chunk_rows, method, backend)
     return out_buf
 
 
@@ -1290,14 +1331,14 @@ def _triton_available() -> bool:
 
 
 def _use_triton(backend: str, t: Tensor) -> bool:
-    if backend == 'torch':
+    if backend in ('torch', 'cpp'):
         return False
     if backend == 'triton':
         if not _triton_available():
             raise RuntimeError("backend='triton' requested but triton is not importable")
         return True
     if backend != 'auto':
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'torch', 'cpp' or 'triton', got {backend!r}")
     return t.is_cuda and _triton_available()
 
 
@@ -1337,7 +1378,8 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
         padding: Zero padding (int).
         out: Optional ``(N, Cout, H_out, W_out)`` tensor written in place at active positions.
         dense_threshold: Active fraction above which the dense conv is used.
-        backend: ``'auto'`` (Triton for CUDA tensors if importable), ``'torch'`` or ``'triton'``.
+        backend: ``'auto'`` (Triton for CUDA tensors if importable, the compiled kernel for CPU ones if
+            built), ``'torch'``, ``'cpp'`` or ``'triton'`` (see :func:`sparse_conv_rows`).
 
     Returns:
         ``(N, Cout, H_out, W_out)`` tensor (``out`` if given). A freshly allocated result may be in
@@ -1417,7 +1459,7 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     buf = to_padded_nhwc(input, padding)
     rows = sparse_conv_rows(buf, idx, conv_weight_matrix(weight), bias, stride=stride, padding=padding,
                             in_pad=padding, dense_threshold=float('inf'),
-                            backend='triton' if use_triton else 'torch')
+                            backend='triton' if use_triton else backend)
     if out is None:
         res = input.new_zeros(n, ho, wo, cout)
         res.view(-1, cout).index_copy_(0, idx.rows(0), rows)

@@ -210,7 +210,7 @@ def _conv_case(c_in: int, c_out: int, h: int, w: int, kernel_size: int = 3, stri
 
 
 def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
-                   stride: int = 1, dense_threshold: float = None, method: str = 'auto'
+                   stride: int = 1, dense_threshold: float = None, method: str = 'auto', backend: str = 'auto'
                    ) -> Tuple[Callable[[], object], float, str]:
     """Prepares the stage-API call for one conv; returns (callable, index build ms, path).
 
@@ -235,7 +235,7 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
 
     if not bool(mask.all()):
         def run() -> object:
-            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, method=method)
+            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, method=method, backend=backend)
     else:
         # nothing stopped: what the library does then (sparse_conv2d's full-mask path, the masked HRNet's dense
         # stage) is the plain dense conv, not a dense conv written into a stage buffer. The input comes in the
@@ -283,11 +283,14 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
         One dict per (shape, stopped fraction).
     """
     rows = []
+    cpu_kernel = args.device == 'cpu' and ops.cpu_ext_available()
     print(f'\n(a) single 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads, '
           f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover; '
           f'method {args.method}')
+    if cpu_kernel:
+        print('masked = the default CPU path (the compiled kernel); "torch" = the same algorithm as pure-PyTorch ops')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
-           f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"idx ms":>7} '
+           f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"torch":>6} {"idx ms":>7} '
            f'{"bg%":>4}')
     print(hdr)
     print('-' * len(hdr))
@@ -298,7 +301,10 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
             active = 1.0 - stopped / 100.0
             mask = blob_mask(1, h, w, active, seed=c + int(stopped)).to(args.device)
             run, build_ms, path = _masked_runner(x, weight, bias, mask, method=args.method)
-            t, foreign = timed_quiet({**dense, 'masked': run}, args)
+            fns = {**dense, 'masked': run}
+            if cpu_kernel and path == 'sparse' and args.method != 'segments':
+                fns['masked_torch'] = _masked_runner(x, weight, bias, mask, method=args.method, backend='torch')[0]
+            t, foreign = timed_quiet(fns, args)
             fmt = min(dense, key=lambda k: t[k])
             d_ms = t[fmt]
             act = float(mask.float().mean())
@@ -310,12 +316,16 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
                        masked_ms=t['masked'], ratio=ratio, mac_ratio=act if path == 'sparse' else
                        (0.0 if path == 'skip' else 1.0), target=target, index_build_ms=build_ms,
                        meets_target=None if target is None else ratio <= target,
-                       foreign_load=foreign)
+                       foreign_load=foreign, cpu_kernel=cpu_kernel,
+                       masked_torch_ms=t.get('masked_torch'),
+                       ratio_torch=t['masked_torch'] / d_ms if 'masked_torch' in t else None)
             rows.append(row)
             flag = '' if target is None else (' ok' if ratio <= target else ' MISS')
+            torch_col = '' if row['ratio_torch'] is None else f'{row["ratio_torch"]:.3f}'
             print(f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
                   f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
-                  f'{"" if target is None else f"{target:.2f}":>6} {build_ms:7.3f} '
+                  f'{"" if target is None else f"{target:.2f}":>6} '
+                  f'{torch_col:>6} {build_ms:7.3f} '
                   f'{100 * foreign:4.0f}{flag}', flush=True)
     return rows
 

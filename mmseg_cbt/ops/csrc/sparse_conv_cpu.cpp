@@ -1,0 +1,135 @@
+// CPU kernel of mmseg_cbt's masked ("sparse") convolution: gather -> GEMM -> epilogue -> scatter, fused per chunk.
+//
+// Same algorithm and tables as the PyTorch path (mmseg_cbt/ops/sparse_conv.py, _torch_sparse), which is its
+// reference in the parity tests. Why a compiled kernel on top of that path (measured on the 2-core CPU machines,
+// W48 stages 2-4 at 512x1024 with 75 % stopped): there every op of a chunk (index_select, mm, add_, relu_,
+// index_copy_) is its own OpenMP region, so each chunk pays a fork/join per op, the gathered block is written
+// by both threads and then read by both, and Python adds ~2 us per op call. Here each thread owns whole chunks:
+// it gathers a chunk into its own L2-sized block, runs a single-threaded GEMM on it (at::mm_out inside a
+// parallel region does not spawn threads), applies bias / residual / ReLU row by row while the rows are in L1,
+// and scatters them. Measured 15-20 % less time for the masked stages than the PyTorch path, and up to 30 % on
+// single 48-192-channel convs. (MKL's packed-weight GEMM was tried too and was 5-10 % slower than at::mm_out.)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+// Short rows (54-1152 values): an inlined, vectorised loop instead of a memcpy call per row.
+template <typename T>
+inline void copy_row(T* __restrict__ d, const T* __restrict__ s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) d[j] = s[j];
+}
+
+template <typename T>
+void run_chunks(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
+                const T* bias, const T* res, const int64_t* res_rows, bool relu, T* dst,
+                const int64_t* dst_rows, int64_t chunk) {
+  const int64_t cin = src.size(1);
+  const int64_t m = strips.numel() / k;
+  const int64_t strip = k * cin, kkc = k * strip, cout = wmat.size(1);
+  const T* s = src.data_ptr<T>();
+  const int64_t* st = strips.data_ptr<int64_t>();
+  const int64_t nchunks = (m + chunk - 1) / chunk;
+  // grain 1: every chunk is a task; OpenMP splits the chunk range into one contiguous share per thread
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    // per-thread scratch kept between calls: a fresh 100 KiB-1 MiB allocation per call and thread costs page
+    // faults (glibc serves it by mmap) that are comparable to a small conv
+    thread_local std::vector<T> a_buf, o_buf;
+    if (a_buf.size() < static_cast<size_t>(chunk * kkc)) a_buf.resize(chunk * kkc);
+    if (o_buf.size() < static_cast<size_t>(chunk * cout)) o_buf.resize(chunk * cout);
+    T* ap = a_buf.data();
+    T* op = o_buf.data();
+    const auto opts = src.options();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t p0 = c * chunk, n = std::min(chunk, m - p0);
+      // im2col of the chunk: k contiguous strips of k*cin values per window (see SparseIndex.windows)
+      const int64_t* sc = st + p0 * k;
+      for (int64_t i = 0; i < n * k; ++i) {
+        copy_row(ap + i * strip, s + sc[i] * cin, strip);
+      }
+      at::Tensor ov = at::from_blob(op, {n, cout}, opts);
+      at::mm_out(ov, at::from_blob(ap, {n, kkc}, opts), wmat);
+      for (int64_t i = 0; i < n; ++i) {
+        T* orow = op + i * cout;
+        if (bias) {
+          for (int64_t j = 0; j < cout; ++j) orow[j] += bias[j];
+        }
+        if (res) {
+          // read before the scatter below: the residual may be the output buffer itself (same row)
+          const T* rrow = res + (res_rows ? res_rows[p0 + i] : p0 + i) * cout;
+          for (int64_t j = 0; j < cout; ++j) orow[j] += rrow[j];
+        }
+        if (relu) {
+          for (int64_t j = 0; j < cout; ++j) orow[j] = orow[j] > T(0) ? orow[j] : T(0);
+        }
+        copy_row(dst + (dst_rows ? dst_rows[p0 + i] : p0 + i) * cout, orow, cout);
+      }
+    }
+  });
+}
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(),
+              name, " must be a contiguous 1-D int64 CPU tensor");
+}
+
+}  // namespace
+
+// dst[dst_rows[i]] = relu(gather(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]), i < M.
+//
+// src: (R, Cin) flat rows of the padded channels-last input buffer; strips: (M*k,) row where each window strip
+// (k*Cin contiguous values) starts; wmat: (k*k*Cin, Cout); bias: (Cout,); res: (R', Cout) flat residual rows
+// indexed by res_rows (M,), or compact (M, Cout) rows when res_rows is None; dst: (R'', Cout) flat output rows
+// indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are not bounds-checked: the
+// Python wrapper builds them from the validated SparseIndex tables.
+void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
+                      const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
+                      const c10::optional<at::Tensor>& dst_rows, int64_t chunk) {
+  TORCH_CHECK(src.device().is_cpu() && src.dim() == 2 && src.is_contiguous(), "src must be contiguous 2-D CPU rows");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble, "src must be float32 or float64");
+  TORCH_CHECK(k == 1 || k == 3, "kernel size must be 1 or 3");
+  check_index(strips, "strips");
+  TORCH_CHECK(strips.numel() % k == 0, "strips must hold k entries per position");
+  const int64_t m = strips.numel() / k, cout = wmat.size(1);
+  TORCH_CHECK(wmat.dim() == 2 && wmat.size(0) == k * k * src.size(1) && wmat.scalar_type() == src.scalar_type(),
+              "wmat must be (k*k*Cin, Cout) of the input's dtype");
+  TORCH_CHECK(dst.dim() == 2 && dst.size(1) == cout && dst.is_contiguous() && dst.scalar_type() == src.scalar_type(),
+              "dst must be contiguous (rows, Cout) of the input's dtype");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  if (dst_rows.has_value()) {
+    check_index(*dst_rows, "dst_rows");
+    TORCH_CHECK(dst_rows->numel() == m, "dst_rows must have one entry per position");
+  } else {
+    TORCH_CHECK(dst.size(0) == m, "compact dst must have one row per position");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == cout && bias->is_contiguous() && bias->scalar_type() == src.scalar_type(),
+                "bias must be contiguous (Cout,) of the input's dtype");
+  }
+  if (res.has_value()) {
+    TORCH_CHECK(res->dim() == 2 && res->size(1) == cout && res->is_contiguous() &&
+                res->scalar_type() == src.scalar_type(), "res must be contiguous (rows, Cout) of the input's dtype");
+    if (res_rows.has_value()) {
+      check_index(*res_rows, "res_rows");
+      TORCH_CHECK(res_rows->numel() == m, "res_rows must have one entry per position");
+    } else {
+      TORCH_CHECK(res->size(0) == m, "compact res must have one row per position");
+    }
+  }
+  if (m == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv_gemm", [&] {
+    run_chunks<scalar_t>(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                         res.has_value() ? res->data_ptr<scalar_t>() : nullptr,
+                         res.has_value() && res_rows.has_value() ? res_rows->data_ptr<int64_t>() : nullptr, relu,
+                         dst.data_ptr<scalar_t>(), dst_rows.has_value() ? dst_rows->data_ptr<int64_t>() : nullptr,
+                         chunk);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)");
+}
