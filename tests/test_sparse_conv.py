@@ -647,3 +647,40 @@ def test_cpu_kernel_switch_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match='compact dst'):
         ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, wm, None, None, None, False,
                              torch.empty(2, 5), None, 8)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_add_weighted_rows_kernel_and_torch_path(dtype):
+    """acc[i] += sum_t w[i, t] * src[rows[i, t]]: both backends equal the explicit sum (M not a multiple of the
+    kernel's 256-row grain, repeated source rows); shape errors are named."""
+    from mmseg_cbt.ops import add_weighted_rows_
+    _cpu_ext()
+    g = torch.Generator().manual_seed(13)
+    src = torch.randn(97, 11, generator=g, dtype=dtype)
+    rows = torch.randint(0, 97, (613, 4), generator=g)
+    weights = torch.rand(613, 4, generator=g)  # float32 taps, as the fuse's bilinear tables
+    acc0 = torch.randn(613, 11, generator=g, dtype=dtype)
+    ref = acc0 + (src[rows] * weights.to(dtype)[..., None]).sum(1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for backend in ('torch', 'cpp', 'auto'):
+        acc = acc0.clone()
+        assert add_weighted_rows_(acc, src, rows, weights, backend=backend) is acc
+        assert torch.allclose(acc, ref, atol=tol, rtol=0), backend
+    with pytest.raises(ValueError, match='rows and weights'):
+        add_weighted_rows_(acc0.clone(), src, rows, weights[:, :3])
+    with pytest.raises(ValueError, match='src must be'):
+        add_weighted_rows_(acc0.clone(), src[:, :5], rows, weights)
+
+
+@pytest.mark.parametrize('pad', [1, 2])
+def test_to_padded_nhwc_zero_border(pad):
+    """The buffer is allocated uninitialised and only its border zeroed: border exactly 0, interior the input."""
+    for _ in range(3):  # reuse freed (dirty) memory of the previous iteration's buffers
+        x = torch.randn(2, 5, 7, 9) + 3.0
+        buf = to_padded_nhwc(x, pad)
+        assert buf.shape == (2, 7 + 2 * pad, 9 + 2 * pad, 5) and buf.is_contiguous()
+        inner = torch.zeros_like(buf, dtype=torch.bool)
+        inner[:, pad:pad + 7, pad:pad + 9] = True
+        assert torch.equal(buf[~inner], torch.zeros_like(buf[~inner]))
+        assert torch.equal(padded_interior(buf, pad), x)
+        del buf

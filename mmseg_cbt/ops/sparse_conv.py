@@ -77,6 +77,7 @@ __all__ = [
     'dense_conv_buffer',
     'gather_rows',
     'scatter_rows',
+    'add_weighted_rows_',
     'to_padded_nhwc',
     'padded_interior',
     'padded_row_index',
@@ -210,7 +211,13 @@ def to_padded_nhwc(x: Tensor, pad: int = 1, out: Optional[Tensor] = None) -> Ten
         raise ValueError(f'expected an NCHW tensor, got shape {tuple(x.shape)}')
     n, c, h, w = x.shape
     if out is None:
-        out = new_padded_buffer(n, c, h, w, pad, dtype=x.dtype, device=x.device)
+        # zero the border only: the interior is overwritten below (a full zero fill costs ~as much as the copy)
+        out = torch.empty(n, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype, device=x.device)
+        if pad:
+            out[:, :pad].zero_()
+            out[:, pad + h:].zero_()
+            out[:, pad:pad + h, :pad].zero_()
+            out[:, pad:pad + h, pad + w:].zero_()
     elif tuple(out.shape) != (n, h + 2 * pad, w + 2 * pad, c) or not out.is_contiguous():
         raise ValueError(f'out must be a contiguous buffer of shape {(n, h + 2 * pad, w + 2 * pad, c)}, '
                          f'got {tuple(out.shape)}')
@@ -778,6 +785,36 @@ def scatter_rows(buf: Tensor, idx: SparseIndex, rows: Tensor, pad: int = 1) -> T
         raise ValueError(f'rows must be {(idx.num_active, buf.shape[-1])}, got {tuple(rows.shape)}')
     buf.view(-1, buf.shape[-1]).index_copy_(0, idx.rows(pad), rows)
     return buf
+
+
+def add_weighted_rows_(acc: Tensor, src: Tensor, rows: Tensor, weights: Tensor, backend: str = 'auto') -> Tensor:
+    """``acc[i] += sum_t weights[i, t] * src[rows[i, t]]`` in place (e.g. bilinear upsampling at active rows only).
+
+    Args:
+        acc: ``(M, C)`` contiguous rows, updated in place.
+        src: ``(R, C)`` source rows (e.g. a padded buffer's ``view(-1, C)``).
+        rows: int64 ``(M, T)`` source row of each tap.
+        weights: ``(M, T)`` tap weights.
+        backend: ``'auto'`` (the compiled CPU kernel for float32/64 CPU tensors when built: one pass over ``acc``),
+            ``'torch'`` (T ``index_select`` + ``addcmul_`` passes) or ``'cpp'``.
+
+    Returns:
+        ``acc``.
+    """
+    if rows.dim() != 2 or tuple(weights.shape) != tuple(rows.shape) or rows.shape[0] != acc.shape[0]:
+        raise ValueError(f'rows and weights must both be (M, T) with M = {acc.shape[0]}, got '
+                         f'{tuple(rows.shape)} and {tuple(weights.shape)}')
+    if src.dim() != 2 or src.shape[1] != acc.shape[1]:
+        raise ValueError(f'src must be (rows, {acc.shape[1]}), got {tuple(src.shape)}')
+    if backend not in ('auto', 'torch', 'cpp'):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
+    ext = None if backend == 'torch' or not acc.is_contiguous() else _cpu_ext(backend, acc)
+    if ext is not None and rows.shape[0]:
+        ext.add_weighted_rows(acc, src.contiguous(), rows.contiguous(), weights.to(acc.dtype).contiguous())
+        return acc
+    for t in range(rows.shape[1]):
+        acc.addcmul_(src.index_select(0, rows[:, t]), weights[:, t:t + 1])
+    return acc
 
 
 def _check_buffer_matches(buf: Tensor, idx: SparseIndex, pad: int, name: str) -> None:

@@ -30,8 +30,8 @@ from torch import Tensor
 from mmseg.models.backbones.resnet import BasicBlock
 from mmseg.models.utils import resize
 
-from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, new_padded_buffer, padded_interior, padded_row_index,
-                           scatter_rows, sparse_conv_rows, to_padded_nhwc)
+from mmseg_cbt.ops import (PackedConv, SparseIndex, add_weighted_rows_, gather_rows, new_padded_buffer, padded_interior,
+                           padded_row_index, scatter_rows, sparse_conv_rows, to_padded_nhwc)
 from .masked_hrnet import MaskContext, rbf_kernel
 
 __all__ = ['sparse_stage', 'sparse_head']
@@ -267,9 +267,7 @@ def _fuse(ctx: _SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Te
                 if all(int(sj * scale) == si for sj, si in zip(sizes[j], sizes[i])) and not upsample.align_corners:
                     # bilinear upsampling evaluated at the active rows only (4 taps each) instead of the full map
                     rows, weights = ctx.bilinear_taps(sizes[i], sizes[j], scale)
-                    flat = t.view(-1, t.shape[-1])
-                    for k in range(4):
-                        acc.addcmul_(flat.index_select(0, rows[:, k]), weights[:, k:k + 1])
+                    add_weighted_rows_(acc, t.view(-1, t.shape[-1]), rows, weights)
                 else:  # sizes that the scale factor does not reach exactly: mmseg's two-step resize, densely
                     up = resize(upsample(padded_interior(t)), size=sizes[i], mode='bilinear', align_corners=False)
                     acc += up.permute(0, 2, 3, 1)[ctx.masks.mask(sizes[i])[:, 0]]

@@ -130,6 +130,37 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
   });
 }
 
+// acc[i] += sum_t weights[i, t] * src[rows[i, t]], t < T: the HRNet fuse's bilinear upsampling (T = 4 taps) evaluated
+// at the active rows only, in one pass over acc instead of T index_select + addcmul_ passes.
+void add_weighted_rows(at::Tensor acc, const at::Tensor& src, const at::Tensor& rows, const at::Tensor& weights) {
+  TORCH_CHECK(acc.device().is_cpu() && acc.dim() == 2 && acc.is_contiguous(), "acc must be contiguous 2-D CPU rows");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble, "acc must be float32 or float64");
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && src.size(1) == acc.size(1) &&
+              src.scalar_type() == acc.scalar_type(), "src must be contiguous (rows, C) of acc's dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.is_contiguous() && rows.size(0) == acc.size(0),
+              "rows must be contiguous int64 (M, T)");
+  TORCH_CHECK(weights.scalar_type() == acc.scalar_type() && weights.sizes() == rows.sizes() && weights.is_contiguous(),
+              "weights must be contiguous (M, T) of acc's dtype");
+  const int64_t m = acc.size(0), c = acc.size(1), taps = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "add_weighted_rows", [&] {
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* __restrict__ ai = a + i * c;
+        for (int64_t t = 0; t < taps; ++t) {
+          const scalar_t* __restrict__ si = s + r[i * taps + t] * c;
+          const scalar_t wt = w[i * taps + t];
+          for (int64_t j = 0; j < c; ++j) ai[j] += wt * si[j];
+        }
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)");
+  m.def("add_weighted_rows", &add_weighted_rows, "acc[i] += sum_t w[i, t] * src[rows[i, t]] (CPU)");
 }
