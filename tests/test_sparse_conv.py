@@ -684,3 +684,22 @@ def test_to_padded_nhwc_zero_border(pad):
         assert torch.equal(buf[~inner], torch.zeros_like(buf[~inner]))
         assert torch.equal(padded_interior(buf, pad), x)
         del buf
+
+
+def test_crossover_tables_and_balanced_chunks():
+    """The measured crossover points are returned exactly at their MAC counts (PyTorch path and compiled kernel),
+    and the kernel's chunks split the rows evenly over the threads (3 chunks on 2 threads cost as much as 4)."""
+    from mmseg_cbt.ops import dense_crossover
+    assert dense_crossover(3, 48, 48) == pytest.approx(0.66)             # 20736 MAC/px, PyTorch path
+    assert dense_crossover(3, 48, 48, compiled=True) == pytest.approx(0.76)
+    assert dense_crossover(1, 18, 18, compiled=True) == pytest.approx(0.72)  # 324 MAC/px
+    assert dense_crossover(3, 384, 384, compiled=True) == pytest.approx(0.9)  # clamped beyond the last point
+    for m, threads, kkc in [(307, 2, 1296), (8192, 2, 432), (129, 2, 3456), (5, 2, 432), (1000, 1, 162)]:
+        step = sc._ext_chunk_rows(kkc, 4, m, threads)
+        chunks = -(-m // step)
+        assert chunks % threads == 0 or chunks == 1 or m < threads * 2
+        assert step * (chunks - 1) < m <= step * chunks
+        # no thread gets more than one chunk more rows than another: the shares differ by < 1 chunk
+        per = -(-chunks // threads)
+        assert m - (chunks - per) * step <= per * step
+    assert sc._ext_chunk_rows(1296, 4, 307, 2) == 77

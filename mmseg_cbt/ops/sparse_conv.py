@@ -106,9 +106,18 @@ _CROSSOVER_POINTS: Dict[int, Tuple[Tuple[int, float], ...]] = {
     3: ((1458, 0.62), (20736, 0.66), (82944, 0.66), (331776, 0.75)),
     1: ((324, 0.55), (2304, 0.58), (5184, 0.65), (36864, 0.72), (147456, 0.75)),
 }
+# The same with the compiled CPU kernel (sparse_conv_cpu), which moves the crossover up: measured with the same
+# command (2 threads, idle machine, resources/benchmark_masked_crossover_kernel_2026-11-22.txt): 3x3 stride 1 at
+# 0.73 (2916 MAC/px, C=18) and 0.78 (20736, C=48), above 0.9 for C=36 and >= 72; 3x3 stride 2 at 0.86 (1458) and
+# above 0.9 beyond; 1x1 at 0.74 (324), 0.79 (1296), 0.84 (2304-5184), 0.86 (20736), above 0.9 otherwise. (The
+# fallback itself costs 1.1-1.6x the plain dense conv: it must keep the stopped positions' values.) Rounded down.
+_CROSSOVER_POINTS_KERNEL: Dict[int, Tuple[Tuple[int, float], ...]] = {
+    3: ((1458, 0.72), (20736, 0.76), (46656, 0.9)),
+    1: ((324, 0.72), (2304, 0.8), (20736, 0.85), (36864, 0.9)),
+}
 
 
-def dense_crossover(kernel_size: int, cin: int, cout: int) -> float:
+def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = False) -> float:
     """Measured active fraction above which the dense conv beats the sparse path on CPU.
 
     Piecewise-linear in log2(MACs per output position) between the measured points, clamped at the
@@ -119,11 +128,12 @@ def dense_crossover(kernel_size: int, cin: int, cout: int) -> float:
         kernel_size: 1 or 3.
         cin: Input channels.
         cout: Output channels.
+        compiled: The sparse path is the compiled CPU kernel (its table) rather than the PyTorch ops.
 
     Returns:
         Threshold in [0, 1].
     """
-    pts = _CROSSOVER_POINTS[3 if kernel_size != 1 else 1]
+    pts = (_CROSSOVER_POINTS_KERNEL if compiled else _CROSSOVER_POINTS)[3 if kernel_size != 1 else 1]
     x = math.log2(max(1, kernel_size * kernel_size * cin * cout))
     if x <= math.log2(pts[0][0]):
         return pts[0][1]
@@ -1040,12 +1050,19 @@ def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tens
 
 # Chunk of the compiled CPU kernel: each thread gathers into its own block, so ~256 KiB (within a core's L2 next
 # to the GEMM's packed weight panels), at least 128 rows so the GEMM amortises reading the weight. Measured on W48
-# stages 2-4 (75 % stopped): 16-256-row minimums within 3 % of each other, 512 rows 7 % slower.
+# stages 2-4 (75 % stopped): 16-256-row minimums within 3 % of each other, 512 rows 7 % slower. The chunk count
+# is then rounded up to a multiple of the thread count and the rows spread evenly: OpenMP gives each thread a
+# contiguous share of the chunks, and 3 chunks on 2 threads took as long as 4 (a 144-channel conv at 16x32 ran
+# 0.51 of the dense time at 50 % active but 0.98 at 60 %).
 _EXT_CHUNK_BYTES, _EXT_MIN_CHUNK_ROWS, _EXT_MAX_CHUNK_ROWS = 256 << 10, 128, 1024
 
 
-def _ext_chunk_rows(kkc: int, itemsize: int) -> int:
-    return max(_EXT_MIN_CHUNK_ROWS, min(_EXT_MAX_CHUNK_ROWS, _EXT_CHUNK_BYTES // max(1, itemsize * kkc)))
+def _ext_chunk_rows(kkc: int, itemsize: int, m: int, threads: Optional[int] = None) -> int:
+    """Rows per chunk of the compiled kernel for ``m`` active rows of ``kkc`` gathered values."""
+    target = max(_EXT_MIN_CHUNK_ROWS, min(_EXT_MAX_CHUNK_ROWS, _EXT_CHUNK_BYTES // max(1, itemsize * kkc)))
+    t = max(1, torch.get_num_threads() if threads is None else threads)
+    per_thread = -(-m // (t * target))  # chunks per thread (ceil)
+    return max(1, -(-m // (t * per_thread)))
 
 
 def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, dense_weight: Optional[Tensor],
@@ -1066,7 +1083,7 @@ def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, de
         _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, dst, dst_rows, chunk_rows)
         return
     step = int(chunk_rows) if chunk_rows is not None else _ext_chunk_rows(call.k * call.k * call.cin,
-                                                                          buf.element_size())
+                                                                          buf.element_size(), idx.num_active)
     ext.sparse_conv_gemm(buf.view(-1, call.cin), call.strips, call.k, wmat,
                          None if bias is None else bias.contiguous(), res_src, res_rows, relu, dst, dst_rows,
                          max(1, step))
@@ -1140,7 +1157,7 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
     if m == 0:
         return out
     use_triton = _use_triton(backend, buf)
-    if idx.active_fraction > _threshold(dense_threshold, use_triton, call):
+    if idx.active_fraction > _threshold(dense_threshold, use_triton, call, backend, buf, method):
         w4 = dense_weight if dense_weight is not None else _dense_weight(wmat, call.k, call.cin)
         y = _dense_nhwc(buf, w4, bias, call.h_in, call.w_in, stride, call.padding, in_pad)
         torch.index_select(y.view(-1, cout), 0, idx.rows(0), out=out)
@@ -1331,7 +1348,7 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
     if idx.num_active == 0:
         return out_buf
     use_triton = _use_triton(backend, buf)
-    if idx.active_fraction > _threshold(dense_threshold, use_triton, call):
+    if idx.active_fraction > _threshold(dense_threshold, use_triton, call, backend, buf, method):
         return dense_conv_buffer(buf, dense_weight if dense_weight is not None else wmat, bias, out_buf,
                                  stride=stride, padding=call.padding, residual=residual, relu=relu,
                                  idx=idx, in_pad=in_pad, out_pad=out_pad, res_pad=res_pad)
@@ -1351,12 +1368,14 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
 _TRITON_DEFAULT_THRESHOLD = 1.0 - 1e-9
 
 
-def _threshold(dense_threshold: Optional[float], use_triton: bool, call: '_ConvCall') -> float:
+def _threshold(dense_threshold: Optional[float], use_triton: bool, call: '_ConvCall', backend: str, buf: Tensor,
+               method: str) -> float:
     if dense_threshold is not None:
         return dense_threshold
     if use_triton:
         return _TRITON_DEFAULT_THRESHOLD
-    return dense_crossover(call.k, call.cin, call.cout)
+    compiled = choose_method(method, None, call) == 'gemm' and _cpu_ext(backend, buf) is not None
+    return dense_crossover(call.k, call.cin, call.cout, compiled)
 
 
 def _triton_available() -> bool:
@@ -1483,7 +1502,8 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     if dense_threshold is not None:
         threshold = dense_threshold
     else:
-        threshold = _TRITON_DEFAULT_THRESHOLD if use_triton else dense_crossover(k, cin, cout)
+        threshold = (_TRITON_DEFAULT_THRESHOLD if use_triton else
+                     dense_crossover(k, cin, cout, _cpu_ext(backend, input) is not None))
     if idx.active_fraction > threshold:
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         if m == n * ho * wo:

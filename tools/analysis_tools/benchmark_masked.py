@@ -229,7 +229,8 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
         idx.windows((h_in, w_in), k, stride, k // 2)
         idx.rows(1)
         build_ms = min(build_ms, 1e3 * (time.perf_counter() - t0))
-    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0]) if dense_threshold is None
+    compiled = x.device.type == 'cpu' and backend != 'torch' and method != 'segments' and ops.cpu_ext_available()
+    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled) if dense_threshold is None
            else dense_threshold)
     path = 'skip' if idx.num_active == 0 else ('dense' if idx.active_fraction > thr else 'sparse')
 
@@ -376,7 +377,7 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
                     cross = a0 + -d0 * (a1 - a0) / (d1 - d0)
                     break
             macs = k * k * c_in * c
-            table = ops.dense_crossover(k, c_in, c)
+            table = ops.dense_crossover(k, c_in, c, ops.cpu_ext_available())
             rows.append(dict(section='crossover', kind=name, c_in=c_in, c_out=c, height=h, width=w,
                              macs_per_px=macs, actives=actives, sparse_ratios=sp, fallback_ratios=fb,
                              crossover=cross, table=table))
