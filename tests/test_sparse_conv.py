@@ -703,3 +703,23 @@ def test_crossover_tables_and_balanced_chunks():
         per = -(-chunks // threads)
         assert m - (chunks - per) * step <= per * step
     assert sc._ext_chunk_rows(1296, 4, 307, 2) == 77
+
+
+def test_cpu_kernel_non_contiguous_weight_uses_torch_gemm():
+    """A non-contiguous weight matrix takes the kernel's at::mm_out branch instead of the direct BLAS call: same
+    rows."""
+    _cpu_ext()
+    torch.manual_seed(14)
+    x = torch.randn(1, 6, 17, 21, dtype=torch.float64)
+    w = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+    mask = _masks(1, 17, 21, seed=9)
+    idx = SparseIndex.build(mask)
+    buf = to_padded_nhwc(x)
+    wmat = conv_weight_matrix(w)
+    wmat_nc = wmat.t().contiguous().t()
+    assert not wmat_nc.is_contiguous() and torch.equal(wmat_nc, wmat)
+    ys = [sparse_conv_rows(buf, idx, wm, None, dense_threshold=float('inf'), backend='cpp', chunk_rows=10)
+          for wm in (wmat, wmat_nc)]
+    ref = F.conv2d(x, w, padding=1).permute(0, 2, 3, 1)[mask]
+    for y in ys:
+        assert torch.allclose(y, ref, atol=1e-10, rtol=0)
