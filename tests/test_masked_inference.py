@@ -349,3 +349,24 @@ def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
             outs[env] = f
     for a, b, c in zip(outs['1'], outs['0'], outs['oracle']):
         assert (a - c).abs().max() <= 1e-4 and (b - c).abs().max() <= 1e-4
+
+
+def test_sparse_max_active_default_follows_cpu_kernel(model, monkeypatch):
+    """Default limit: 0.8 active when CPU tensors run the compiled kernel (its measured crossover against the
+    simulated path), 0.6 with the PyTorch path alone; an explicit test_cfg value wins."""
+    from mmseg_cbt.ops import cpu_ext_available
+    assert cpu_ext_available()
+    active = torch.zeros(1, 10, 10, dtype=torch.bool)
+    active.view(-1)[:70] = True  # 70 % active
+    model.test_cfg.pop('sparse_max_active', None)
+    assert model._use_sparse(active, 'sparse')
+    assert not model._use_sparse(active, 'simulate')
+    monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0')
+    assert not model._use_sparse(active, 'sparse')
+    active.view(-1)[55:] = False
+    assert model._use_sparse(active, 'sparse')  # 55 %
+    model.test_cfg.sparse_max_active = 0.5
+    try:
+        assert not model._use_sparse(active, 'sparse')
+    finally:
+        model.test_cfg.pop('sparse_max_active', None)

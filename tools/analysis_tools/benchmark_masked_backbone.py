@@ -162,7 +162,7 @@ def bench_paths(args) -> List[dict]:
     ``dense`` (all pixels), ``simulate`` (dense then mask, copy fill: what ``test_cfg.sparse_max_active`` falls back
     to), ``sparse`` (the default GEMM method, copy fill), ``sparse_segments`` (every 3x3 conv through
     ``method='segments'``) and ``sparse_rbf`` (GEMM, rbf fill on its support). These are the measurements behind
-    ``choose_method``'s 'auto' = GEMM, the 0.6 default of ``sparse_max_active`` and the rbf cost in the README.
+    ``choose_method``'s 'auto' = GEMM, the 0.8 default of ``sparse_max_active`` and the rbf cost in the README.
     """
     import copy
     from unittest import mock

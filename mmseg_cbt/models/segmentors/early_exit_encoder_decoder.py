@@ -53,8 +53,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'sparse'``) and ``fill`` (``'copy'``,
             ``'zeros'`` or ``'rbf'``, default ``'copy'``). With ``feature_mask='sparse'`` (the default) inference
             really skips stopped pixels; under autograd or in training mode the simulated path (same semantics)
-            is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` (default 0.6)
-            of its pixels active, where the simulated path is faster.
+            is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` of its pixels
+            active (default 0.8 with the compiled CPU kernel, else 0.6), where the simulated path is as fast or
+            faster.
         data_preprocessor (dict, optional): mmseg data preprocessor.
         pretrained (str, optional): Backbone weights.
         init_cfg (dict, optional): Initialisation config.
@@ -218,14 +219,20 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics).
 
         ``feature_mask='sparse'`` uses the sparse convs only while at most ``test_cfg.sparse_max_active`` (default
-        0.6) of the pixels are active: above that the simulated path ("dense, then mask") is faster. Measured on the
-        2-core CPU (``benchmark_masked.py --sections paths``, stages 2-4 at 512x1024, sparse vs simulated ms):
-        80 % active W18s 228 vs 202, W48 1330 vs 1272; 70 % W18s 234 vs 200, W48 1247 vs 1279; 60 % W18s 171 vs
-        169, W48 1072 vs 1291; 50 % W18s 153 vs 176, W48 903 vs 1280.
+        0.8 when CPU tensors run the compiled kernel, else 0.6) of the pixels are active: above that the simulated path ("dense, then mask") is as fast or faster.
+        Measured on the 2-core CPU with the compiled CPU kernel (``benchmark_masked.py --sections paths``, stages 2-4
+        at 512x1024, sparse vs simulated ms, resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 % active
+        W18s 228 vs 228, W48 1218 vs 1427; 70 % W18s 140 vs 178, W48 921 vs 1318. (With the PyTorch path alone,
+        ``MMSEG_CBT_CPU_EXT=0``, the crossover was at ~60 %: 80 % W18s 228 vs 202, W48 1330 vs 1272; 60 % W18s 171
+        vs 169, W48 1072 vs 1291.)
         """
         if feature_mask != 'sparse':
             return False
-        return float(active.float().mean()) <= float(self._test_opt('sparse_max_active', 0.6))
+        limit = self._test_opt('sparse_max_active', None)
+        if limit is None:
+            from mmseg_cbt.ops import cpu_ext_available
+            limit = 0.8 if not active.is_cuda and cpu_ext_available() else 0.6
+        return float(active.float().mean()) <= float(limit)
 
     def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
                   fill: str) -> Tensor:
