@@ -17,6 +17,8 @@ import logging
 import os
 import os.path as osp
 import platform
+import shutil
+import sys
 import threading
 import warnings
 from types import ModuleType
@@ -82,6 +84,11 @@ def _cpu_tag() -> str:
 def _build() -> Optional[ModuleType]:
     try:
         from torch.utils.cpp_extension import load
+        # torch looks for ninja on PATH; a virtual environment's own ninja (requirements/build.txt) is not there
+        # unless the environment is activated (run_tests.sh calls .venv/bin/python directly)
+        bindir = osp.dirname(sys.executable)
+        if shutil.which('ninja') is None and osp.exists(osp.join(bindir, 'ninja')):
+            os.environ['PATH'] = bindir + os.pathsep + os.environ.get('PATH', '')
         _LOGGER.info('mmseg_cbt: building the CPU sparse-conv kernel (once; ~35 s on 2 cores)')
         # -fopenmp: at::parallel_for is an OpenMP region compiled into the kernel. The library then needs
         # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool.
