@@ -723,3 +723,34 @@ def test_cpu_kernel_non_contiguous_weight_uses_torch_gemm():
     ref = F.conv2d(x, w, padding=1).permute(0, 2, 3, 1)[mask]
     for y in ys:
         assert torch.allclose(y, ref, atol=1e-10, rtol=0)
+
+
+def _benchmark_module():
+    path = os.path.join(os.path.dirname(__file__), '..', 'tools', 'analysis_tools', 'benchmark_masked.py')
+    spec = importlib.util.spec_from_file_location('benchmark_masked_under_test', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_plot_from_json(tmp_path):
+    """--plot-from draws sections a and b of saved runs into a PNG without timing anything; a later file replaces
+    the earlier file's rows of the same section and model; a file without a/b rows is refused."""
+    bm = _benchmark_module()
+    a = [dict(section='a', model='W18s', channels=18, height=8, width=16, active_frac=f, ratio=r)
+         for f, r in ((1.0, 1.0), (0.5, 0.9), (0.25, 0.5))]
+    b = [dict(section='b', model='W48', stopped=s, wall_ratio=w, mac_ratio=m)
+         for s, w, m in ((0, 1.0, 1.0), (75, 0.36, 0.3))]
+    first, second = tmp_path / 'run1.json', tmp_path / 'run2.json'
+    import json
+    first.write_text(json.dumps(dict(meta={}, results=a + b)))
+    second.write_text(json.dumps(dict(meta={}, results=[dict(r, ratio=r['ratio'] / 2) for r in a])))
+    out = tmp_path / 'plots' / 'bench.png'
+    rows = bm.main(['--plot-from', str(first), str(second), '--plot', str(out)])
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert sorted(r['ratio'] for r in rows if r['section'] == 'a') == [0.25, 0.45, 0.5]  # run 2 replaced run 1's a
+    assert len([r for r in rows if r['section'] == 'b']) == 2
+    with pytest.raises(ValueError, match='section a or b'):
+        bm.plot_results([dict(section='paths')], str(tmp_path / 'x.png'))
+    with pytest.raises(SystemExit, match='--plot-from needs --plot'):
+        bm.main(['--plot-from', str(first)])

@@ -403,6 +403,70 @@ bench_backbones = _backbone_section('bench_backbones')
 bench_paths = _backbone_section('bench_paths')
 
 
+def plot_results(rows: List[dict], out: str) -> str:
+    """Draws sections (a) and (b) of a run: wall-time ratio masked/dense against the MAC ratio.
+
+    Left: every single-conv shape (masked/dense wall ratio against the active fraction), the targets as markers and
+    the MAC ratio as the diagonal. Right: the whole backbones (wall ratio against the stopped fraction) with their
+    MAC ratio and the 1.25 x MAC-ratio target at 75 % stopped. Panels without rows are left out.
+
+    Args:
+        rows: Result rows of :func:`main` (rows of other sections are ignored).
+        out: PNG path (its folder is created).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: No row of section a or b.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    a_rows = [r for r in rows if r.get('section') == 'a']
+    b_rows = [r for r in rows if r.get('section') == 'b']
+    if not a_rows and not b_rows:
+        raise ValueError('plot_results needs rows of section a or b')
+    panels = [p for p, r in (('a', a_rows), ('b', b_rows)) if r]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == 'a':
+            shapes = sorted({(r['model'], r['channels'], r['height'], r['width']) for r in a_rows},
+                            key=lambda t: (t[0], t[1]))
+            for model, c, h, w in shapes:
+                pts = sorted((r['active_frac'], r['ratio']) for r in a_rows
+                             if (r['model'], r['channels'], r['height'], r['width']) == (model, c, h, w))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', ms=4, label=f'{model} {c}@{h}x{w}')
+            ax.plot([0, 1], [0, 1], 'k--', lw=1, label='MAC ratio')
+            tx, ty = zip(*sorted(TARGETS.items()))
+            ax.plot(tx, ty, 'rv', ms=9, label='target (at most)')
+            ax.set_xlabel('active fraction')
+            ax.set_ylabel('wall time masked / dense')
+            ax.set_title('(a) single 3x3 convs')
+        else:
+            for model in sorted({r['model'] for r in b_rows}):
+                pts = sorted((r['stopped'], r['wall_ratio'], r['mac_ratio']) for r in b_rows if r['model'] == model)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=f'{model} wall')
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], '--', color=line.get_color(), label=f'{model} MACs')
+                tgt = [1.25 * p[2] for p in pts if p[0] == 75]
+                if tgt:
+                    ax.plot([75], tgt, 'v', color=line.get_color(), ms=9, label=f'{model} target (1.25 x MACs)')
+            ax.set_xlabel('stopped after exit 1 (%)')
+            ax.set_ylabel('masked / dense (optimized)')
+            ax.set_title('(b) whole early-exit backbones')
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f'masked vs dense inference, {torch.get_num_threads()} CPU threads '
+                 f'({platform.processor() or platform.machine()})', fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
     'a': bench_single_convs,
     'b': bench_backbones,
@@ -443,6 +507,11 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
                    help="keep glibc's default allocator settings (default: mmseg_cbt.utils.tune_malloc() "
                         'before anything is timed, for dense and masked alike)')
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
+    p.add_argument('--plot', metavar='PNG', default=None,
+                   help='draw sections a and b (wall ratio against MAC ratio) into this PNG')
+    p.add_argument('--plot-from', metavar='JSON', nargs='+', default=None,
+                   help='only draw --plot from the rows of earlier --json files (nothing is timed); a later file '
+                        "replaces an earlier one's rows of the same section and model (e.g. a clean re-run)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
@@ -454,6 +523,17 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
 def main(argv: Sequence[str] = None) -> List[dict]:
     """Runs the selected sections, prints their tables and optionally saves JSON."""
     args = parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            raise SystemExit('--plot-from needs --plot')
+        rows: List[dict] = []
+        for path in args.plot_from:
+            with open(path) as f:
+                new = json.load(f)['results']
+            keys = {(r.get('section'), r.get('model')) for r in new}
+            rows = [r for r in rows if (r.get('section'), r.get('model')) not in keys] + new
+        print(f'saved {plot_results(rows, args.plot)}')
+        return rows
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == 'cuda':
@@ -487,6 +567,8 @@ def main(argv: Sequence[str] = None) -> List[dict]:
         with open(args.json, 'w') as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
         print(f'saved {args.json}')
+    if args.plot:
+        print(f'saved {plot_results(results, args.plot)}')
     return results
 
 
