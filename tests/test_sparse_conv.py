@@ -647,6 +647,20 @@ def test_cpu_kernel_switch_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match='compact dst'):
         ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, wm, None, None, None, False,
                              torch.empty(2, 5), None, 8)
+    # index tables are range-checked: a strip must end inside src (50 rows, 3-row strips: start <= 47), an
+    # output / residual row must exist
+    for bad in (torch.tensor([0, 1, 48]), torch.tensor([-1, 0, 1])):
+        with pytest.raises(RuntimeError, match='strips holds rows outside'):
+            ext.sparse_conv_gemm(src, bad, 3, wm, None, None, None, False, torch.empty(1, 5), None, 8)
+    ok = torch.tensor([0, 1, 47])
+    ext.sparse_conv_gemm(src, ok, 3, wm, None, None, None, False, torch.empty(1, 5), None, 8)
+    with pytest.raises(RuntimeError, match='dst_rows holds rows outside'):
+        ext.sparse_conv_gemm(src, ok, 3, wm, None, None, None, False, torch.empty(4, 5), torch.tensor([4]), 8)
+    with pytest.raises(RuntimeError, match='res_rows holds rows outside'):
+        ext.sparse_conv_gemm(src, ok, 3, wm, None, torch.zeros(2, 5), torch.tensor([2]), False,
+                             torch.empty(1, 5), None, 8)
+    with pytest.raises(RuntimeError, match='rows holds rows outside'):
+        ext.add_weighted_rows(torch.zeros(1, 4), src, torch.tensor([[0, 50]]), torch.ones(1, 2))
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])

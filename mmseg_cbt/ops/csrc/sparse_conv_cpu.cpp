@@ -126,6 +126,20 @@ void check_index(const at::Tensor& t, const char* name) {
               name, " must be a contiguous 1-D int64 CPU tensor");
 }
 
+// Every entry of an index table in [0, limit]: one pass (microseconds for the tables of a 128x256 map), so a wrong
+// table is an error instead of a write outside the buffer.
+void check_range(const at::Tensor& t, int64_t limit, const char* name) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  TORCH_CHECK(lo >= 0 && hi <= limit, name, " holds rows outside [0, ", limit, "]: ", lo, "..", hi);
+}
+
 }  // namespace
 
 // dst[dst_rows[i]] = relu(gather(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]), i < M.
@@ -133,8 +147,8 @@ void check_index(const at::Tensor& t, const char* name) {
 // src: (R, Cin) flat rows of the padded channels-last input buffer; strips: (M*k,) row where each window strip
 // (k*Cin contiguous values) starts; wmat: (k*k*Cin, Cout); bias: (Cout,); res: (R', Cout) flat residual rows
 // indexed by res_rows (M,), or compact (M, Cout) rows when res_rows is None; dst: (R'', Cout) flat output rows
-// indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are not bounds-checked: the
-// Python wrapper builds them from the validated SparseIndex tables.
+// indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are range-checked (a strip must
+// end inside src).
 void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
                       const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
@@ -144,6 +158,7 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
   TORCH_CHECK(k == 1 || k == 3, "kernel size must be 1 or 3");
   check_index(strips, "strips");
   TORCH_CHECK(strips.numel() % k == 0, "strips must hold k entries per position");
+  check_range(strips, src.size(0) - k, "strips");
   const int64_t m = strips.numel() / k, cout = wmat.size(1);
   TORCH_CHECK(wmat.dim() == 2 && wmat.size(0) == k * k * src.size(1) && wmat.scalar_type() == src.scalar_type(),
               "wmat must be (k*k*Cin, Cout) of the input's dtype");
@@ -153,6 +168,7 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
   if (dst_rows.has_value()) {
     check_index(*dst_rows, "dst_rows");
     TORCH_CHECK(dst_rows->numel() == m, "dst_rows must have one entry per position");
+    check_range(*dst_rows, dst.size(0) - 1, "dst_rows");
   } else {
     TORCH_CHECK(dst.size(0) == m, "compact dst must have one row per position");
   }
@@ -166,6 +182,7 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
     if (res_rows.has_value()) {
       check_index(*res_rows, "res_rows");
       TORCH_CHECK(res_rows->numel() == m, "res_rows must have one entry per position");
+      check_range(*res_rows, res->size(0) - 1, "res_rows");
     } else {
       TORCH_CHECK(res->size(0) == m, "compact res must have one row per position");
     }
@@ -191,6 +208,7 @@ void add_weighted_rows(at::Tensor acc, const at::Tensor& src, const at::Tensor& 
               "rows must be contiguous int64 (M, T)");
   TORCH_CHECK(weights.scalar_type() == acc.scalar_type() && weights.sizes() == rows.sizes() && weights.is_contiguous(),
               "weights must be contiguous (M, T) of acc's dtype");
+  check_range(rows, src.size(0) - 1, "rows");
   const int64_t m = acc.size(0), c = acc.size(1), taps = rows.size(1);
   AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "add_weighted_rows", [&] {
     scalar_t* a = acc.data_ptr<scalar_t>();
