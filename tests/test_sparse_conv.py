@@ -768,3 +768,20 @@ def test_benchmark_plot_from_json(tmp_path):
         bm.plot_results([dict(section='paths')], str(tmp_path / 'x.png'))
     with pytest.raises(SystemExit, match='--plot-from needs --plot'):
         bm.main(['--plot-from', str(first)])
+
+
+def test_cpu_kernel_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A lock file left by a killed build (older than 10 min) is removed with a warning, a fresh one (a build in
+    progress in another process) is left alone."""
+    import mmseg_cbt.ops.sparse_conv_cpu as cpu
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = os.path.join(_get_build_directory('some_ext', verbose=False), 'lock')
+    open(lock, 'w').close()
+    cpu._remove_stale_lock('some_ext')
+    assert os.path.exists(lock)
+    old = os.path.getmtime(lock) - 3600
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match='stale build lock'):
+        cpu._remove_stale_lock('some_ext')
+    assert not os.path.exists(lock)

@@ -20,6 +20,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from types import ModuleType
 from typing import Optional
@@ -81,6 +82,23 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 
+# A build takes ~35 s; a lock file older than this was left by a build that was killed (Ctrl-C, OOM). torch waits
+# for such a lock forever, so every later process would hang at its first masked conv.
+_STALE_LOCK_S = 600
+
+
+def _remove_stale_lock(name: str) -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = osp.join(_get_build_directory(name, verbose=False), 'lock')
+        if osp.exists(lock) and time.time() - osp.getmtime(lock) > _STALE_LOCK_S:
+            warnings.warn(f'mmseg_cbt: removing the stale build lock {lock} (an interrupted build of the CPU kernel)',
+                          RuntimeWarning, stacklevel=4)
+            os.remove(lock)
+    except (ImportError, OSError):  # private torch helper moved, or a race with another process: nothing to clean
+        pass
+
+
 def _build() -> Optional[ModuleType]:
     try:
         from torch.utils.cpp_extension import load
@@ -96,8 +114,9 @@ def _build() -> Optional[ModuleType]:
         # AVX-512 where there is one: 0.92 -> 0.82 of the dense time for an 18-channel conv at 50 % active); the
         # CPU tag in the name keeps a build cache shared between different CPUs from loading a foreign build.
         flags = ['-O3', '-fopenmp'] + (['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])
-        return load(f'{_NAME}_{_cpu_tag()}', [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'],
-                    verbose=False)
+        name = f'{_NAME}_{_cpu_tag()}'
+        _remove_stale_lock(name)
+        return load(name, [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(f'mmseg_cbt: the CPU sparse-conv kernel could not be built ({type(e).__name__}: '
                       f'{str(e)[-500:]}); masked convs use the PyTorch path (same results, slower). Set '
