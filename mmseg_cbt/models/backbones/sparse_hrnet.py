@@ -1,7 +1,7 @@
 """Masked inference that really skips stopped pixels: the early-exit HRNet on sparse convolutions.
 
 Computes exactly the semantics documented in :mod:`.masked_hrnet` (its simulated path is the test oracle), for
-the ``copy`` and ``zeros`` fills, with :mod:`mmseg_cbt.ops`:
+the ``copy``, ``zeros`` and ``rbf`` fills, with :mod:`mmseg_cbt.ops`:
 
 * every feature map of a masked stage lives in a zero-bordered channels-last buffer for the whole stage (one
   NCHW -> NHWC copy per branch and stage, none per layer);
@@ -16,8 +16,7 @@ Inference only (buffers are written in place, which autograd cannot follow): tra
 simulated path (``train_cfg.masked_training``). With the ``rbf`` fill the interpolation is computed only on its
 support, the stopped positions within 3 pixels of an active one (which contains the ring that active windows read),
 as a sparse (support x active) matrix times the active rows; the stopped positions beyond it hold 0, as in ADP-C's
-formula, so every position of every stage output equals the simulated path. (The exit heads' small maps still take
-the fill densely.)
+formula, so every position of every stage output equals the simulated path; the exit heads' maps take it the same way.
 """
 import warnings
 import weakref
@@ -359,10 +358,15 @@ def sparse_head(head: nn.Module, feats: List[Tensor], active: Tensor, fill: str 
     from mmseg.models.decode_heads import FCNHead
 
     from ..decode_heads import EarlyExitRHHead
-    masks = MaskContext(active, fill)
+    ctx = _SparseContext(active, fill)
+    masks = ctx.masks
 
     def done(y):  # stopped positions: 0 (shape-changing layers under copy/zeros) or the rbf interpolation
-        return masks.apply(y) if fill == 'rbf' else y
+        if fill != 'rbf':
+            return y
+        # as in the stages: the interpolation only on its support (a sparse support x active matrix times the
+        # active rows), 0 beyond it; y holds 0 at every stopped position already
+        return padded_interior(ctx.finish(ctx.mark_clean(to_padded_nhwc(y))))
 
     def cm(mod, x):  # ConvModule: conv + bn + activation
         return done(_masked_pointwise(mod.conv, getattr(mod, 'bn', None), mod.with_activation, x,
