@@ -1,5 +1,6 @@
 """Shared fixtures: registers mmseg + mmseg_cbt modules and builds tiny early-exit models."""
 import copy
+import os
 import os.path as osp
 
 import pytest
@@ -85,3 +86,22 @@ def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
     cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
     cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
     return cfg
+
+
+def require_cpu_ext():
+    """The compiled CPU kernel of the masked conv, built on first use.
+
+    CI (``CI`` set, as ``.ci/run`` does) must build it: a failed build fails the test there instead of letting the
+    PyTorch path be tested against itself. Elsewhere (e.g. a GPU machine without ninja) the kernel's tests skip with
+    the reason; ``MMSEG_CBT_CPU_EXT=0`` skips them too.
+    """
+    from mmseg_cbt.ops import cpu_ext_enabled, load_cpu_ext
+    if not cpu_ext_enabled():
+        pytest.skip('MMSEG_CBT_CPU_EXT=0')
+    ext = load_cpu_ext()
+    if ext is None:
+        msg = 'the CPU kernel of the masked conv could not be built (see the RuntimeWarning)'
+        if os.environ.get('CI'):
+            pytest.fail(msg + '; CI requires it')
+        pytest.skip(msg)
+    return ext

@@ -331,7 +331,8 @@ def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
 def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
     """The masked stages through the compiled CPU kernel (default) and through the pure-PyTorch path
     (MMSEG_CBT_CPU_EXT=0) both equal the simulated oracle at every position (250x330, batch 2)."""
-    from mmseg_cbt.ops import cpu_ext_available
+    from conftest import require_cpu_ext
+    require_cpu_ext()
     bb = model.backbone
     x = torch.randn(2, 3, 250, 330)
     outs = {}
@@ -341,8 +342,6 @@ def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
         active = _blob_mask(2, h4, w4, 0.35, seed=4)
         for env in ('1', '0', 'oracle'):
             monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0' if env == '0' else '1')
-            if env == '1':
-                assert cpu_ext_available()
             f = feats
             for stage in (2, 3, 4):
                 f = bb.forward_stage_masked(stage, f, active, sparse=env != 'oracle', fill=fill)
@@ -354,8 +353,8 @@ def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
 def test_sparse_max_active_default_follows_cpu_kernel(model, monkeypatch):
     """Default limit: 0.8 active when CPU tensors run the compiled kernel (its measured crossover against the
     simulated path), 0.6 with the PyTorch path alone; an explicit test_cfg value wins."""
-    from mmseg_cbt.ops import cpu_ext_available
-    assert cpu_ext_available()
+    from conftest import require_cpu_ext
+    require_cpu_ext()
     active = torch.zeros(1, 10, 10, dtype=torch.bool)
     active.view(-1)[:70] = True  # 70 % active
     model.test_cfg.pop('sparse_max_active', None)

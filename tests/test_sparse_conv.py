@@ -542,13 +542,8 @@ def test_choose_method():
 # compiled CPU kernel (csrc/sparse_conv_cpu.cpp) against the PyTorch path, its reference
 # ---------------------------------------------------------------------------------------------------
 def _cpu_ext():
-    """The compiled kernel; CI builds it (compiler + ninja are in the set-up), so a failed build fails here."""
-    from mmseg_cbt.ops import cpu_ext_enabled, load_cpu_ext
-    if not cpu_ext_enabled():
-        pytest.skip('MMSEG_CBT_CPU_EXT=0')
-    ext = load_cpu_ext()
-    assert ext is not None, 'the CPU kernel failed to build (see the warning)'
-    return ext
+    from conftest import require_cpu_ext
+    return require_cpu_ext()
 
 
 @pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1)])
