@@ -780,3 +780,25 @@ def test_cpu_kernel_stale_build_lock_is_removed(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match='stale build lock'):
         cpu._remove_stale_lock('some_ext')
     assert not os.path.exists(lock)
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_cpu_kernel_thread_counts(threads):
+    """One torch thread (the parallel loop runs inline, chunks sized for one core) and more threads than chunks
+    need: the kernel's rows equal the PyTorch path's."""
+    _cpu_ext()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(15)
+        x = torch.randn(2, 12, 21, 27)
+        w, b = torch.randn(16, 12, 3, 3), torch.randn(16)
+        mask = _masks(2, 21, 27, seed=10)
+        idx = SparseIndex.build(mask)
+        buf = to_padded_nhwc(x)
+        ys = [sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, relu=True, dense_threshold=float('inf'),
+                               backend=be) for be in ('torch', 'cpp')]
+    finally:
+        torch.set_num_threads(old)
+    assert torch.allclose(ys[0], ys[1], atol=ATOL, rtol=0)
+    assert torch.allclose(ys[1], F.relu(F.conv2d(x, w, b, padding=1)).permute(0, 2, 3, 1)[mask], atol=ATOL, rtol=0)
