@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmseg_cbt.ops.sparse_conv as sc
+from conftest import require_cpu_ext
 from mmseg_cbt.ops import (PackedConv, SparseConv2d, SparseIndex, conv_weight_matrix,
                            dense_conv_buffer, gather_rows, new_padded_buffer, padded_interior,
                            scatter_rows, sparse_conv2d, sparse_conv_buffer, sparse_conv_rows,
@@ -541,11 +542,6 @@ def test_choose_method():
 # ---------------------------------------------------------------------------------------------------
 # compiled CPU kernel (csrc/sparse_conv_cpu.cpp) against the PyTorch path, its reference
 # ---------------------------------------------------------------------------------------------------
-def _cpu_ext():
-    from conftest import require_cpu_ext
-    return require_cpu_ext()
-
-
 @pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1)])
 @pytest.mark.parametrize('residual', [None, 'rows', 'buffer', 'out'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
@@ -553,7 +549,7 @@ def test_cpu_kernel_matches_torch_path(k, stride, residual, dtype):
     """Buffer API, batch of 2 with different masks, odd sizes, chunks that do not divide M: the kernel writes the
     PyTorch path's values at active positions (equal to F.conv2d there) and leaves every other position as it was,
     including when the residual is the output buffer itself."""
-    _cpu_ext()
+    require_cpu_ext()
     torch.manual_seed(11)
     h_in, w_in, cin, cout = 23, 37, 7, 12
     ho, wo = (h_in, w_in) if stride == 1 else ((h_in + 1) // 2, (w_in + 1) // 2)
@@ -592,7 +588,7 @@ def test_cpu_kernel_matches_torch_path(k, stride, residual, dtype):
 def test_cpu_kernel_rows_api_and_default_backend(chunk, monkeypatch):
     """Compact rows out (sparse_conv_rows) with compact residual rows; 'auto' on a CPU tensor runs the kernel
     (the PyTorch path is not called) and gives the same rows as backend='torch'."""
-    _cpu_ext()
+    require_cpu_ext()
     torch.manual_seed(12)
     x = torch.randn(2, 9, 31, 29)
     mask = _masks(2, 31, 29, seed=6)
@@ -613,7 +609,7 @@ def test_cpu_kernel_rows_api_and_default_backend(chunk, monkeypatch):
 def test_cpu_kernel_switch_and_errors(monkeypatch):
     """MMSEG_CBT_CPU_EXT=0 sends 'auto' to the PyTorch path and makes backend='cpp' an error; the kernel refuses
     dtypes and index tables it cannot handle with a message instead of reading out of bounds."""
-    ext = _cpu_ext()
+    ext = require_cpu_ext()
     from mmseg_cbt.ops import cpu_ext_available
     x = torch.randn(1, 4, 9, 11)
     w = torch.randn(5, 4, 3, 3)
@@ -663,7 +659,7 @@ def test_add_weighted_rows_kernel_and_torch_path(dtype):
     """acc[i] += sum_t w[i, t] * src[rows[i, t]]: both backends equal the explicit sum (M not a multiple of the
     kernel's 256-row grain, repeated source rows); shape errors are named."""
     from mmseg_cbt.ops import add_weighted_rows_
-    _cpu_ext()
+    require_cpu_ext()
     g = torch.Generator().manual_seed(13)
     src = torch.randn(97, 11, generator=g, dtype=dtype)
     rows = torch.randint(0, 97, (613, 4), generator=g)
@@ -717,7 +713,7 @@ def test_crossover_tables_and_balanced_chunks():
 def test_cpu_kernel_non_contiguous_weight_uses_torch_gemm():
     """A non-contiguous weight matrix takes the kernel's at::mm_out branch instead of the direct BLAS call: same
     rows."""
-    _cpu_ext()
+    require_cpu_ext()
     torch.manual_seed(14)
     x = torch.randn(1, 6, 17, 21, dtype=torch.float64)
     w = torch.randn(8, 6, 3, 3, dtype=torch.float64)
@@ -786,7 +782,7 @@ def test_cpu_kernel_stale_build_lock_is_removed(tmp_path, monkeypatch):
 def test_cpu_kernel_thread_counts(threads):
     """One torch thread (the parallel loop runs inline, chunks sized for one core) and more threads than chunks
     need: the kernel's rows equal the PyTorch path's."""
-    _cpu_ext()
+    require_cpu_ext()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -69,6 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sparse_conv_cpu import load_cpu_ext
+
 __all__ = [
     'dense_crossover',
     'choose_method',
@@ -1099,7 +1101,6 @@ def _cpu_ext(backend: str, t: Tensor):
         if backend == 'cpp':
             raise ValueError(f"backend='cpp' runs float32/float64 CPU tensors, got {t.dtype} on {t.device}")
         return None
-    from .sparse_conv_cpu import load_cpu_ext
     ext = load_cpu_ext()
     if ext is None and backend == 'cpp':
         raise RuntimeError("backend='cpp' requested but the CPU kernel is not available (disabled by "

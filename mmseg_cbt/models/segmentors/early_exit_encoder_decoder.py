@@ -219,10 +219,11 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics).
 
         ``feature_mask='sparse'`` uses the sparse convs only while at most ``test_cfg.sparse_max_active`` (default
-        0.8 when CPU tensors run the compiled kernel, else 0.6) of the pixels are active: above that the simulated path ("dense, then mask") is as fast or faster.
-        Measured on the 2-core CPU with the compiled CPU kernel (``benchmark_masked.py --sections paths``, stages 2-4
-        at 512x1024, sparse vs simulated ms, resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 % active
-        W18s 228 vs 228, W48 1218 vs 1427; 70 % W18s 140 vs 178, W48 921 vs 1318. (With the PyTorch path alone,
+        0.8 when CPU tensors run the compiled kernel, else 0.6) of the pixels are active: above that the simulated
+        path ("dense, then mask") is as fast or faster. Measured on the 2-core CPU with the compiled CPU kernel
+        (``benchmark_masked.py --sections paths``, stages 2-4 at 512x1024, sparse vs simulated ms,
+        resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 % active W18s 228 vs 228, W48 1218 vs 1427;
+        70 % W18s 140 vs 178, W48 921 vs 1318. (With the PyTorch path alone,
         ``MMSEG_CBT_CPU_EXT=0``, the crossover was at ~60 %: 80 % W18s 228 vs 202, W48 1330 vs 1272; 60 % W18s 171
         vs 169, W48 1072 vs 1291.)
         """
