@@ -584,6 +584,84 @@ def test_cpu_kernel_matches_torch_path(k, stride, residual, dtype):
     assert torch.equal(results['cpp'][~keep], prev[~keep])
 
 
+def _has_avx512() -> bool:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(ln.startswith('flags') and ' avx512f' in ln for ln in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize('cout', [5, 16, 18, 20, 21, 36, 48, 72, 100, 150])
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1)])
+@pytest.mark.parametrize('residual', [None, 'out'])
+def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual, monkeypatch):
+    """The kernel's AVX-512 direct algorithm (float32) against its gather + GEMM algorithm and F.conv2d, for output
+    widths with no tail (16, 48), a tail of dot products (5, 18, 20, 36, 100: 1-4 channels past 16 * n), a padded
+    last vector (21, 72: 5 and 8 past it) and several blocks of vectors (72, 100, 150); batch 2 with different masks,
+    M not a multiple of the 8-position tile, the bottom-right position active (its last window strip ends at the
+    buffer's last value: the masked loads must not read past it), residual = the output buffer itself."""
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        assert not _has_avx512(), 'an AVX-512 machine must build the direct kernel'
+        pytest.skip('no AVX-512 on this CPU: the kernel has only its GEMM algorithm')
+    torch.manual_seed(21)
+    h_in, w_in, cin = 13, 19, 6 if k == 3 else 33
+    ho, wo = (h_in, w_in) if stride == 1 else ((h_in + 1) // 2, (w_in + 1) // 2)
+    x = torch.randn(2, cin, h_in, w_in)
+    w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
+    mask = _masks(2, ho, wo, seed=cout)
+    mask[:, -1, -1] = True
+    if int(mask.sum()) % 8 == 0:
+        mask[0, 0, 0] = not bool(mask[0, 0, 0])
+    idx = SparseIndex.build(mask)
+    assert idx.num_active % 8 != 0 and bool(mask[:, -1, -1].all())
+    buf = to_padded_nhwc(x)
+    prev = torch.randn(2, cout, ho, wo)
+    results = {}
+    for direct in (0, 1):
+        monkeypatch.setattr(sc, '_CPU_DIRECT', direct)
+        out_buf = to_padded_nhwc(prev)
+        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out_buf, stride=stride, padding=k // 2,
+                           residual=out_buf if residual else None, relu=residual is not None,
+                           dense_threshold=float('inf'), backend='cpp')
+        results[direct] = padded_interior(out_buf)
+    ref = F.conv2d(x, w, b, stride=stride, padding=k // 2)
+    if residual:
+        ref = F.relu(ref + prev)
+    keep = mask[:, None].expand_as(ref)
+    assert torch.allclose(results[1], results[0], atol=ATOL, rtol=0)
+    assert torch.allclose(results[1][keep], ref[keep], atol=ATOL, rtol=0)
+    assert torch.equal(results[1][~keep], prev[~keep])
+
+
+def test_cpu_direct_kernel_choice_and_errors():
+    """The kernel's own choice (-1) takes the direct algorithm for float32 up to 100 output channels, and refuses a
+    forced direct run it cannot do (float64) and an unknown choice."""
+    ext = require_cpu_ext()
+    src = torch.randn(50, 4)
+    strips = torch.tensor([0, 10, 20, 3, 13, 23])
+    for cout, direct_expected in ((18, True), (100, True), (101, False)):
+        wm = torch.randn(36, cout)
+        outs = {}
+        for d in (-1, 0, 1) if ext.has_direct() else (-1, 0):
+            outs[d] = torch.empty(2, cout)
+            ext.sparse_conv_gemm(src, strips, 3, wm, None, None, None, False, outs[d], None, 8, d)
+        ref = torch.stack([torch.cat([src[r:r + 3].reshape(-1) for r in strips[i * 3:i * 3 + 3].tolist()]) @ wm
+                           for i in range(2)])
+        for out in outs.values():
+            assert torch.allclose(out, ref, atol=1e-4, rtol=0)
+        if ext.has_direct():
+            # the two algorithms round differently; auto's result is bit-identical to the one it chose
+            assert torch.equal(outs[-1], outs[1 if direct_expected else 0])
+    with pytest.raises(RuntimeError, match='direct must be'):
+        ext.sparse_conv_gemm(src, strips, 3, torch.randn(36, 5), None, None, None, False, torch.empty(2, 5), None,
+                             8, 2)
+    with pytest.raises(RuntimeError, match='direct kernel runs float32'):
+        ext.sparse_conv_gemm(src.double(), strips, 3, torch.randn(36, 5, dtype=torch.float64), None, None, None,
+                             False, torch.empty(2, 5, dtype=torch.float64), None, 8, 1)
+
+
 @pytest.mark.parametrize('chunk', [None, 1, 1000])
 def test_cpu_kernel_rows_api_and_default_backend(chunk, monkeypatch):
     """Compact rows out (sparse_conv_rows) with compact residual rows; 'auto' on a CPU tensor runs the kernel

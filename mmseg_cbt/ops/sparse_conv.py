@@ -1063,6 +1063,12 @@ def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tens
 _EXT_CHUNK_BYTES, _EXT_MIN_CHUNK_ROWS, _EXT_MAX_CHUNK_ROWS = 256 << 10, 128, 1024
 
 
+# Which of the compiled kernel's two float32 algorithms runs: -1 lets the kernel choose (its AVX-512 direct kernel for
+# Cout <= 100, measured faster there; the gather + GEMM otherwise), 0 forces the GEMM, 1 the direct kernel. The tests
+# set it to compare the two; see csrc/sparse_conv_cpu.cpp.
+_CPU_DIRECT = -1
+
+
 def _ext_chunk_rows(kkc: int, itemsize: int, m: int, threads: Optional[int] = None) -> int:
     """Rows per chunk of the compiled kernel for ``m`` active rows of ``kkc`` gathered values."""
     target = max(_EXT_MIN_CHUNK_ROWS, min(_EXT_MAX_CHUNK_ROWS, _EXT_CHUNK_BYTES // max(1, itemsize * kkc)))
@@ -1092,7 +1098,7 @@ def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, de
                                                                           buf.element_size(), idx.num_active)
     ext.sparse_conv_gemm(buf.view(-1, call.cin), call.strips, call.k, wmat,
                          None if bias is None else bias.contiguous(), res_src, res_rows, relu, dst, dst_rows,
-                         max(1, step))
+                         max(1, step), _CPU_DIRECT)
 
 
 def _cpu_ext(backend: str, t: Tensor):
