@@ -124,15 +124,16 @@ def test_fallback_to_dense_branch(monkeypatch):
     x = torch.randn(1, 4, 16, 16)
     w = torch.randn(4, 4, 3, 3)
     mask = torch.ones(1, 16, 16, dtype=torch.bool)
-    mask[0, :2, :] = False  # 87.5 % active: above the crossover
-    assert SparseIndex.build(mask).active_fraction > sc.dense_crossover(3, 4, 4)
+    mask[0, :1, :] = False  # 93.75 % active: above the crossover of every table (at most 0.9)
+    for compiled, direct in ((False, False), (True, False), (True, True)):
+        assert SparseIndex.build(mask).active_fraction > sc.dense_crossover(3, 4, 4, compiled, direct)
     calls = []
     fake_f = types.SimpleNamespace(conv2d=lambda *a, **kw: calls.append(1) or F.conv2d(*a, **kw))
     monkeypatch.setattr(sc, 'F', fake_f)
     y = sparse_conv2d(x, w, None, mask, padding=1)
     assert calls, 'dense conv not used above the crossover'
     _assert_active_close(y, F.conv2d(x, w, None, 1, 1), mask)
-    assert torch.all(y[0, :, :2] == 0)
+    assert torch.all(y[0, :, :1] == 0)
     calls.clear()
     sparse_conv2d(x, w, None, torch.rand(1, 16, 16) < 0.2, padding=1)
     assert not calls, 'dense conv used below the crossover'
@@ -636,9 +637,12 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual, monkeypatch):
 
 
 def test_cpu_direct_kernel_choice_and_errors():
-    """The kernel's own choice (-1) takes the direct algorithm for float32 up to 100 output channels, and refuses a
-    forced direct run it cannot do (float64) and an unknown choice."""
+    """The kernel's own choice (-1) takes the direct algorithm for float32 up to 100 output channels (as
+    cpu_kernel_direct reports), and refuses a forced direct run it cannot do (float64) and an unknown choice."""
+    from mmseg_cbt.ops import cpu_kernel_direct
     ext = require_cpu_ext()
+    assert cpu_kernel_direct(100) == ext.has_direct() and not cpu_kernel_direct(101)
+    assert not cpu_kernel_direct(18, torch.float64)
     src = torch.randn(50, 4)
     strips = torch.tensor([0, 10, 20, 3, 13, 23])
     for cout, direct_expected in ((18, True), (100, True), (101, False)):
@@ -777,6 +781,12 @@ def test_crossover_tables_and_balanced_chunks():
     assert dense_crossover(3, 48, 48, compiled=True) == pytest.approx(0.76)
     assert dense_crossover(1, 18, 18, compiled=True) == pytest.approx(0.72)  # 324 MAC/px
     assert dense_crossover(3, 384, 384, compiled=True) == pytest.approx(0.9)  # clamped beyond the last point
+    # the direct algorithm's table (only with compiled=True)
+    assert dense_crossover(1, 36, 36, compiled=True, direct=True) == pytest.approx(0.8)  # 1296 MAC/px
+    assert dense_crossover(1, 18, 18, compiled=True, direct=True) == pytest.approx(0.8)
+    assert dense_crossover(1, 48, 48, compiled=True, direct=True) == pytest.approx(0.9)
+    assert dense_crossover(3, 18, 18, compiled=True, direct=True) == pytest.approx(0.9)
+    assert dense_crossover(3, 18, 18, compiled=False, direct=True) == dense_crossover(3, 18, 18)
     for m, threads, kkc in [(307, 2, 1296), (8192, 2, 432), (129, 2, 3456), (5, 2, 432), (1000, 1, 162)]:
         step = sc._ext_chunk_rows(kkc, 4, m, threads)
         chunks = -(-m // step)

@@ -43,8 +43,9 @@ Why this representation (measured on the 2-core CPU machines, see the project re
   ``(rows, k*k*Cin)`` -> one GEMM with the ``(k*k*Cin, Cout)`` weight matrix -> bias / residual / ReLU
   -> scatter, while the chunk is hot in cache. Gathering whole strips instead of single
   pixels halves the gather time at C=18; un-chunked im2col is much slower (cache misses).
-* Above a measured active fraction (:func:`dense_crossover`, 0.4-0.75 depending on the conv's MACs per
-  position) the dense conv is cheaper and is used.
+* Above a measured active fraction (:func:`dense_crossover`: 0.55-0.75 for the PyTorch ops depending on the
+  conv's MACs per position, 0.72-0.9 for the compiled kernel, 0.8-0.9 for its direct algorithm) the dense conv
+  is cheaper and is used.
 * On CPU the chunk loop runs in a compiled kernel when it is built (:mod:`.sparse_conv_cpu`): each thread owns
   whole chunks (gather, single-threaded GEMM, epilogue, scatter in its own L2), which took 15-25 % off the masked
   HRNet stages and up to 40 % off single convs against the same loop as PyTorch ops (:func:`_torch_sparse`, kept as
@@ -73,6 +74,7 @@ from .sparse_conv_cpu import load_cpu_ext
 
 __all__ = [
     'dense_crossover',
+    'cpu_kernel_direct',
     'choose_method',
     'SparseIndex',
     'SegmentTables',
@@ -112,18 +114,27 @@ _CROSSOVER_POINTS: Dict[int, Tuple[Tuple[int, float], ...]] = {
     3: ((1458, 0.62), (20736, 0.66), (82944, 0.66), (331776, 0.75)),
     1: ((324, 0.55), (2304, 0.58), (5184, 0.65), (36864, 0.72), (147456, 0.75)),
 }
-# The same with the compiled CPU kernel (sparse_conv_cpu), which moves the crossover up: measured with the same
-# command (2 threads, idle machine, resources/benchmark_masked_crossover_kernel_2026-11-22.txt): 3x3 stride 1 at
-# 0.73 (2916 MAC/px, C=18) and 0.78 (20736, C=48), above 0.9 for C=36 and >= 72; 3x3 stride 2 at 0.86 (1458) and
-# above 0.9 beyond; 1x1 at 0.74 (324), 0.79 (1296), 0.84 (2304-5184), 0.86 (20736), above 0.9 otherwise. (The
-# fallback itself costs 1.1-1.6x the plain dense conv: it must keep the stopped positions' values.) Rounded down.
+# The same with the compiled CPU kernel (sparse_conv_cpu), which moves the crossover up. Its GEMM algorithm (float64,
+# wide convs, CPUs without AVX-512), measured with the same command (2 threads, idle machine,
+# resources/benchmark_masked_crossover_kernel_2026-11-22.txt): 3x3 stride 1 at 0.73 (2916 MAC/px, C=18) and 0.78
+# (20736, C=48), above 0.9 for C=36 and >= 72; 3x3 stride 2 at 0.86 (1458) and above 0.9 beyond; 1x1 at 0.74 (324),
+# 0.79 (1296), 0.84 (2304-5184), 0.86 (20736), above 0.9 otherwise. (The fallback itself costs 1.1-1.6x the plain
+# dense conv: it must keep the stopped positions' values.) Rounded down.
 _CROSSOVER_POINTS_KERNEL: Dict[int, Tuple[Tuple[int, float], ...]] = {
     3: ((1458, 0.72), (20736, 0.76), (46656, 0.9)),
     1: ((324, 0.72), (2304, 0.8), (20736, 0.85), (36864, 0.9)),
 }
+# Its direct algorithm (float32, <= 100 output channels, AVX-512; wider convs keep the GEMM, whose points above
+# are 0.9 there too), same command (resources/benchmark_masked_crossover_direct_2026-11-22.txt): every 3x3 shape
+# (stride 1 and 2) above 0.9 (sparse 0.85-0.99 of the dense conv at 80-90 % active, the fallback 1.2-1.6); 1x1 at
+# 0.83 (324 MAC/px, C=18) and 0.80 (1296, C=36), above 0.9 from 2304 (C=48) on. Rounded down.
+_CROSSOVER_POINTS_DIRECT: Dict[int, Tuple[Tuple[int, float], ...]] = {
+    3: ((1458, 0.9),),
+    1: ((324, 0.8), (1296, 0.8), (2304, 0.9)),
+}
 
 
-def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = False) -> float:
+def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = False, direct: bool = False) -> float:
     """Measured active fraction above which the dense conv beats the sparse path on CPU.
 
     Piecewise-linear in log2(MACs per output position) between the measured points, clamped at the
@@ -135,11 +146,13 @@ def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = Fals
         cin: Input channels.
         cout: Output channels.
         compiled: The sparse path is the compiled CPU kernel (its table) rather than the PyTorch ops.
+        direct: With ``compiled``: the kernel runs its direct algorithm for this conv (:func:`_kernel_direct`).
 
     Returns:
         Threshold in [0, 1].
     """
-    pts = (_CROSSOVER_POINTS_KERNEL if compiled else _CROSSOVER_POINTS)[3 if kernel_size != 1 else 1]
+    table = (_CROSSOVER_POINTS_DIRECT if direct else _CROSSOVER_POINTS_KERNEL) if compiled else _CROSSOVER_POINTS
+    pts = table[3 if kernel_size != 1 else 1]
     x = math.log2(max(1, kernel_size * kernel_size * cin * cout))
     if x <= math.log2(pts[0][0]):
         return pts[0][1]
@@ -1101,6 +1114,25 @@ def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, de
                          max(1, step), _CPU_DIRECT)
 
 
+def _kernel_direct(ext, dtype: torch.dtype, cout: int) -> bool:
+    """Whether the compiled kernel ``ext`` (None: not used) runs its direct algorithm for this conv."""
+    return ext is not None and _CPU_DIRECT != 0 and (
+        _CPU_DIRECT == 1 or bool(ext.uses_direct(cout, dtype == torch.float32)))
+
+
+def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether masked convs with ``cout`` output channels run the compiled CPU kernel's direct algorithm.
+
+    Args:
+        cout: Output channels.
+        dtype: Tensor dtype.
+
+    Returns:
+        True if the kernel is available and chooses (or is forced to) its AVX-512 direct algorithm.
+    """
+    return _kernel_direct(load_cpu_ext(), dtype, cout)
+
+
 def _cpu_ext(backend: str, t: Tensor):
     """The compiled CPU kernel module if ``backend`` selects it for tensor ``t``, else None."""
     if backend in ('torch', 'triton') or t.is_cuda or t.dtype not in (torch.float32, torch.float64):
@@ -1385,8 +1417,8 @@ def _threshold(dense_threshold: Optional[float], use_triton: bool, call: '_ConvC
         return dense_threshold
     if use_triton:
         return _TRITON_DEFAULT_THRESHOLD
-    compiled = choose_method(method, None, call) == 'gemm' and _cpu_ext(backend, buf) is not None
-    return dense_crossover(call.k, call.cin, call.cout, compiled)
+    ext = _cpu_ext(backend, buf) if choose_method(method, None, call) == 'gemm' else None
+    return dense_crossover(call.k, call.cin, call.cout, ext is not None, _kernel_direct(ext, buf.dtype, call.cout))
 
 
 def _triton_available() -> bool:
@@ -1513,8 +1545,9 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     if dense_threshold is not None:
         threshold = dense_threshold
     else:
+        ext = None if use_triton else _cpu_ext(backend, input)
         threshold = (_TRITON_DEFAULT_THRESHOLD if use_triton else
-                     dense_crossover(k, cin, cout, _cpu_ext(backend, input) is not None))
+                     dense_crossover(k, cin, cout, ext is not None, _kernel_direct(ext, input.dtype, cout)))
     if idx.active_fraction > threshold:
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         if m == n * ho * wo:

@@ -230,7 +230,8 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
         idx.rows(1)
         build_ms = min(build_ms, 1e3 * (time.perf_counter() - t0))
     compiled = x.device.type == 'cpu' and backend != 'torch' and method != 'segments' and ops.cpu_ext_available()
-    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled) if dense_threshold is None
+    direct = compiled and ops.cpu_kernel_direct(weight.shape[0], x.dtype)
+    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled, direct) if dense_threshold is None
            else dense_threshold)
     path = 'skip' if idx.num_active == 0 else ('dense' if idx.active_fraction > thr else 'sparse')
 
@@ -377,7 +378,8 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
                     cross = a0 + -d0 * (a1 - a0) / (d1 - d0)
                     break
             macs = k * k * c_in * c
-            table = ops.dense_crossover(k, c_in, c, ops.cpu_ext_available())
+            ext = ops.load_cpu_ext()
+            table = ops.dense_crossover(k, c_in, c, ext is not None, ext is not None and ops.cpu_kernel_direct(c))
             rows.append(dict(section='crossover', kind=name, c_in=c_in, c_out=c, height=h, width=w,
                              macs_per_px=macs, actives=actives, sparse_ratios=sp, fallback_ratios=fb,
                              crossover=cross, table=table))

@@ -1,7 +1,10 @@
-// CPU kernel of mmseg_cbt's masked ("sparse") convolution: gather -> GEMM -> epilogue -> scatter, fused per chunk.
+// CPU kernel of mmseg_cbt's masked ("sparse") convolution, two algorithms over the same index tables:
+//  - gather -> GEMM -> epilogue -> scatter, fused per chunk (any float dtype, any width);
+//  - an AVX-512 direct algorithm for float32 convs with up to 100 output channels that reads each window in place
+//    (no gather) and writes the output rows directly (see "Direct" below for why and what it measured).
 //
-// Same algorithm and tables as the PyTorch path (mmseg_cbt/ops/sparse_conv.py, _torch_sparse), which is its
-// reference in the parity tests. Why a compiled kernel on top of that path (measured on the 2-core CPU machines,
+// Same tables as the PyTorch path (mmseg_cbt/ops/sparse_conv.py, _torch_sparse), which is the reference of both in
+// the parity tests. Why a compiled kernel on top of that path (measured on the 2-core CPU machines,
 // W48 stages 2-4 at 512x1024 with 75 % stopped): there every op of a chunk (index_select, mm, add_, relu_,
 // index_copy_) is its own OpenMP region, so each chunk pays a fork/join per op, the gathered block is written
 // by both threads and then read by both, and Python adds ~2 us per op call. Here each thread owns whole chunks:
@@ -484,5 +487,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build has the AVX-512 direct kernel for thin float32 convs");
+  m.def("uses_direct", [](int64_t cout, bool float32) {
+    return direct_supported(float32 ? at::kFloat : at::kDouble) && direct_auto(cout);
+  }, "Whether sparse_conv_gemm's automatic choice (direct=-1) runs the direct kernel", py::arg("cout"),
+        py::arg("float32"));
   m.def("add_weighted_rows", &add_weighted_rows, "acc[i] += sum_t w[i, t] * src[rows[i, t]] (CPU)");
 }
