@@ -351,13 +351,19 @@ def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
 
 
 def test_sparse_max_active_default_follows_cpu_kernel(model, monkeypatch):
-    """Default limit: 0.8 active when CPU tensors run the compiled kernel (its measured crossover against the
-    simulated path), 0.6 with the PyTorch path alone; an explicit test_cfg value wins."""
+    """Default limit: 0.9 active when CPU tensors run the compiled kernel with its direct algorithm, 0.8 with its
+    GEMM algorithm only (the measured crossovers against the simulated path), 0.6 with the PyTorch path alone; an
+    explicit test_cfg value wins."""
+    import mmseg_cbt.ops.sparse_conv as sc
     from conftest import require_cpu_ext
-    require_cpu_ext()
+    ext = require_cpu_ext()
     active = torch.zeros(1, 10, 10, dtype=torch.bool)
-    active.view(-1)[:70] = True  # 70 % active
     model.test_cfg.pop('sparse_max_active', None)
+    active.view(-1)[:85] = True  # 85 % active
+    assert model._use_sparse(active, 'sparse') == ext.has_direct()
+    monkeypatch.setattr(sc, '_CPU_DIRECT', 0)  # GEMM algorithm only
+    assert not model._use_sparse(active, 'sparse')
+    active.view(-1)[70:] = False  # 70 %
     assert model._use_sparse(active, 'sparse')
     assert not model._use_sparse(active, 'simulate')
     monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0')

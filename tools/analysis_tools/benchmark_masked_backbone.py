@@ -8,6 +8,7 @@ interleaved in one process (best of ``--e2e-repeats``); ratios are against the f
 counts every conv of the backbone at the positions it computes (its output positions that are active under the
 nearest-resized mask).
 """
+import logging
 import os.path as osp
 from typing import Dict, List
 
@@ -35,7 +36,16 @@ def build_backbone(name: str) -> nn.Module:
     cfg.model.pretrained = None
     torch.manual_seed(0)
     model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    model.init_weights()
+    # mmengine prints one INFO record per parameter from init_weights when its logger has no file (thousands of
+    # lines around the benchmark's tables): silenced for this call
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)

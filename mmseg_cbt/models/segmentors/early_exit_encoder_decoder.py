@@ -54,8 +54,8 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             ``'zeros'`` or ``'rbf'``, default ``'copy'``). With ``feature_mask='sparse'`` (the default) inference
             really skips stopped pixels; under autograd or in training mode the simulated path (same semantics)
             is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` of its pixels
-            active (default 0.8 with the compiled CPU kernel, else 0.6), where the simulated path is as fast or
-            faster.
+            active (default 0.9 with the compiled CPU kernel's AVX-512 direct algorithm, 0.8 with the kernel
+            without it, else 0.6), where the simulated path is as fast or faster.
         data_preprocessor (dict, optional): mmseg data preprocessor.
         pretrained (str, optional): Backbone weights.
         init_cfg (dict, optional): Initialisation config.
@@ -218,21 +218,28 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
     def _use_sparse(self, active: Tensor, feature_mask: str) -> bool:
         """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics).
 
-        ``feature_mask='sparse'`` uses the sparse convs only while at most ``test_cfg.sparse_max_active`` (default
-        0.8 when CPU tensors run the compiled kernel, else 0.6) of the pixels are active: above that the simulated
-        path ("dense, then mask") is as fast or faster. Measured on the 2-core CPU with the compiled CPU kernel
-        (``benchmark_masked.py --sections paths``, stages 2-4 at 512x1024, sparse vs simulated ms,
-        resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 % active W18s 228 vs 228, W48 1218 vs 1427;
-        70 % W18s 140 vs 178, W48 921 vs 1318. (With the PyTorch path alone,
-        ``MMSEG_CBT_CPU_EXT=0``, the crossover was at ~60 %: 80 % W18s 228 vs 202, W48 1330 vs 1272; 60 % W18s 171
-        vs 169, W48 1072 vs 1291.)
+        ``feature_mask='sparse'`` uses the sparse convs only while at most ``test_cfg.sparse_max_active`` of the pixels
+        are active: above that the simulated path ("dense, then mask") is as fast or faster. Default by what CPU
+        tensors run, measured on the 2-core CPU (``benchmark_masked.py --sections paths``, stages 2-4 at 512x1024,
+        sparse vs simulated ms):
+
+        * 0.9 with the compiled kernel's direct algorithm (AVX-512, float32; thin convs,
+          resources/benchmark_masked_paths_direct_2026-11-22.txt): 90 % active W18s 153 vs 170, W48 1177 vs 1278;
+          80 % W18s 125 vs 168, W48 974 vs 1281;
+        * 0.8 with the kernel's GEMM algorithm only (resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 %
+          active W18s 228 vs 228, W48 1218 vs 1427; 70 % W18s 140 vs 178, W48 921 vs 1318;
+        * 0.6 with the PyTorch path alone (``MMSEG_CBT_CPU_EXT=0``): 80 % W18s 228 vs 202, W48 1330 vs 1272; 60 %
+          W18s 171 vs 169, W48 1072 vs 1291.
         """
         if feature_mask != 'sparse':
             return False
         limit = self._test_opt('sparse_max_active', None)
         if limit is None:
-            from mmseg_cbt.ops import cpu_ext_available
-            limit = 0.8 if not active.is_cuda and cpu_ext_available() else 0.6
+            from mmseg_cbt.ops import cpu_ext_available, cpu_kernel_direct
+            if active.is_cuda or not cpu_ext_available():
+                limit = 0.6
+            else:  # the direct algorithm runs the thin (<= 100-channel) convs where it is built
+                limit = 0.9 if cpu_kernel_direct(18) else 0.8
         return float(active.float().mean()) <= float(limit)
 
     def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,

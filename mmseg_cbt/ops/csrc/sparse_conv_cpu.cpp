@@ -297,8 +297,9 @@ inline void direct_store(const DirectPlan& pl, __m512 (&acc)[P][NB], int64_t b0,
 // One block of NB vectors for a tile of kTile positions, in sub-tiles of P positions. Not inlined: each block shape
 // gets its own register allocation (inlined into one function, the shapes' accumulators spilled).
 template <int NB, int P>
-__attribute__((noinline)) void direct_block(const DirectPlan& pl, const float* const* rows, int64_t b0, int64_t q0, int64_t n,
-                         const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows) {
+__attribute__((noinline)) void direct_block(const DirectPlan& pl, const float* const* rows, int64_t b0, int64_t q0,
+                                            int64_t n, const float* res, const int64_t* res_rows, bool relu,
+                                            float* dst, const int64_t* dst_rows) {
   static_assert(kTile % P == 0, "sub-tiles must divide the tile");
   for (int p0 = 0; p0 < kTile && p0 < n; p0 += P) {
     __m512 acc[P][NB];
