@@ -593,15 +593,16 @@ def _has_avx512() -> bool:
         return False
 
 
-@pytest.mark.parametrize('cout', [5, 16, 18, 20, 21, 36, 48, 72, 100, 150])
+@pytest.mark.parametrize('cout', [1, 4, 5, 16, 18, 20, 21, 36, 48, 72, 100, 150])
 @pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1)])
 @pytest.mark.parametrize('residual', [None, 'out'])
 def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual, monkeypatch):
     """The kernel's AVX-512 direct algorithm (float32) against its gather + GEMM algorithm and F.conv2d, for output
-    widths with no tail (16, 48), a tail of dot products (5, 18, 20, 36, 100: 1-4 channels past 16 * n), a padded
-    last vector (21, 72: 5 and 8 past it) and several blocks of vectors (72, 100, 150); batch 2 with different masks,
-    M not a multiple of the 8-position tile, the bottom-right position active (its last window strip ends at the
-    buffer's last value: the masked loads must not read past it), residual = the output buffer itself."""
+    widths with no tail (16, 48), only dot-product channels (1, 4), full vectors plus 2-4 of them (18, 20, 36, 100),
+    a padded last vector (5, 21, 72: 5-8 channels past 16 * n) and several blocks of vectors (72, 100, 150); batch 2
+    with different masks, M not a multiple of the 8-position tile, the bottom-right position active (its last window
+    strip ends at the buffer's last value: the masked loads must not read past it), residual = the output buffer
+    itself."""
     ext = require_cpu_ext()
     if not ext.has_direct():
         assert not _has_avx512(), 'an AVX-512 machine must build the direct kernel'
