@@ -49,7 +49,9 @@ Why this representation (measured on the 2-core CPU machines, see the project re
 * On CPU the chunk loop runs in a compiled kernel when it is built (:mod:`.sparse_conv_cpu`): each thread owns
   whole chunks (gather, single-threaded GEMM, epilogue, scatter in its own L2), which took 15-25 % off the masked
   HRNet stages and up to 40 % off single convs against the same loop as PyTorch ops (:func:`_torch_sparse`, kept as
-  the fallback and as the kernel's test reference).
+  the fallback and as the kernel's test reference). On AVX-512 CPUs its direct algorithm runs float32 convs with
+  up to 100 output channels without the gather (:func:`cpu_kernel_direct`; 0.52 instead of 0.88 of the dense time
+  for an 18-channel 3x3 conv at 50 % active).
 * 1x1 convs between 3x3 convs can also run on compact rows (:func:`gather_rows` once, then
   ``torch.mm(rows, wmat).add_(bias)``), with no gather/scatter at all.
 * A second CPU algorithm for 3x3 convs, ``method='segments'`` (:meth:`SparseIndex.segments`): the active
@@ -146,7 +148,7 @@ def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = Fals
         cin: Input channels.
         cout: Output channels.
         compiled: The sparse path is the compiled CPU kernel (its table) rather than the PyTorch ops.
-        direct: With ``compiled``: the kernel runs its direct algorithm for this conv (:func:`_kernel_direct`).
+        direct: With ``compiled``: the kernel runs its direct algorithm for this conv (:func:`cpu_kernel_direct`).
 
     Returns:
         Threshold in [0, 1].
@@ -1116,8 +1118,11 @@ def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, de
 
 def _kernel_direct(ext, dtype: torch.dtype, cout: int) -> bool:
     """Whether the compiled kernel ``ext`` (None: not used) runs its direct algorithm for this conv."""
-    return ext is not None and _CPU_DIRECT != 0 and (
-        _CPU_DIRECT == 1 or bool(ext.uses_direct(cout, dtype == torch.float32)))
+    if ext is None or _CPU_DIRECT == 0:
+        return False
+    if _CPU_DIRECT == 1:
+        return dtype == torch.float32 and bool(ext.has_direct())
+    return bool(ext.uses_direct(cout, dtype == torch.float32))
 
 
 def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:

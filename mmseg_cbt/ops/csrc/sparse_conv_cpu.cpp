@@ -149,9 +149,6 @@ void check_range(const at::Tensor& t, int64_t limit, const char* name) {
   TORCH_CHECK(lo >= 0 && hi <= limit, name, " holds rows outside [0, ", limit, "]: ", lo, "..", hi);
 }
 
-}  // namespace
-
-namespace {
 constexpr int kLanes = 16;
 #ifdef MMSEG_CBT_DIRECT
 // Direct ("im2col-free") float32 kernel, AVX-512. Why: for an 18-channel conv the GEMM path runs (M x 162) x (162 x 18)
