@@ -1125,6 +1125,12 @@ def _kernel_direct(ext, dtype: torch.dtype, cout: int) -> bool:
     return bool(ext.uses_direct(cout, dtype == torch.float32))
 
 
+def _cpu_crossover(ext, kernel_size: int, cin: int, cout: int, dtype: torch.dtype) -> float:
+    """:func:`dense_crossover` of the CPU path that runs the conv: ``ext`` is the compiled kernel, or None for
+    the PyTorch ops."""
+    return dense_crossover(kernel_size, cin, cout, ext is not None, _kernel_direct(ext, dtype, cout))
+
+
 def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:
     """Whether masked convs with ``cout`` output channels run the compiled CPU kernel's direct algorithm.
 
@@ -1423,7 +1429,7 @@ def _threshold(dense_threshold: Optional[float], use_triton: bool, call: '_ConvC
     if use_triton:
         return _TRITON_DEFAULT_THRESHOLD
     ext = _cpu_ext(backend, buf) if choose_method(method, None, call) == 'gemm' else None
-    return dense_crossover(call.k, call.cin, call.cout, ext is not None, _kernel_direct(ext, buf.dtype, call.cout))
+    return _cpu_crossover(ext, call.k, call.cin, call.cout, buf.dtype)
 
 
 def _triton_available() -> bool:
@@ -1549,10 +1555,10 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     use_triton = _use_triton(backend, input)
     if dense_threshold is not None:
         threshold = dense_threshold
+    elif use_triton:
+        threshold = _TRITON_DEFAULT_THRESHOLD
     else:
-        ext = None if use_triton else _cpu_ext(backend, input)
-        threshold = (_TRITON_DEFAULT_THRESHOLD if use_triton else
-                     dense_crossover(k, cin, cout, ext is not None, _kernel_direct(ext, input.dtype, cout)))
+        threshold = _cpu_crossover(_cpu_ext(backend, input), k, cin, cout, input.dtype)
     if idx.active_fraction > threshold:
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         if m == n * ho * wo:

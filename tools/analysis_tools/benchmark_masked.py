@@ -378,8 +378,7 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
                     cross = a0 + -d0 * (a1 - a0) / (d1 - d0)
                     break
             macs = k * k * c_in * c
-            ext = ops.load_cpu_ext()
-            table = ops.dense_crossover(k, c_in, c, ext is not None, ext is not None and ops.cpu_kernel_direct(c))
+            table = ops.dense_crossover(k, c_in, c, ops.cpu_ext_available(), ops.cpu_kernel_direct(c))
             rows.append(dict(section='crossover', kind=name, c_in=c_in, c_out=c, height=h, width=w,
                              macs_per_px=macs, actives=actives, sparse_ratios=sp, fallback_ratios=fb,
                              crossover=cross, table=table))
