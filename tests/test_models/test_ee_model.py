@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
-from conftest import ROOT, build_tiny_model, demo_batch
+from utils import ROOT, build_tiny_model, demo_batch, randomise_bn
 
 HR_EXTRA = dict(
     stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ), num_channels=(16, )),
@@ -17,17 +17,6 @@ HR_EXTRA = dict(
                 num_channels=(8, 16, 24, 32)))
 
 
-def _randomise_bn(module, seed=1):
-    # non-trivial BN statistics so that equality checks are not satisfied by an identity BN
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def test_backbone_matches_mmseg_hrnet_exactly():
     from mmseg.models.backbones import HRNet
 
@@ -35,7 +24,7 @@ def test_backbone_matches_mmseg_hrnet_exactly():
     torch.manual_seed(0)
     ref = HRNet(copy.deepcopy(HR_EXTRA))
     ref.init_weights()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     ee = EarlyExitHRNet(copy.deepcopy(HR_EXTRA))
     # a stock HRNet state dict loads strictly: the module tree is identical
     ee.load_state_dict(ref.state_dict(), strict=True)
@@ -154,7 +143,7 @@ def test_segmentor_modes_like_mmseg(toy_cfg):
 
 def test_stop_masks_and_copy_aggregation(toy_cfg):
     model = build_tiny_model(toy_cfg, exit_mode='global')
-    _randomise_bn(model)
+    randomise_bn(model)
     model.eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():

@@ -7,12 +7,12 @@ import os.path as osp
 import cv2
 import numpy as np
 import pytest
+from utils import ROOT
 
 from mmseg_cbt.datasets import (IGNORE_INDEX, IMG_SUFFIX, META_FILE, SEG_MAP_SUFFIX, SPLIT_CITIES, TOY_CITY_CLASSES,
                                 colorize_label, generate_toy_city, read_toy_city_meta, render_toy_city_sample,
                                 toy_city_file_stem)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_train=4, num_val=2, height=64, width=128)
 VALID_LABELS = set(range(len(TOY_CITY_CLASSES))) | {IGNORE_INDEX}
 

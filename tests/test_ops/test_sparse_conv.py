@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmseg_cbt.ops.sparse_conv as sc
-from conftest import require_cpu_ext
+from utils import ROOT, require_cpu_ext
 from mmseg_cbt.ops import (PackedConv, SparseConv2d, SparseIndex, conv_weight_matrix,
                            dense_conv_buffer, gather_rows, new_padded_buffer, padded_interior,
                            scatter_rows, sparse_conv2d, sparse_conv_buffer, sparse_conv_rows,
@@ -820,7 +820,7 @@ def test_cpu_kernel_non_contiguous_weight_uses_torch_gemm():
 
 
 def _benchmark_module():
-    path = os.path.join(os.path.dirname(__file__), '..', 'tools', 'analysis_tools', 'benchmark_masked.py')
+    path = os.path.join(ROOT, 'tools', 'analysis_tools', 'benchmark_masked.py')
     spec = importlib.util.spec_from_file_location('benchmark_masked_under_test', path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

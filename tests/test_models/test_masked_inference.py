@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
-from test_ee_model import _randomise_bn
+from utils import build_tiny_model, randomise_bn
 
 FILLS = ('copy', 'zeros', 'rbf')
 
@@ -11,7 +10,7 @@ FILLS = ('copy', 'zeros', 'rbf')
 @pytest.fixture(scope='module')
 def model(toy_cfg):
     m = build_tiny_model(toy_cfg, exit_mode='global')
-    _randomise_bn(m)
+    randomise_bn(m)
     return m.eval()
 
 
@@ -87,9 +86,9 @@ def test_bad_fill_is_rejected(model):
 def test_masked_training_matches_simulated_inference(toy_cfg):
     """train_cfg.masked_training: nothing stopped -> the plain loss; with stops, exit 2 is trained on exactly the
     simulated masked path that inference uses (same mask rule, same fill), and gradients reach every exit."""
-    from conftest import demo_batch
+    from utils import demo_batch
     model = build_tiny_model(toy_cfg)
-    _randomise_bn(model)
+    randomise_bn(model)
     model.train()
     imgs, samples = demo_batch(19, n=2, h=64, w=96)
     plain = model.loss(imgs, samples)
@@ -267,7 +266,7 @@ def test_report_tool_optimize_keeps_results(toy_cfg, tiny_city, tmp_path):
     import importlib.util
     import os.path as osp
 
-    from conftest import ROOT, tiny_run_cfg
+    from utils import ROOT, tiny_run_cfg
     spec = importlib.util.spec_from_file_location('miou_tool', osp.join(ROOT, 'tools', 'analysis_tools',
                                                                        'miou_vs_gflops.py'))
     tool = importlib.util.module_from_spec(spec)
@@ -276,7 +275,7 @@ def test_report_tool_optimize_keeps_results(toy_cfg, tiny_city, tmp_path):
     cfg_file = str(tmp_path / 'cfg.py')
     cfg.dump(cfg_file)
     model = build_tiny_model(toy_cfg)
-    _randomise_bn(model)
+    randomise_bn(model)
     ckpt = str(tmp_path / 'model.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
     common = [cfg_file, ckpt, '--settings', 'dense', 'adpc:0.06', '--max-images', '3', '--device', 'cpu',
@@ -331,7 +330,7 @@ def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
 def test_sparse_equals_oracle_on_both_cpu_paths(model, fill, monkeypatch):
     """The masked stages through the compiled CPU kernel (default) and through the pure-PyTorch path
     (MMSEG_CBT_CPU_EXT=0) both equal the simulated oracle at every position (250x330, batch 2)."""
-    from conftest import require_cpu_ext
+    from utils import require_cpu_ext
     require_cpu_ext()
     bb = model.backbone
     x = torch.randn(2, 3, 250, 330)
@@ -355,7 +354,7 @@ def test_sparse_max_active_default_follows_cpu_kernel(model, monkeypatch):
     GEMM algorithm only (the measured crossovers against the simulated path), 0.6 with the PyTorch path alone; an
     explicit test_cfg value wins."""
     import mmseg_cbt.ops.sparse_conv as sc
-    from conftest import require_cpu_ext
+    from utils import require_cpu_ext
     ext = require_cpu_ext()
     active = torch.zeros(1, 10, 10, dtype=torch.bool)
     model.test_cfg.pop('sparse_max_active', None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, build_tiny_model
+from utils import ROOT, build_tiny_model
 
 H, W = 128, 256  # input; the branches are at 1/4 .. 1/32 of it
 R0, R1, R2, R3 = (32, 64), (16, 32), (8, 16), (4, 8)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, build_tiny_model, tiny_run_cfg
+from utils import ROOT, build_tiny_model, tiny_run_cfg
 
 
 def _loader(cfg, indices=None):
