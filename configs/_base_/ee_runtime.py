@@ -2,6 +2,5 @@
 # dataset bases define val_evaluator too, and mmengine forbids the same key in two bases.)
 _base_ = ['mmseg::_base_/default_runtime.py']
 # Calibrates the CBT thresholds from training pixels after training, before the last checkpoint is written.
-cbt_alpha = 0.99
-cbt_beta = 0.998
-custom_hooks = [dict(type='CBTCalibrationHook', alpha=cbt_alpha, beta=cbt_beta, share_exits=True)]
+# A child config that wants another range restates the hook: custom_hooks = [dict(type=..., alpha=..., beta=...)]
+custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.99, beta=0.998, share_exits=True)]

@@ -3,9 +3,8 @@
 _base_ = ['../_base_/models/ee_fcn_hr18s.py', '../_base_/datasets/toy_city.py', '../_base_/ee_runtime.py']
 norm_cfg = dict(type='BN', requires_grad=True)
 num_classes = 19
-exit_width = 32
 exit_common = dict(
-    type='EarlyExitRHHead', channels=exit_width, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
+    type='EarlyExitRHHead', channels=32, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
     align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     pretrained=None,  # no hub weights on these machines: trained from scratch
@@ -46,9 +45,7 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
 # CBT calibration on the training split (test pipeline), thresholds mapped into [0.9, 0.998] for this small model
-cbt_alpha = 0.9
-cbt_beta = 0.998
-custom_hooks = [dict(type='CBTCalibrationHook', alpha=cbt_alpha, beta=cbt_beta, share_exits=True)]
+custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, share_exits=True)]
 randomness = dict(seed=0)
 # mIoU / aAcc / mAcc of every exit (exit{n}.mIoU), the final exit also under the plain keys
 val_evaluator = dict(type='EarlyExitIoUMetric', iou_metrics=['mIoU'])

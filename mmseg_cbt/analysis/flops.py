@@ -1,15 +1,15 @@
 """GFLOPs of early-exit segmentors, counted the way ADP-C and CBT count them.
 
-Convention (reference, section 4):
+Convention (ADP-C, Liu et al., ICLR 2022, and CBT, Görmez & Koyuncu, IEEE SPL 2024):
 
 - Only the multiply-adds (MACs) of convolutions and linear layers are counted; BN, activations, pooling and
   resizes are free. One MAC is one "FLOP", as in mmengine's counter (fvcore) and in the papers.
 - Every conv / linear **call** is recorded by a forward hook together with its output shape, so any input size
   works and a module that runs several times is counted every time. Bias additions are not counted (fvcore does
   not count them either).
-- Modules are attributed to exits by name: ``backbone.conv1|conv2|layer1`` (the stem and ``layer1``; the stem
-  norms hold no MACs) -> stage 1, ``backbone.transition{n-1}`` and ``backbone.stage{n}`` -> stage n,
-  ``exit_heads.{i}`` -> exit ``i + 1``, ``decode_head`` -> the last exit. Exit ``n`` (cumulative) is everything
+- Modules are attributed to exits through the early-exit backbone contract: the sub-modules the backbone names
+  in ``stage_modules(n)`` (HRNet: the stem and ``layer1`` for stage 1, ``transition{n-1}`` and ``stage{n}``
+  for stage n) -> exit n, ``exit_heads.{i}`` -> exit ``i + 1``, ``decode_head`` -> the last exit. Exit ``n`` (cumulative) is everything
   run up to exit ``n``: backbone stages ``1..n`` plus exit heads ``1..n``, earlier heads included.
 - Masked counting: a conv of stage ``n + 1`` / transition ``n`` / exit ``n + 1`` counts its dense MACs times
   ``p``, the fraction of its **output** positions still computed: the mean of ``actives[n]`` (the model's mask of
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -48,9 +47,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmseg_cbt.models.masked.semantics import RBF_SIZE, check_fill
+
 __all__ = [
     'UNIT_1E9', 'UNIT_2_30', 'RBF_KERNEL_AREA', 'MMENGINE_CONV_LINEAR_OPS', 'LayerCall', 'ExitFlops', 'FlopsResult',
-    'EarlyExitFlopCounter', 'is_early_exit_model', 'attribute_module', 'trace_layers', 'count_params_per_exit',
+    'EarlyExitFlopCounter', 'is_early_exit_model', 'exit_units', 'attribute_module', 'trace_layers', 'count_params_per_exit',
     'count_flops', 'average_flops', 'mmengine_exit_macs'
 ]
 
@@ -59,21 +60,9 @@ UNIT_1E9 = 1e9
 #: Divisor of ``gflops_2_30`` (ADP-C / HRNet papers: 1024^3).
 UNIT_2_30 = float(2**30)
 #: Taps of ADP-C's RBF fill kernel (7x7): the 49 in ``(1 - p) p C_out 49 H W``.
-RBF_KERNEL_AREA = 49
+RBF_KERNEL_AREA = RBF_SIZE**2
 #: Operator names (as mmengine's FlopAnalyzer reports them) that correspond to nn.Conv*d and nn.Linear.
 MMENGINE_CONV_LINEAR_OPS = ('conv', 'linear', 'addmm')
-#: Fill rules of ``EarlyExitEncoderDecoder`` (``test_cfg.fill``).
-FILLS = ('copy', 'zeros', 'rbf')
-
-_STAGE1_RE = re.compile(r'^backbone\.(conv1|conv2|layer1)(\.|$)')
-_TRANSITION_RE = re.compile(r'^backbone\.transition(\d+)(\.|$)')
-_STAGE_RE = re.compile(r'^backbone\.stage(\d+)(\.|$)')
-_EXIT_HEAD_RE = re.compile(r'^exit_heads\.(\d+)(\.|$)')
-_DECODE_HEAD_RE = re.compile(r'^decode_head(\.|$)')
-# Stem norms of mmseg's HRNet (``bn1``/``bn2`` for BN and SyncBN, ``gn1``... for other norms): parameters only.
-_STEM_NORM_RE = re.compile(r'^backbone\.[a-z]+[12](\.|$)')
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # attribution
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,39 +71,36 @@ def is_early_exit_model(model: nn.Module) -> bool:
     return hasattr(model, 'forward_exits') and isinstance(getattr(model, 'num_exits', None), int)
 
 
-def attribute_module(name: str, num_exits: int) -> Optional[Tuple[int, str]]:
+def exit_units(model: nn.Module) -> List[Tuple[str, int, str]]:
+    """``(module name, exit, part)`` of every unit an early-exit segmentor runs, from the backbone contract.
+
+    Args:
+        model (nn.Module): An early-exit segmentor (``backbone.stage_modules``, ``num_exits``).
+
+    Returns:
+        list[tuple[str, int, str]]: Qualified module name, 1-based exit and ``'backbone'`` or ``'head'``.
+    """
+    units = [(f'backbone.{name}', stage, 'backbone') for stage in range(1, model.num_exits + 1)
+             for name in model.backbone.stage_modules(stage)]
+    units += [(f'exit_heads.{i}', i + 1, 'head') for i in range(model.num_exits - 1)]
+    return units + [('decode_head', model.num_exits, 'head')]
+
+
+def attribute_module(name: str, model: nn.Module) -> Optional[Tuple[int, str]]:
     """Maps a module (or parameter) name of an early-exit segmentor to the exit that runs it.
 
     Args:
         name (str): Qualified name relative to the segmentor, e.g. ``'backbone.stage3.0.fuse_layers.2.0.0.conv'``.
-        num_exits (int): Number of exits (the final one included); ``decode_head`` belongs to the last.
+        model (nn.Module): The early-exit segmentor.
 
     Returns:
         tuple[int, str] | None: ``(exit, part)`` with the 1-based exit and ``part`` in ``('backbone', 'head')``;
         None for modules that do not run at inference (e.g. ``auxiliary_head``) or are unknown.
     """
-    if _STAGE1_RE.match(name):
-        return 1, 'backbone'
-    m = _TRANSITION_RE.match(name)
-    if m:
-        return int(m.group(1)) + 1, 'backbone'  # transition{n-1} makes the inputs of stage n
-    m = _STAGE_RE.match(name)
-    if m:
-        return int(m.group(1)), 'backbone'
-    m = _EXIT_HEAD_RE.match(name)
-    if m:
-        return int(m.group(1)) + 1, 'head'
-    if _DECODE_HEAD_RE.match(name):
-        return num_exits, 'head'
+    for prefix, exit_idx, part in exit_units(model):
+        if name == prefix or name.startswith(prefix + '.'):
+            return exit_idx, part
     return None
-
-
-def _unit_module_names(model: nn.Module, exit_idx: int) -> List[str]:
-    """Top-level module names that make up exit ``exit_idx`` (1-based), backbone stage and head."""
-    names = ['backbone.conv1', 'backbone.conv2', 'backbone.layer1'] if exit_idx == 1 else \
-        [f'backbone.transition{exit_idx - 1}', f'backbone.stage{exit_idx}']
-    names.append('decode_head' if exit_idx == model.num_exits else f'exit_heads.{exit_idx - 1}')
-    return names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,10 +204,10 @@ def trace_layers(model: nn.Module, inputs: Tensor,
             if num_exits is None:
                 exit_idx, part = None, 'model'
             else:
-                unit = attribute_module(name, num_exits)
+                unit = attribute_module(name, model)
                 if unit is None:
-                    raise ValueError(f'cannot attribute {kind} {name!r} to an exit (expected backbone.conv1|conv2|'
-                                     'layer1|transition*|stage*, exit_heads.*, decode_head)')
+                    raise ValueError(f'cannot attribute {kind} {name!r} to an exit: not in the backbone\'s '
+                                     'stage_modules(), exit_heads.* or decode_head')
                 exit_idx, part = unit
             calls.append(LayerCall(name, kind, exit_idx, part, out_hw, out_ch, macs))
 
@@ -250,9 +236,7 @@ def count_params_per_exit(model: nn.Module) -> List[int]:
         return [sum(p.numel() for n, p in model.named_parameters() if not n.startswith('auxiliary_head.'))]
     out = [0] * model.num_exits
     for name, p in model.named_parameters():
-        unit = attribute_module(name, model.num_exits)
-        if unit is None and _STEM_NORM_RE.match(name):
-            unit = (1, 'backbone')  # stem BN affine parameters
+        unit = attribute_module(name, model)
         if unit is not None:
             out[unit[0] - 1] += p.numel()
     return out
@@ -440,8 +424,7 @@ class EarlyExitFlopCounter:
         self.exit_mode = exit_mode if exit_mode is not None else test_cfg.get('exit_mode', 'dense')
         self.feature_mask = feature_mask if feature_mask is not None else test_cfg.get('feature_mask', 'none')
         self.fill = fill if fill is not None else test_cfg.get('fill', 'copy')
-        if self.fill not in FILLS:
-            raise ValueError(f'fill must be one of {FILLS}, got {self.fill!r}')
+        check_fill(self.fill)
         if not self.early_exit:
             self.exit_mode = 'dense'
         self.num_exits = model.num_exits if self.early_exit else 1
@@ -680,9 +663,9 @@ def mmengine_exit_macs(model: nn.Module, inputs: Tensor) -> List[int]:
     total = conv_linear('')
     if not early_exit:
         return [total]
-    per_exit = [
-        sum(conv_linear(prefix + n) for n in _unit_module_names(model, e)) for e in range(1, model.num_exits + 1)
-    ]
+    per_exit = [0] * model.num_exits
+    for name, exit_idx, _ in exit_units(model):
+        per_exit[exit_idx - 1] += conv_linear(prefix + name)
     if sum(per_exit) != total:
         raise RuntimeError(f'mmengine counts {total} conv/linear MACs, of which only {sum(per_exit)} in the exits')
     return [sum(per_exit[:i + 1]) for i in range(len(per_exit))]

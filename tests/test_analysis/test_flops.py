@@ -274,13 +274,15 @@ def test_average_over_dataloader(tiny, monkeypatch):
 
 def test_attribution_and_meta_device(tiny):
     from mmseg_cbt.analysis import attribute_module, count_flops
-    assert attribute_module('backbone.conv1', 4) == (1, 'backbone')
-    assert attribute_module('backbone.layer1.0.conv2', 4) == (1, 'backbone')
-    assert attribute_module('backbone.transition1.1.0', 4) == (2, 'backbone')
-    assert attribute_module('backbone.stage3.0.fuse_layers.2.0.0.conv', 4) == (3, 'backbone')
-    assert attribute_module('exit_heads.2.conv_seg', 4) == (3, 'head')
-    assert attribute_module('decode_head.convs.0.conv', 4) == (4, 'head')
-    assert attribute_module('auxiliary_head.conv_seg', 4) is None
+    assert attribute_module('backbone.conv1', tiny) == (1, 'backbone')
+    assert attribute_module('backbone.bn2.weight', tiny) == (1, 'backbone')  # stem norms: parameters of stage 1
+    assert attribute_module('backbone.layer1.0.conv2', tiny) == (1, 'backbone')
+    assert attribute_module('backbone.transition1.1.0', tiny) == (2, 'backbone')
+    assert attribute_module('backbone.stage3.0.fuse_layers.2.0.0.conv', tiny) == (3, 'backbone')
+    assert attribute_module('backbone.stage30', tiny) is None  # a prefix match needs the dot
+    assert attribute_module('exit_heads.2.conv_seg', tiny) == (3, 'head')
+    assert attribute_module('decode_head.convs.0.conv', tiny) == (4, 'head')
+    assert attribute_module('auxiliary_head.conv_seg', tiny) is None
     # odd input size; the meta device (no arithmetic) gives the same integers as a real pass
     cpu = count_flops(tiny, torch.zeros(1, 3, 67, 131))
     import copy

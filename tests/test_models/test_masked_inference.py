@@ -4,7 +4,9 @@ import torch
 
 from utils import build_tiny_model, randomise_bn
 
-FILLS = ('copy', 'zeros', 'rbf')
+from mmseg_cbt.models.masked import FILL_MODES as FILLS
+from mmseg_cbt.models.masked import forward_head_masked
+
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +36,7 @@ def test_nothing_stopped_equals_dense(model, fill):
 def test_copy_fill_keeps_stopped_features(model):
     """With 'copy', a stopped pixel of branch 0 (no transition conv) keeps its stage-2 feature through stage 3;
     with 'zeros' it is 0; active pixels see their windows' fill values only near the boundary."""
-    from mmseg_cbt.models.backbones.masked_hrnet import MaskContext
+    from mmseg_cbt.models.masked import MaskContext
     bb = model.backbone
     x = torch.randn(2, 3, 128, 160)
     with torch.no_grad():
@@ -76,7 +78,7 @@ def test_simulated_masks_change_only_near_stopped_pixels(model):
 
 
 def test_bad_fill_is_rejected(model):
-    from mmseg_cbt.models.backbones.masked_hrnet import MaskContext
+    from mmseg_cbt.models.masked import MaskContext
     with pytest.raises(ValueError, match='fill'):
         MaskContext(torch.ones(1, 4, 4, dtype=torch.bool), 'nearest')
     with pytest.raises(ValueError, match='bool'):
@@ -111,7 +113,7 @@ def test_masked_training_matches_simulated_inference(toy_cfg):
         f1 = bb.forward_stage(1, [imgs])
         active = ~(torch.softmax(model.exits[0](f1), 1).max(1).values > thr)
         f2 = bb.forward_stage_masked(2, f1, active, fill='zeros')
-        want = model.exits[1].loss_by_feat(bb.forward_head_masked(model.exits[1], f2, active, fill='zeros'),
+        want = model.exits[1].loss_by_feat(forward_head_masked(model.exits[1], f2, active, fill='zeros'),
                                            samples)['loss_ce']
     assert 0.3 < active.float().mean() < 0.7
     torch.testing.assert_close(losses['exit2.loss_ce'].detach(), want)
@@ -147,8 +149,8 @@ def test_sparse_equals_simulated_oracle(model, fill, size):
                 assert a.shape == b.shape
                 assert (a - b).abs().max() <= 1e-4, (stage, fill)
             head = model.exits[stage - 1]
-            la = bb.forward_head_masked(head, sim_f, active, sparse=False, fill=fill)
-            lb = bb.forward_head_masked(head, sp_f, active, sparse=True, fill=fill)
+            la = forward_head_masked(head, sim_f, active, sparse=False, fill=fill)
+            lb = forward_head_masked(head, sp_f, active, sparse=True, fill=fill)
             assert (la - lb).abs().max() <= 1e-4
             active = active & _blob_mask(2, h4, w4, 0.7, seed=stage)
 
@@ -206,8 +208,8 @@ def test_optimized_model_sparse_equals_unfused_oracle(model):
             feats_o = opt.backbone.forward_stage_masked(stage, feats_o, active, sparse=True, fill='copy')
             for a, b in zip(feats, feats_o):
                 assert (a - b).abs().max() <= 1e-4, stage
-            la = model.backbone.forward_head_masked(model.exits[stage - 1], feats, active, sparse=False)
-            lb = opt.backbone.forward_head_masked(opt.exits[stage - 1], feats_o, active, sparse=True)
+            la = forward_head_masked(model.exits[stage - 1], feats, active, sparse=False)
+            lb = forward_head_masked(opt.exits[stage - 1], feats_o, active, sparse=True)
             assert (la - lb).abs().max() <= 1e-4
     model.train()
     try:
@@ -233,12 +235,12 @@ def test_sparse_rbf_support_tables():
     """rbf in the sparse path: the fill is computed on its support only (stopped positions within Chebyshev
     distance 3 of an active one), with ADP-C's normalised kernel weights; the rest of the stopped positions are the
     'far' rows that hold 0."""
-    from mmseg_cbt.models.backbones.masked_hrnet import rbf_kernel
-    from mmseg_cbt.models.backbones.sparse_hrnet import _SparseContext
+    from mmseg_cbt.models.masked import rbf_kernel
+    from mmseg_cbt.models.masked.sparse_context import SparseContext
     active = torch.zeros(1, 9, 11, dtype=torch.bool)
     active[0, 4, 5] = True  # one active pixel in the middle
     active[0, 0, 0] = True  # and one in the corner (window clipped by the border)
-    ctx = _SparseContext(active, 'rbf')
+    ctx = SparseContext(active, 'rbf')
     mat, support_rows, far_rows = ctx.rbf_tables((9, 11))
     dense = mat.to_dense()
     wp = 13
@@ -298,7 +300,8 @@ def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
     x = torch.randn(1, 3, 128, 192)
     bb = model.backbone
     calls = []
-    orig_stage, orig_head = bb.forward_stage_masked, bb.forward_head_masked
+    import mmseg_cbt.models.segmentors.early_exit_encoder_decoder as eed
+    orig_stage, orig_head = bb.forward_stage_masked, eed.forward_head_masked
 
     def stage(stage_idx, feats, active, sparse=False, fill='copy'):
         calls.append(('stage', round(float(active.float().mean()), 4), sparse))
@@ -309,7 +312,7 @@ def test_sparse_max_active_switches_to_simulated(model, monkeypatch):
         return orig_head(h, feats, active, sparse=sparse, fill=fill)
 
     monkeypatch.setattr(bb, 'forward_stage_masked', stage)
-    monkeypatch.setattr(bb, 'forward_head_masked', head)
+    monkeypatch.setattr(eed, 'forward_head_masked', head)
     model.test_cfg.update(global_threshold=_threshold_for(model, x, 0.5), fill='copy')
     results = {}
     try:

@@ -4,7 +4,10 @@ _base_ = ['mmseg::_base_/models/fcn_hr18.py']
 custom_imports = dict(imports=['mmseg_cbt'], allow_failed_imports=False)
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 num_classes = 19
-exit_width = 64
+# what every RH exit shares (ADP-C's width I = 64); each exit sets its inputs and depth
+exit_common = dict(
+    type='EarlyExitRHHead', channels=64, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
+    align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     type='EarlyExitEncoderDecoder',
     pretrained='open-mmlab://msra/hrnetv2_w18_small',
@@ -16,15 +19,9 @@ model = dict(
             stage3=dict(num_modules=3, num_blocks=(2, 2, 2)),
             stage4=dict(num_modules=2, num_blocks=(2, 2, 2, 2)))),
     exit_heads=[
-        dict(type='EarlyExitRHHead', in_channels=[256], in_index=[0], channels=exit_width, num_down=3, num_up=2,
-             dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg, align_corners=False,
-             loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-        dict(type='EarlyExitRHHead', in_channels=[18, 36], in_index=[0, 1], channels=exit_width, num_down=2,
-             num_up=1, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg, align_corners=False,
-             loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-        dict(type='EarlyExitRHHead', in_channels=[18, 36, 72], in_index=[0, 1, 2], channels=exit_width,
-             num_down=1, num_up=0, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
-             align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+        dict(exit_common, in_channels=[256], in_index=[0], num_down=3, num_up=2),
+        dict(exit_common, in_channels=[18, 36], in_index=[0, 1], num_down=2, num_up=1),
+        dict(exit_common, in_channels=[18, 36, 72], in_index=[0, 1, 2], num_down=1, num_up=0),
     ],
     decode_head=dict(num_classes=num_classes),
     exit_loss_weights=[1.0, 1.0, 1.0, 1.0],

@@ -4,7 +4,10 @@ _base_ = ['mmseg::_base_/models/fcn_hr18.py']
 custom_imports = dict(imports=['mmseg_cbt'], allow_failed_imports=False)
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 num_classes = 19
-exit_width = 128
+# what every RH exit shares (ADP-C's width I = 128); each exit sets its inputs and depth
+exit_common = dict(
+    type='EarlyExitRHHead', channels=128, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
+    align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     type='EarlyExitEncoderDecoder',
     pretrained='open-mmlab://msra/hrnetv2_w48',
@@ -15,15 +18,9 @@ model = dict(
             stage3=dict(num_channels=(48, 96, 192)),
             stage4=dict(num_channels=(48, 96, 192, 384)))),
     exit_heads=[
-        dict(type='EarlyExitRHHead', in_channels=[256], in_index=[0], channels=exit_width, num_down=3, num_up=2,
-             dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg, align_corners=False,
-             loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-        dict(type='EarlyExitRHHead', in_channels=[48, 96], in_index=[0, 1], channels=exit_width, num_down=2,
-             num_up=1, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg, align_corners=False,
-             loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-        dict(type='EarlyExitRHHead', in_channels=[48, 96, 192], in_index=[0, 1, 2], channels=exit_width,
-             num_down=1, num_up=0, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
-             align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+        dict(exit_common, in_channels=[256], in_index=[0], num_down=3, num_up=2),
+        dict(exit_common, in_channels=[48, 96], in_index=[0, 1], num_down=2, num_up=1),
+        dict(exit_common, in_channels=[48, 96, 192], in_index=[0, 1, 2], num_down=1, num_up=0),
     ],
     decode_head=dict(in_channels=[48, 96, 192, 384], channels=sum([48, 96, 192, 384]), num_classes=num_classes),
     exit_loss_weights=[1.0, 1.0, 1.0, 1.0],

@@ -1,17 +1,21 @@
 """HRNet that runs stage by stage, so that an early-exit segmentor can run an exit between stages."""
 from typing import List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from mmseg.models.backbones import HRNet
+from mmseg.models.utils import resize
 from mmseg.registry import MODELS
+
+from .base import EarlyExitBackboneMixin
 
 __all__ = ['EarlyExitHRNet']
 
 
 @MODELS.register_module()
-class EarlyExitHRNet(HRNet):
+class EarlyExitHRNet(EarlyExitBackboneMixin, HRNet):
     """mmseg's :class:`HRNet` with a stage-wise interface.
 
     The module tree (and so the state dict) is exactly mmseg's ``HRNet``: a standard mmseg HRNet checkpoint loads
@@ -21,8 +25,8 @@ class EarlyExitHRNet(HRNet):
     - stage 1 = stem + ``layer1`` (one branch at 1/4 resolution),
     - stage n (n = 2, 3, 4) = ``transition{n-1}`` + ``stage{n}``.
 
-    The masked-inference path (which restricts convs to still-active pixels) lives in
-    :mod:`mmseg_cbt.models.backbones.masked_hrnet` and uses these same modules.
+    Masked stages (convs restricted to still-active pixels, at 1/4 resolution) run the same modules through
+    :mod:`mmseg_cbt.models.masked` (simulated or sparse).
 
     Args:
         **kwargs: Passed unchanged to :class:`mmseg.models.backbones.HRNet`.
@@ -63,25 +67,9 @@ class EarlyExitHRNet(HRNet):
         num_branches = getattr(self, f'stage{stage}_cfg')['num_branches']
         return [(transition[i], feats[i] if i < len(feats) else feats[-1]) for i in range(num_branches)]
 
-    def forward_stages(self, x: Tensor) -> List[List[Tensor]]:
-        """Runs all stages and returns every stage's branch outputs.
-
-        Args:
-            x (Tensor): Image batch (N, 3, H, W).
-
-        Returns:
-            list[list[Tensor]]: ``outs[n]`` holds the branch outputs of stage ``n + 1``.
-        """
-        outs = []
-        feats: List[Tensor] = [x]
-        for stage in range(1, self.num_stages + 1):
-            feats = self.forward_stage(stage, feats)
-            outs.append(feats)
-        return outs
-
     def forward_stage_masked(self, stage: int, feats: List[Tensor], active: Tensor, sparse: bool = False,
                              fill: str = 'copy') -> List[Tensor]:
-        """Runs stage ``stage`` (2-4) restricted to the active pixels (see :mod:`.masked_hrnet`).
+        """Runs transition ``stage - 1`` and stage ``stage`` (2-4) restricted to the active pixels.
 
         Args:
             stage (int): 2, 3 or 4.
@@ -90,24 +78,35 @@ class EarlyExitHRNet(HRNet):
             sparse (bool): Skip the stopped pixels for real (sparse convs) instead of computing densely and masking.
             fill (str): What stopped positions hold: ``'copy'``, ``'zeros'`` or ``'rbf'``.
         """
-        from .masked_hrnet import MaskContext, simulate_stage
+        from ..masked import MaskContext, check_fill
+        from ..masked.hrnet_simulated import simulate_stage
+        check_fill(fill)
         if bool(active.all()):
             return self.forward_stage(stage, feats)  # nothing stopped: the dense stage has the same semantics
         if sparse:
-            from .sparse_hrnet import sparse_stage
+            from ..masked.hrnet_sparse import sparse_stage
             return sparse_stage(self, stage, feats, active, fill)
         return simulate_stage(self, stage, feats, MaskContext(active, fill))
 
-    def forward_head_masked(self, head, feats: List[Tensor], active: Tensor, sparse: bool = False,
-                            fill: str = 'copy') -> Tensor:
-        """Runs an exit head restricted to the active pixels (see :mod:`.masked_hrnet`)."""
-        from .masked_hrnet import MaskContext, simulate_head
-        if bool(active.all()):
-            return head(feats)
-        if sparse:
-            from .sparse_hrnet import sparse_head
-            return sparse_head(head, feats, active, fill)
-        return simulate_head(head, feats, MaskContext(active, fill))
+    def stage_modules(self, stage: int) -> Tuple[str, ...]:
+        """Stage 1: the stem (convs and norms) and ``layer1``; stage n: ``transition{n-1}`` and ``stage{n}``."""
+        if stage == 1:
+            return ('conv1', self.norm1_name, 'conv2', self.norm2_name, 'layer1')
+        if stage not in (2, 3, 4):
+            raise ValueError(f'stage must be in [1, 4], got {stage}')
+        return (f'transition{stage - 1}', f'stage{stage}')
+
+    def exit_feature(self, stage: int, feats: List[Tensor]) -> Tensor:
+        """The stage's branches bilinearly resized to the first (1/4) branch and concatenated, as the RH and FCN
+        heads read them (``input_transform='resize_concat'``)."""
+        size = feats[0].shape[2:]
+        return torch.cat([feats[0]] + [resize(f, size=size, mode='bilinear', align_corners=False) for f in feats[1:]],
+                         dim=1)
+
+    def min_input_side(self, feature_side: int = 1) -> int:
+        """Two stride-2 stem convs (k3, p1) give ``ceil(ceil(H / 2) / 2)`` at 1/4 resolution, and the stride-2
+        transitions keep every lower branch at >= 1 position: the 1/4 map needs ``feature_side``."""
+        return 4 * (max(int(feature_side), 1) - 1) + 1
 
     def stage_out_channels(self) -> List[List[int]]:
         """Channels of each stage's branch outputs, e.g. ``[[256], [18, 36], [18, 36, 72], [18, 36, 72, 144]]``."""

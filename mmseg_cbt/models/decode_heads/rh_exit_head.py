@@ -9,12 +9,14 @@ from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
+from ..masked.heads import DenseRunner
+
 __all__ = ['EarlyExitRHHead']
 
 
 @MODELS.register_module()
 class EarlyExitRHHead(BaseDecodeHead):
-    """Encoder-decoder early exit of ADP-C (Liu et al., ICLR 2022), as described in the reference, section 1.
+    """Encoder-decoder early exit of ADP-C (Liu et al., ICLR 2022).
 
     All input branches are bilinearly resized to the first (1/4-resolution) branch and concatenated
     (``input_transform='resize_concat'``). Then ``num_down`` "down" steps (AvgPool2d(2) + 1x1 conv + BN + ReLU;
@@ -43,14 +45,24 @@ class EarlyExitRHHead(BaseDecodeHead):
         self.up_convs = nn.ModuleList(ConvModule(self.channels, self.channels, **conv_kw) for _ in range(num_up))
         self.pool = nn.AvgPool2d(2)
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side: each of the ``num_down`` 2x2 average poolings needs >= 2 positions."""
+        return 2**self.num_down
+
     def forward(self, inputs: List[Tensor]) -> Tensor:
         """Returns the exit's logits at the resolution of the first input branch (1/4 of the image)."""
+        return self.forward_with(inputs, DenseRunner())
+
+    def forward_with(self, inputs: List[Tensor], runner: DenseRunner) -> Tensor:
+        """The forward with every conv unit and the classifier run by ``runner`` (dense, simulated-masked or
+        sparse: :mod:`mmseg_cbt.models.masked.heads`); pooling and resizes stay dense."""
         x = self._transform_inputs(inputs)
         sizes: List[Tuple[int, int]] = [x.shape[2:]]
         for conv in self.down_convs:
-            x = conv(self.pool(x))
+            x = runner.unit(conv, self.pool(x))
             sizes.append(x.shape[2:])
         for i, conv in enumerate(self.up_convs):
-            x = conv(resize(x, size=sizes[-2 - i], mode='bilinear', align_corners=self.align_corners))
+            x = runner.unit(conv, resize(x, size=sizes[-2 - i], mode='bilinear', align_corners=self.align_corners))
         x = resize(x, size=sizes[0], mode='bilinear', align_corners=self.align_corners)
-        return self.cls_seg(x)
+        return runner.seg(self, x)

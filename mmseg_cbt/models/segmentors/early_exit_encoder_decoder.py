@@ -1,4 +1,4 @@
-"""Early-exit encoder-decoder: one exit head after every HRNet stage, stop masks between exits."""
+"""Early-exit encoder-decoder: one exit head after every backbone stage, stop masks between exits."""
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -13,19 +13,11 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, OptSampleList, SampleList
 
 from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask, stop_mask_from_probs
+from ..backbones.base import EarlyExitBackboneMixin
+from ..masked import check_fill, forward_head_masked
+from .options import EXIT_MODES, FEATURE_MASKS, OPTION_RANGES, check_stop_options, range_checked
 
-__all__ = ['EarlyExitEncoderDecoder', 'EXIT_MODES']
-
-#: Stop rules at test time. ``dense``: nothing stops (every exit is computed on every pixel, the anytime model);
-#: ``cbt``: per-class thresholds from calibration (OR of ``softmax_k > T_k`` over classes); ``global``: ADP-C,
-#: ``max softmax > test_cfg.global_threshold``; ``entropy``: normalised entropy < ``test_cfg.entropy_threshold``.
-EXIT_MODES = ('dense', 'cbt', 'global', 'entropy')
-#: How features at stopped pixels are treated. ``none``: features stay dense, only the logits of stopped pixels are
-#: frozen ("post-hoc" early exit, what CBT evaluates); ``simulate``: every conv after the exit is computed densely and
-#: then masked with the fill rule (ADP-C's simulation, the oracle of the sparse path); ``sparse``: convs really run
-#: only at active pixels (:mod:`mmseg_cbt.ops`).
-FEATURE_MASKS = ('none', 'simulate', 'sparse')
-
+__all__ = ['EarlyExitEncoderDecoder']
 
 @MODELS.register_module()
 class EarlyExitEncoderDecoder(EncoderDecoder):
@@ -53,9 +45,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'sparse'``) and ``fill`` (``'copy'``,
             ``'zeros'`` or ``'rbf'``, default ``'copy'``). With ``feature_mask='sparse'`` (the default) inference
             really skips stopped pixels; under autograd or in training mode the simulated path (same semantics)
-            is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` of its pixels
-            active (default 0.9 with the compiled CPU kernel's AVX-512 direct algorithm, 0.8 with the kernel
-            without it, else 0.6), where the simulated path is as fast or faster.
+            is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` (in [0, 1]) of
+            its pixels active (default :func:`mmseg_cbt.ops.default_max_active`), where the simulated path is as
+            fast or faster. Thresholds lie in [0, 1]; every option is checked when the model is built.
         data_preprocessor (dict, optional): mmseg data preprocessor.
         pretrained (str, optional): Backbone weights.
         init_cfg (dict, optional): Initialisation config.
@@ -89,13 +81,16 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             data_preprocessor=data_preprocessor,
             pretrained=pretrained,
             init_cfg=init_cfg)
-        for name in ('forward_stage', 'num_stages'):
-            if not hasattr(self.backbone, name):
-                raise TypeError(f'{type(self.backbone).__name__} has no stage-wise API ({name}); '
-                                'use EarlyExitHRNet as the backbone')
+        if not isinstance(self.backbone, EarlyExitBackboneMixin):
+            raise TypeError(f'{type(self.backbone).__name__} does not implement the early-exit backbone contract '
+                            '(mmseg_cbt.models.backbones.EarlyExitBackboneMixin); use e.g. EarlyExitHRNet')
         if len(exit_heads) != self.backbone.num_stages - 1:
             raise ValueError(f'expected {self.backbone.num_stages - 1} exit_heads (one per stage before the last), '
                              f'got {len(exit_heads)}')
+        check_stop_options(self.test_cfg, 'test_cfg')
+        masked_training = (self.train_cfg or {}).get('masked_training', None)
+        if masked_training:
+            check_stop_options(masked_training, 'train_cfg.masked_training')
         self.exit_heads = nn.ModuleList(MODELS.build(cfg) for cfg in exit_heads)
         for i, head in enumerate(self.exit_heads):
             if head.num_classes != self.num_classes:
@@ -216,39 +211,26 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                                                   fill=fill)
 
     def _use_sparse(self, active: Tensor, feature_mask: str) -> bool:
-        """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics).
-
-        ``feature_mask='sparse'`` uses the sparse convs only while at most ``test_cfg.sparse_max_active`` of the pixels
-        are active: above that the simulated path ("dense, then mask") is as fast or faster. Default by what CPU
-        tensors run, measured on the 2-core CPU (``benchmark_masked.py --sections paths``, stages 2-4 at 512x1024,
-        sparse vs simulated ms):
-
-        * 0.9 with the compiled kernel's direct algorithm (AVX-512, float32; thin convs,
-          resources/benchmark_masked_paths_direct_2026-11-22.txt): 90 % active W18s 153 vs 170, W48 1177 vs 1278;
-          80 % W18s 125 vs 168, W48 974 vs 1281;
-        * 0.8 with the kernel's GEMM algorithm only (resources/benchmark_masked_paths_kernel_2026-11-22.txt): 80 %
-          active W18s 228 vs 228, W48 1218 vs 1427; 70 % W18s 140 vs 178, W48 921 vs 1318;
-        * 0.6 with the PyTorch path alone (``MMSEG_CBT_CPU_EXT=0``): 80 % W18s 228 vs 202, W48 1330 vs 1272; 60 %
-          W18s 171 vs 169, W48 1072 vs 1291.
-        """
+        """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics): with
+        ``feature_mask='sparse'``, while at most ``test_cfg.sparse_max_active`` of the pixels are active (default:
+        :func:`mmseg_cbt.ops.default_max_active` for the device, dtype and kernel), above which the simulated
+        path is as fast or faster."""
         if feature_mask != 'sparse':
             return False
         limit = self._test_opt('sparse_max_active', None)
         if limit is None:
-            from mmseg_cbt.ops import cpu_ext_available, cpu_kernel_direct
-            if active.is_cuda or not cpu_ext_available():
-                limit = 0.6
-            else:  # the direct algorithm runs the thin (<= 100-channel) convs where it is built
-                limit = 0.9 if cpu_kernel_direct(18) else 0.8
-        return float(active.float().mean()) <= float(limit)
+            from mmseg_cbt.ops import default_max_active
+            limit = default_max_active(active.device, torch.float32)
+        else:
+            limit = range_checked(limit, 'sparse_max_active', 'test_cfg')
+        return float(active.float().mean()) <= limit
 
     def _run_exit(self, exit_idx: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
                   fill: str) -> Tensor:
         head = self.exits[exit_idx]
         if active is None or feature_mask == 'none':
             return head.forward(feats)
-        return self.backbone.forward_head_masked(head, feats, active, sparse=self._use_sparse(active, feature_mask),
-                                                 fill=fill)
+        return forward_head_masked(head, feats, active, sparse=self._use_sparse(active, feature_mask), fill=fill)
 
     def forward_exits(self,
                       inputs: Tensor,
@@ -274,7 +256,8 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         if feature_mask == 'sparse' and (self.training or torch.is_grad_enabled()):
             # the sparse path writes buffers in place (no autograd); the simulated path has the same semantics
             feature_mask = 'simulate'
-        fill = self._test_opt('fill', 'copy')
+        fill = check_fill(self._test_opt('fill', 'copy'), 'test_cfg.fill')
+        self.check_input_size(inputs.shape[-2:])
         feats: List[Tensor] = [inputs]
         logits: List[Tensor] = []
         actives: List[Optional[Tensor]] = []
@@ -295,6 +278,14 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 keep = ~self.stop_mask(out, n, mode)
                 active = keep if active is None else active & keep
         return (logits, actives) if return_active else logits
+
+    def check_input_size(self, hw: Sequence[int]) -> None:
+        """Raises a ValueError naming the minimum when an input of size ``hw`` is too small for the exits."""
+        need = self.backbone.min_input_side(max(getattr(h, 'min_input_size', 1) for h in self.exits))
+        if min(int(hw[0]), int(hw[1])) < need:
+            raise ValueError(f'input {int(hw[0])}x{int(hw[1])} is smaller than this network runs on: every side must '
+                             f'be >= {need} pixels (pad or resize the image, or use slide inference with a larger '
+                             'crop)')
 
     def exit_logits(self, inputs: Tensor, exit_mode: Optional[str] = None) -> List[Tensor]:
         """Public per-exit logits (B, K, H/4, W/4), see :meth:`forward_exits`."""
@@ -411,6 +402,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         sparse kernel. No gradient flows through the mask. Each exit's loss is taken on its own full output.
         """
         masked = self._masked_training_cfg()
+        self.check_input_size(inputs.shape[-2:])
         feats: List[Tensor] = [inputs]
         losses: Dict[str, Tensor] = {}
         active: Optional[Tensor] = None
@@ -420,7 +412,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 logits = head.forward(feats)
             else:
                 feats = self.backbone.forward_stage_masked(n + 1, feats, active, sparse=False, fill=masked['fill'])
-                logits = self.backbone.forward_head_masked(head, feats, active, sparse=False, fill=masked['fill'])
+                logits = forward_head_masked(head, feats, active, sparse=False, fill=masked['fill'])
             for key, val in head.loss_by_feat(logits, data_samples).items():
                 if 'loss' in key:
                     val = val * self.exit_loss_weights[n]
@@ -453,8 +445,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         probs = F.softmax(logits.float(), dim=1)
         if mode == 'cbt':
             return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
-        if mode == 'global':
-            return global_stop_mask(probs, float(cfg.get('global_threshold', self._test_opt('global_threshold',
-                                                                                           0.998))))
-        return entropy_stop_mask(probs, float(cfg.get('entropy_threshold', self._test_opt('entropy_threshold',
-                                                                                         0.05))))
+        key = 'global_threshold' if mode == 'global' else 'entropy_threshold'
+        value = cfg.get(key, self._test_opt(key, OPTION_RANGES[key][0]))
+        threshold = range_checked(value, key, 'test_cfg' if key not in cfg else 'train_cfg.masked_training')
+        return (global_stop_mask if mode == 'global' else entropy_stop_mask)(probs, threshold)

@@ -1,0 +1,57 @@
+"""Options of the early-exit segmentor (stop rules, feature treatment), checked before any work."""
+from typing import Optional
+
+from ..masked import check_fill
+
+__all__ = ['EXIT_MODES', 'FEATURE_MASKS', 'OPTION_RANGES', 'check_stop_options', 'range_checked']
+
+#: Stop rules at test time. ``dense``: nothing stops (every exit is computed on every pixel, the anytime model);
+#: ``cbt``: per-class thresholds from calibration (OR of ``softmax_k > T_k`` over classes); ``global``: ADP-C,
+#: ``max softmax > test_cfg.global_threshold``; ``entropy``: normalised entropy < ``test_cfg.entropy_threshold``.
+EXIT_MODES = ('dense', 'cbt', 'global', 'entropy')
+#: How features at stopped pixels are treated. ``none``: features stay dense, only the logits of stopped pixels are
+#: frozen ("post-hoc" early exit, what CBT evaluates); ``simulate``: every conv after the exit is computed densely and
+#: then masked with the fill rule (ADP-C's simulation, the oracle of the sparse path); ``sparse``: convs really run
+#: only at active pixels (:mod:`mmseg_cbt.ops`).
+FEATURE_MASKS = ('none', 'simulate', 'sparse')
+#: Numeric options of ``test_cfg`` / ``train_cfg.masked_training``: (default, low, high), both ends allowed
+#: (a threshold of 0 stops every pixel, 1 none).
+OPTION_RANGES = {
+    'global_threshold': (0.998, 0.0, 1.0),
+    'entropy_threshold': (0.05, 0.0, 1.0),
+    'sparse_max_active': (None, 0.0, 1.0),
+}
+
+
+def check_stop_options(cfg: Optional[dict], where: str) -> None:
+    """Checks the early-exit options of a test cfg (or of ``train_cfg.masked_training``) before any work.
+
+    Args:
+        cfg (dict, optional): The options.
+        where (str): The name shown in errors, e.g. ``'test_cfg'``.
+
+    Raises:
+        ValueError: Naming the option, the value and the allowed values or range.
+    """
+    cfg = cfg or {}
+    if 'exit_mode' in cfg and cfg['exit_mode'] not in EXIT_MODES:
+        raise ValueError(f'{where}.exit_mode must be one of {EXIT_MODES}, got {cfg["exit_mode"]!r}')
+    if 'feature_mask' in cfg and cfg['feature_mask'] not in FEATURE_MASKS:
+        raise ValueError(f'{where}.feature_mask must be one of {FEATURE_MASKS}, got {cfg["feature_mask"]!r}')
+    if 'fill' in cfg:
+        check_fill(cfg['fill'], f'{where}.fill')
+    for key in OPTION_RANGES:
+        if cfg.get(key) is not None:
+            range_checked(cfg[key], key, where)
+
+
+def range_checked(value, key: str, where: str) -> float:
+    """``value`` as a float within the range of option ``key``, else a ValueError naming it."""
+    _, lo, hi = OPTION_RANGES[key]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{where}.{key} must be a number in [{lo:g}, {hi:g}], got {value!r}') from None
+    if not lo <= v <= hi:  # NaN fails too
+        raise ValueError(f'{where}.{key} must be in [{lo:g}, {hi:g}], got {value!r}')
+    return v
