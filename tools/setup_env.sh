@@ -41,8 +41,8 @@ if ! "$VENV/bin/python" -c "import mmcv._ext" 2>/dev/null; then
     "${PIP[@]}" install -q --no-build-isolation "${MMCV_ARGS[@]}" "mmcv==2.1.0"
 fi
 
-echo "[setup_env] runtime + test requirements, mmseg_cbt (editable)"
-"${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/tests.txt "torch==2.13.0"
+echo "[setup_env] runtime, test and lint requirements, mmseg_cbt (editable)"
+"${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/tests.txt -r requirements/lint.txt "torch==2.13.0"
 if [[ "${MMSEG_CBT_WITH_TRITON:-0}" == "1" ]]; then
   echo "[setup_env] optional: triton (CPU interpreter tests of the CUDA kernel)"
   "${PIP[@]}" install -q -r requirements/optional.txt "torch==2.13.0"
