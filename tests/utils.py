@@ -90,3 +90,24 @@ def randomise_bn(module, seed: int = 1) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+#: The tiny early-exit ViT on toy-city (patch 8, width 64, 6 blocks, exits after blocks 2 / 4 / 6).
+TOY_VIT_CONFIG = osp.join(ROOT, 'configs', 'ee_vit', 'ee-vit-tiny_1xb4-1k_toycity-256x512.py')
+
+
+def build_tiny_vit(seed=0, **test_cfg):
+    """The tiny ViT config's early-exit model in eval mode, deterministic init, non-trivial LayerNorms."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(TOY_VIT_CONFIG).model
+    cfg.test_cfg.update(test_cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    model.eval()
+    return model

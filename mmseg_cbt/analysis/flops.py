@@ -2,8 +2,10 @@
 
 Convention (ADP-C, Liu et al., ICLR 2022, and CBT, Görmez & Koyuncu, IEEE SPL 2024):
 
-- Only the multiply-adds (MACs) of convolutions and linear layers are counted; BN, activations, pooling and
-  resizes are free. One MAC is one "FLOP", as in mmengine's counter (fvcore) and in the papers.
+- Only the multiply-adds (MACs) of convolutions and linear layers are counted, plus the two matmuls of attention
+  (``q k^T`` and ``attention x v``, ``Nq Nk E`` each) of ``nn.MultiheadAttention`` together with its q/k/v and
+  output projections (which it runs as functions, not as module calls); BN, LayerNorm, softmax, activations,
+  pooling and resizes are free. One MAC is one "FLOP", as in mmengine's counter (fvcore) and in the papers.
 - Every conv / linear **call** is recorded by a forward hook together with its output shape, so any input size
   works and a module that runs several times is counted every time. Bias additions are not counted (fvcore does
   not count them either).
@@ -15,6 +17,11 @@ Convention (ADP-C, Liu et al., ICLR 2022, and CBT, Görmez & Koyuncu, IEEE SPL 2
   ``p``, the fraction of its **output** positions still computed: the mean of ``actives[n]`` (the model's mask of
   pixels still computing at 1/4 resolution, see ``EarlyExitEncoderDecoder.forward_exits``) resized with nearest
   interpolation to that conv's output size. Each image of a batch is counted separately.
+- Token counting (plain ViTs): a linear layer whose output is a token sequence ``(B, T, C)`` with ``T`` = the
+  mask's ``h * w`` grid (plus the backbone's ``num_extra_tokens``, e.g. the class token, which never stop) counts
+  ``macs x n / T`` with ``n`` the tokens it really processes in that image (active grid tokens + extra tokens);
+  an attention call counts its projections linearly and its two matmuls at ``n_q x n_k``, so removed tokens save
+  quadratically there. Sequences that are not the token grid (e.g. class queries) are not scaled.
 - Fill work: with ``fill='rbf'`` ADP-C also charges its RBF interpolation of stopped positions, ``(1 - p) p C_out
   49 H W`` per masked conv (7x7 kernel; ``H W`` = the conv's output size). This formula is ADP-C's accounting, taken
   over unchanged (it is not "49 MACs per stopped output": the extra ``p`` factor is theirs). ``'copy'`` and
@@ -30,10 +37,10 @@ modules at all), only on which positions are still active.
 
 Equality with mmengine: :func:`mmengine_exit_macs` runs mmengine's ``FlopAnalyzer`` (the engine behind
 ``mmengine.analysis.get_model_complexity_info``) on the same model and input and sums its ``conv`` / ``linear`` /
-``addmm`` operator counts over the modules of every exit; on dense models this equals :func:`count_flops` exactly
-(``tests/test_flops.py``). Caveat: run directly on an early-exit segmentor, mmengine misses the early exit heads,
-because its jit trace drops operators whose results do not reach ``forward``'s output (the last exit's logits);
-hence the wrapper that returns every exit.
+``addmm`` (and attention ``bmm`` / ``matmul``) operator counts over the modules of every exit; on dense models this
+equals :func:`count_flops` exactly (``tests/test_analysis/test_flops.py``, ``test_vit_flops.py``). Caveat: run
+directly on an early-exit segmentor, mmengine misses the early exit heads, because its jit trace drops operators
+whose results do not reach ``forward``'s output (the last exit's logits); hence the wrapper that returns every exit.
 """
 from __future__ import annotations
 
@@ -50,9 +57,9 @@ from torch import Tensor
 from mmseg_cbt.models.masked.semantics import RBF_SIZE, check_fill
 
 __all__ = [
-    'UNIT_1E9', 'UNIT_2_30', 'RBF_KERNEL_AREA', 'MMENGINE_CONV_LINEAR_OPS', 'LayerCall', 'ExitFlops', 'FlopsResult',
-    'EarlyExitFlopCounter', 'is_early_exit_model', 'exit_units', 'attribute_module', 'trace_layers', 'count_params_per_exit',
-    'count_flops', 'average_flops', 'mmengine_exit_macs'
+    'UNIT_1E9', 'UNIT_2_30', 'RBF_KERNEL_AREA', 'MMENGINE_CONV_LINEAR_OPS', 'MMENGINE_ATTENTION_OPS', 'LayerCall',
+    'ExitFlops', 'FlopsResult', 'EarlyExitFlopCounter', 'is_early_exit_model', 'exit_units', 'attribute_module',
+    'trace_layers', 'count_params_per_exit', 'count_flops', 'average_flops', 'mmengine_exit_macs'
 ]
 
 #: Divisor of ``gflops_1e9`` (mmengine / fvcore "G").
@@ -63,6 +70,8 @@ UNIT_2_30 = float(2**30)
 RBF_KERNEL_AREA = RBF_SIZE**2
 #: Operator names (as mmengine's FlopAnalyzer reports them) that correspond to nn.Conv*d and nn.Linear.
 MMENGINE_CONV_LINEAR_OPS = ('conv', 'linear', 'addmm')
+#: Operator names of the attention matmuls (q k^T, attention x v) in mmengine's FlopAnalyzer.
+MMENGINE_ATTENTION_OPS = ('bmm', 'matmul')
 # ---------------------------------------------------------------------------------------------------------------
 # attribution
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +127,9 @@ class LayerCall:
         out_hw (tuple[int, ...]): Spatial size of the output (empty for linear layers).
         out_channels (int): Output channels (features for linear layers).
         macs (int): Dense multiply-adds of this call **per image**.
+        seq_lens (tuple[int, ...]): Token counts the cost depends on: ``(T,)`` for a linear layer on a sequence,
+            ``(Nq, Nk)`` for attention, empty otherwise.
+        macs_terms (tuple[int, ...]): Attention only: ``(a, b, c)`` with ``macs = a Nq + b Nk + c Nq Nk``.
     """
     name: str
     kind: str
@@ -126,6 +138,8 @@ class LayerCall:
     out_hw: Tuple[int, ...]
     out_channels: int
     macs: int
+    seq_lens: Tuple[int, ...] = ()
+    macs_terms: Tuple[int, ...] = ()
 
 
 def _layer_kind(module: nn.Module) -> Optional[str]:
@@ -133,7 +147,22 @@ def _layer_kind(module: nn.Module) -> Optional[str]:
         return 'conv'
     if isinstance(module, nn.Linear):
         return 'linear'
+    if isinstance(module, nn.MultiheadAttention):
+        return 'attention'
     return None
+
+
+def _attention_call(module: nn.MultiheadAttention, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+    """Per-image MACs terms ``(a, b, c)`` and ``(Nq, Nk)`` of one ``nn.MultiheadAttention`` call: q and output
+    projections ``2 E^2`` per query, k / v projections ``(kdim + vdim) E`` per key, two matmuls ``2 E`` per
+    query-key pair (fvcore's / mmengine's linear and bmm formulas)."""
+    names = ('query', 'key', 'value')
+    q, k = [args[i] if len(args) > i else kwargs.get(names[i]) for i in range(2)]
+    seq = 1 if module.batch_first else 0
+    e = module.embed_dim
+    nq, nk = int(q.shape[seq]), int(k.shape[seq])
+    terms = (2 * e * e, (module.kdim + module.vdim) * e, 2 * e)
+    return terms, (nq, nk)
 
 
 def _call_macs(module: nn.Module, kind: str, inp: Tensor, out: Tensor) -> Tuple[int, Tuple[int, ...], int]:
@@ -197,10 +226,19 @@ def trace_layers(model: nn.Module, inputs: Tensor,
 
     def make_hook(name: str, kind: str) -> Callable:
 
-        def hook(module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
-            if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> None:
+            seq_lens: Tuple[int, ...] = ()
+            terms: Tuple[int, ...] = ()
+            if kind == 'attention':
+                terms, seq_lens = _attention_call(module, args, kwargs)
+                macs, out_hw, out_ch = terms[0] * seq_lens[0] + terms[1] * seq_lens[1] + terms[2] * math.prod(
+                    seq_lens), (), module.embed_dim
+            elif not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
                 return
-            macs, out_hw, out_ch = _call_macs(module, kind, args[0], out)
+            else:
+                macs, out_hw, out_ch = _call_macs(module, kind, args[0], out)
+                if kind == 'linear' and out.dim() >= 3:
+                    seq_lens = (int(out.shape[-2]), )
             if num_exits is None:
                 exit_idx, part = None, 'model'
             else:
@@ -209,7 +247,7 @@ def trace_layers(model: nn.Module, inputs: Tensor,
                     raise ValueError(f'cannot attribute {kind} {name!r} to an exit: not in the backbone\'s '
                                      'stage_modules(), exit_heads.* or decode_head')
                 exit_idx, part = unit
-            calls.append(LayerCall(name, kind, exit_idx, part, out_hw, out_ch, macs))
+            calls.append(LayerCall(name, kind, exit_idx, part, out_hw, out_ch, macs, seq_lens, terms))
 
         return hook
 
@@ -217,7 +255,7 @@ def trace_layers(model: nn.Module, inputs: Tensor,
     for name, module in model.named_modules():
         kind = _layer_kind(module)
         if kind is not None:
-            handles.append(module.register_forward_hook(make_hook(name, kind)))
+            handles.append(module.register_forward_hook(make_hook(name, kind), with_kwargs=True))
     try:
         with _inference_mode(model):
             (forward or _default_forward(model))(inputs)
@@ -392,7 +430,7 @@ class FlopsResult:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         line = '+'.join('-' * (w + 2) for w in widths)
         fmt = lambda r: '|'.join(f' {c:>{w}} ' for c, w in zip(r, widths))  # noqa: E731
-        note = (f'MACs of conv/linear layers (1 MAC = 1 FLOP), mean over {self.num_images} image(s), '
+        note = (f'MACs of conv/linear/attention layers (1 MAC = 1 FLOP), mean over {self.num_images} image(s), '
                 f'exit_mode={self.exit_mode}, fill={self.fill}')
         return '\n'.join([note, line, fmt(head), line] + [fmt(r) for r in rows] + [line])
 
@@ -432,6 +470,8 @@ class EarlyExitFlopCounter:
         self._params_exit_only = params
         self._params_cum = [sum(params[:i + 1]) for i in range(len(params))]
         self._traces: Dict[Tuple[int, ...], List[LayerCall]] = {}
+        # tokens in front of a ViT's grid (class token): processed by every block, never stopped
+        self._extra_tokens = int(getattr(getattr(model, 'backbone', None), 'num_extra_tokens', 0) or 0)
 
     def dense_trace(self, inputs: Tensor) -> List[LayerCall]:
         """The dense layer calls for inputs of this size (per image; traced once with the first image)."""
@@ -483,6 +523,12 @@ class EarlyExitFlopCounter:
                 if is_backbone:
                     dense_backbone[e] += call.macs
                 continue
+            work = self._token_work(call, active)
+            if work is not None:
+                masked[e] += work
+                if is_backbone:
+                    masked_backbone[e] += work
+                continue
             key = (e, call.out_hw)
             if key not in p_cache:
                 p_cache[key] = self._active_fraction(active, call.out_hw)
@@ -522,6 +568,27 @@ class EarlyExitFlopCounter:
             exit_mode=self.exit_mode,
             fill=self.fill,
             input_shapes=[tuple(int(s) for s in inputs.shape[2:])] * b)
+
+    def _token_work(self, call: LayerCall, active: Tensor) -> Optional[Tensor]:
+        """Per-image MACs (B,) of a call on token sequences at the tokens really processed, or None when the call
+        has no token sequence (then the positional rule applies); sequences off the grid count densely."""
+        if not call.seq_lens:
+            return None
+        grid = math.prod(active.shape[1:])
+        n_active = active.flatten(1).sum(dim=1).double().cpu()
+        counts, on_grid = [], False
+        for t in call.seq_lens:
+            if t - grid in (0, self._extra_tokens):
+                counts.append(n_active + (t - grid))
+                on_grid = True
+            else:
+                counts.append(torch.full_like(n_active, float(t)))
+        if not on_grid:
+            return torch.full_like(n_active, float(call.macs))
+        if call.kind == 'linear':
+            return call.macs * counts[0] / call.seq_lens[0]
+        a, b, c = call.macs_terms
+        return a * counts[0] + b * counts[1] + c * counts[0] * counts[1]
 
     @staticmethod
     def _active_fraction(active: Tensor, out_hw: Tuple[int, ...]) -> Tensor:
@@ -634,13 +701,14 @@ class _AllExitLogits(nn.Module):
 
 
 def mmengine_exit_macs(model: nn.Module, inputs: Tensor) -> List[int]:
-    """Cumulative per-exit conv+linear MACs **per image** according to mmengine's counter.
+    """Cumulative per-exit conv+linear(+attention matmul) MACs **per image** according to mmengine's counter.
 
     Runs ``mmengine.analysis.FlopAnalyzer`` - the jit-trace engine whose ``total()`` is what
     ``get_model_complexity_info`` reports - on ``inputs[:1]`` and sums its ``conv`` / ``linear`` / ``addmm``
-    operator counts (one MAC = one flop; BN, upsampling and the other elementwise operators that mmengine also
-    counts are left out) over the top-level modules of every exit. Early-exit models are traced through a wrapper
-    that returns every exit's logits (see :class:`_AllExitLogits`); other models through their mmseg tensor-mode
+    operator counts and the attention matmuls ``bmm`` / ``matmul`` (one MAC = one flop; BN, LayerNorm, upsampling
+    and the other elementwise operators that mmengine also counts are left out) over the top-level modules of every
+    exit. Early-exit models are traced through a wrapper that returns every exit's logits (see
+    :class:`_AllExitLogits`); other models through their mmseg tensor-mode
     ``forward`` (one element: the whole model). Slow for big inputs (a real traced forward).
 
     Raises:
@@ -658,7 +726,7 @@ def mmengine_exit_macs(model: nn.Module, inputs: Tensor) -> List[int]:
 
     def conv_linear(name: str) -> int:
         c = counts.get(name)
-        return int(sum(c.get(op, 0) for op in MMENGINE_CONV_LINEAR_OPS)) if c else 0
+        return int(sum(c.get(op, 0) for op in MMENGINE_CONV_LINEAR_OPS + MMENGINE_ATTENTION_OPS)) if c else 0
 
     total = conv_linear('')
     if not early_exit:

@@ -1,3 +1,4 @@
 from .ee_hrnet import EarlyExitHRNet
+from .ee_vit import EarlyExitViT
 
-__all__ = ['EarlyExitHRNet']
+__all__ = ['EarlyExitHRNet', 'EarlyExitViT']

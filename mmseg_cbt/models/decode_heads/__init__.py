@@ -1,3 +1,4 @@
 from .rh_exit_head import EarlyExitRHHead
+from .token_exit_head import EarlyExitTokenHead
 
-__all__ = ['EarlyExitRHHead']
+__all__ = ['EarlyExitRHHead', 'EarlyExitTokenHead']

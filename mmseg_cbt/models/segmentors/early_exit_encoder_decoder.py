@@ -3,7 +3,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.structures import PixelData
 from torch import Tensor
 
@@ -15,7 +14,9 @@ from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, OptSampleList
 from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask, stop_mask_from_probs
 from ..backbones.base import EarlyExitBackboneMixin
 from ..masked import check_fill, forward_head_masked
-from .options import EXIT_MODES, FEATURE_MASKS, OPTION_RANGES, check_stop_options, range_checked
+from ..masked.vit_stop_rules import dtop_stop_mask, exit_scores
+from .options import (DTOP_TOPK, EXIT_MODES, FEATURE_MASKS, OPTION_RANGES, check_stop_options, range_checked,
+                      topk_checked)
 
 __all__ = ['EarlyExitEncoderDecoder']
 
@@ -42,12 +43,15 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         train_cfg (dict, optional): mmseg train cfg.
         test_cfg (dict, optional): mmseg test cfg plus ``exit_mode`` (one of :data:`EXIT_MODES`, default
             ``'dense'``), ``global_threshold`` (default 0.998), ``entropy_threshold`` (default 0.05),
+            ``dtop_threshold`` (default 0.9) and ``dtop_topk`` (default 5) for ``exit_mode='dtop'``,
             ``feature_mask`` (one of :data:`FEATURE_MASKS`, default ``'sparse'``) and ``fill`` (``'copy'``,
             ``'zeros'`` or ``'rbf'``, default ``'copy'``). With ``feature_mask='sparse'`` (the default) inference
             really skips stopped pixels; under autograd or in training mode the simulated path (same semantics)
             is used instead, and so it is for a stage or exit with more than ``sparse_max_active`` (in [0, 1]) of
-            its pixels active (default :func:`mmseg_cbt.ops.default_max_active`), where the simulated path is as
-            fast or faster. Thresholds lie in [0, 1]; every option is checked when the model is built.
+            its pixels active (default: the backbone's ``default_sparse_max_active`` if it has one, else
+            :func:`mmseg_cbt.ops.default_max_active`), where the simulated path is as fast or faster. Thresholds
+            lie in [0, 1]; every option is checked when the model is built. The rules read per-class scores: the
+            softmax of an exit's logits, or its output itself when its head declares ``scores_are_probs``.
         data_preprocessor (dict, optional): mmseg data preprocessor.
         pretrained (str, optional): Backbone weights.
         init_cfg (dict, optional): Initialisation config.
@@ -180,13 +184,16 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                                'with CBTCalibrationHook, or run tools/calibrate.py on the checkpoint')
         return mode
 
-    def stop_mask(self, logits: Tensor, exit_idx: int, exit_mode: Optional[str] = None) -> Tensor:
+    def stop_mask(self, logits: Tensor, exit_idx: int, exit_mode: Optional[str] = None,
+                  active: Optional[Tensor] = None) -> Tensor:
         """Pixels that stop after exit ``exit_idx`` (0-based), by the rule of ``exit_mode``.
 
         Args:
             logits (Tensor): (B, K, h, w) logits of that exit.
             exit_idx (int): 0-based exit index.
             exit_mode (str, optional): Overrides ``test_cfg.exit_mode``.
+            active (Tensor, optional): (B, h, w) positions that exit computed (None: all); only DToP's top-k
+                retention reads it (the other rules are per position).
 
         Returns:
             Tensor: (B, h, w) bool, True = stops (confident).
@@ -194,7 +201,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         mode = self._resolve_exit_mode(exit_mode)
         if mode == 'dense':
             return logits.new_zeros((logits.shape[0], ) + tuple(logits.shape[2:]), dtype=torch.bool)
-        return self._stop_mask_with(logits, exit_idx, dict(exit_mode=mode))
+        return self._stop_mask_with(logits, exit_idx, dict(exit_mode=mode), active)
 
     # ------------------------------------------------------------------ forward
     def _run_stage(self, stage: int, feats: List[Tensor], active: Optional[Tensor], feature_mask: str,
@@ -218,6 +225,8 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         if feature_mask != 'sparse':
             return False
         limit = self._test_opt('sparse_max_active', None)
+        if limit is None:
+            limit = getattr(self.backbone, 'default_sparse_max_active', None)
         if limit is None:
             from mmseg_cbt.ops import default_max_active
             limit = default_max_active(active.device, torch.float32)
@@ -275,7 +284,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             logits.append(out)
             actives.append(active)
             if mode != 'dense' and n < self.num_exits - 1:
-                keep = ~self.stop_mask(out, n, mode)
+                keep = ~self.stop_mask(out, n, mode, active)
                 active = keep if active is None else active & keep
         return (logits, actives) if return_active else logits
 
@@ -419,7 +428,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 losses[f'exit{n + 1}.{key}'] = val
             if masked is not None and n < self.num_exits - 1:
                 with torch.no_grad():
-                    keep = ~self._stop_mask_with(logits.detach(), n, masked)
+                    keep = ~self._stop_mask_with(logits.detach(), n, masked, active)
                 active = keep if active is None else active & keep
         if self.with_auxiliary_head:
             losses.update(self._auxiliary_head_forward_train(feats, data_samples))
@@ -439,13 +448,17 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             raise ValueError(f'train_cfg.masked_training.exit_mode must be one of {EXIT_MODES[1:]}, got {mode!r}')
         return cfg
 
-    def _stop_mask_with(self, logits: Tensor, exit_idx: int, cfg: dict) -> Tensor:
+    def _stop_mask_with(self, logits: Tensor, exit_idx: int, cfg: dict, active: Optional[Tensor] = None) -> Tensor:
         """Stop mask by the rule and thresholds of ``cfg`` (falls back to ``test_cfg`` for missing keys)."""
         mode = self._resolve_exit_mode(cfg['exit_mode'])
-        probs = F.softmax(logits.float(), dim=1)
+        probs = exit_scores(self.exits[exit_idx], logits)
         if mode == 'cbt':
             return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
-        key = 'global_threshold' if mode == 'global' else 'entropy_threshold'
+        key = f'{mode}_threshold'
         value = cfg.get(key, self._test_opt(key, OPTION_RANGES[key][0]))
-        threshold = range_checked(value, key, 'test_cfg' if key not in cfg else 'train_cfg.masked_training')
+        where = 'test_cfg' if key not in cfg else 'train_cfg.masked_training'
+        threshold = range_checked(value, key, where)
+        if mode == 'dtop':
+            topk = topk_checked(cfg.get('dtop_topk', self._test_opt('dtop_topk', DTOP_TOPK)), where)
+            return dtop_stop_mask(probs, threshold, topk, active)
         return (global_stop_mask if mode == 'global' else entropy_stop_mask)(probs, threshold)

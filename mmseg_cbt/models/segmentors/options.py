@@ -3,12 +3,16 @@ from typing import Optional
 
 from ..masked import check_fill
 
-__all__ = ['EXIT_MODES', 'FEATURE_MASKS', 'OPTION_RANGES', 'check_stop_options', 'range_checked']
+__all__ = [
+    'EXIT_MODES', 'FEATURE_MASKS', 'OPTION_RANGES', 'DTOP_TOPK', 'check_stop_options', 'range_checked', 'topk_checked'
+]
 
 #: Stop rules at test time. ``dense``: nothing stops (every exit is computed on every pixel, the anytime model);
 #: ``cbt``: per-class thresholds from calibration (OR of ``softmax_k > T_k`` over classes); ``global``: ADP-C,
-#: ``max softmax > test_cfg.global_threshold``; ``entropy``: normalised entropy < ``test_cfg.entropy_threshold``.
-EXIT_MODES = ('dense', 'cbt', 'global', 'entropy')
+#: ``max softmax > test_cfg.global_threshold``; ``entropy``: normalised entropy < ``test_cfg.entropy_threshold``;
+#: ``dtop``: DToP's ``max score > test_cfg.dtop_threshold`` with the ``test_cfg.dtop_topk`` most confident positions
+#: of every predicted class kept active (:func:`mmseg_cbt.models.masked.vit_stop_rules.dtop_stop_mask`).
+EXIT_MODES = ('dense', 'cbt', 'global', 'entropy', 'dtop')
 #: How features at stopped pixels are treated. ``none``: features stay dense, only the logits of stopped pixels are
 #: frozen ("post-hoc" early exit, what CBT evaluates); ``simulate``: every conv after the exit is computed densely and
 #: then masked with the fill rule (ADP-C's simulation, the oracle of the sparse path); ``sparse``: convs really run
@@ -20,7 +24,10 @@ OPTION_RANGES = {
     'global_threshold': (0.998, 0.0, 1.0),
     'entropy_threshold': (0.05, 0.0, 1.0),
     'sparse_max_active': (None, 0.0, 1.0),
+    'dtop_threshold': (0.9, 0.0, 1.0),
 }
+#: Default of ``dtop_topk`` (DToP keeps the 5 most confident positions of every predicted class).
+DTOP_TOPK = 5
 
 
 def check_stop_options(cfg: Optional[dict], where: str) -> None:
@@ -43,6 +50,8 @@ def check_stop_options(cfg: Optional[dict], where: str) -> None:
     for key in OPTION_RANGES:
         if cfg.get(key) is not None:
             range_checked(cfg[key], key, where)
+    if cfg.get('dtop_topk') is not None:
+        topk_checked(cfg['dtop_topk'], where)
 
 
 def range_checked(value, key: str, where: str) -> float:
@@ -55,3 +64,10 @@ def range_checked(value, key: str, where: str) -> float:
     if not lo <= v <= hi:  # NaN fails too
         raise ValueError(f'{where}.{key} must be in [{lo:g}, {hi:g}], got {value!r}')
     return v
+
+
+def topk_checked(value, where: str) -> int:
+    """``value`` as a non-negative int (option ``dtop_topk``), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'{where}.dtop_topk must be an integer >= 0, got {value!r}')
+    return int(value)
