@@ -99,6 +99,7 @@ TOY_VIT_CONFIG = osp.join(ROOT, 'configs', 'ee_vit', 'ee-vit-tiny_1xb4-1k_toycit
 def build_tiny_vit(seed=0, **test_cfg):
     """The tiny ViT config's early-exit model in eval mode, deterministic init, non-trivial LayerNorms."""
     from mmengine.config import Config
+
     from mmseg.registry import MODELS
     cfg = Config.fromfile(TOY_VIT_CONFIG).model
     cfg.test_cfg.update(test_cfg)

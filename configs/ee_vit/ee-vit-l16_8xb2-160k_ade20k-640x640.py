@@ -6,8 +6,14 @@ _base_ = [
 ]
 crop_size = (640, 640)
 exit_common = dict(
-    type='EarlyExitTokenHead', in_channels=1024, channels=512, num_layers=1, dropout_ratio=0.0, num_classes=150,
-    align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
+    type='EarlyExitTokenHead',
+    in_channels=1024,
+    channels=512,
+    num_layers=1,
+    dropout_ratio=0.0,
+    num_classes=150,
+    align_corners=False,
+    loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     data_preprocessor=dict(size=crop_size),
     num_classes=150,

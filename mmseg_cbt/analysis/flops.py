@@ -11,8 +11,9 @@ Convention (ADP-C, Liu et al., ICLR 2022, and CBT, Görmez & Koyuncu, IEEE SPL 2
   not count them either).
 - Modules are attributed to exits through the early-exit backbone contract: the sub-modules the backbone names
   in ``stage_modules(n)`` (HRNet: the stem and ``layer1`` for stage 1, ``transition{n-1}`` and ``stage{n}``
-  for stage n) -> exit n, ``exit_heads.{i}`` -> exit ``i + 1``, ``decode_head`` -> the last exit. Exit ``n`` (cumulative) is everything
-  run up to exit ``n``: backbone stages ``1..n`` plus exit heads ``1..n``, earlier heads included.
+  for stage n; ViT: the embeddings and blocks of each stage) -> exit n, ``exit_heads.{i}`` -> exit ``i + 1``,
+  ``decode_head`` -> the last exit. Exit ``n`` (cumulative) is everything run up to exit ``n``: backbone stages
+  ``1..n`` plus exit heads ``1..n``, earlier heads included.
 - Masked counting: a conv of stage ``n + 1`` / transition ``n`` / exit ``n + 1`` counts its dense MACs times
   ``p``, the fraction of its **output** positions still computed: the mean of ``actives[n]`` (the model's mask of
   pixels still computing at 1/4 resolution, see ``EarlyExitEncoderDecoder.forward_exits``) resized with nearest
@@ -72,6 +73,8 @@ RBF_KERNEL_AREA = RBF_SIZE**2
 MMENGINE_CONV_LINEAR_OPS = ('conv', 'linear', 'addmm')
 #: Operator names of the attention matmuls (q k^T, attention x v) in mmengine's FlopAnalyzer.
 MMENGINE_ATTENTION_OPS = ('bmm', 'matmul')
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # attribution
 # ---------------------------------------------------------------------------------------------------------------

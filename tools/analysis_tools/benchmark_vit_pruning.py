@@ -3,7 +3,9 @@
     python tools/analysis_tools/benchmark_vit_pruning.py [--model tiny|vit-b] [--removed 0 25 50 75] [--repeats 5]
 
 For every fraction of grid tokens removed after exit 1 (random per image), times the backbone blocks after exit 1
-(stages 2..N) densely (mmseg's block forward) and with the stopped tokens removed
+(stages 2..N) densely as the model's dense stages run them (:func:`~mmseg_cbt.models.masked.vit_tokens.
+block_forward`, fused attention), as mmseg's own block forward runs them (mmcv attention materialising the
+attention weights; for reference), and with the stopped tokens removed
 (:func:`mmseg_cbt.models.masked.vit_tokens.sparse_blocks`, called directly so that 0 % removed measures the pruned
 path itself, not the segmentor's all-active shortcut), at batch 1 and at batch 2 with different masks (the fractions
 ``r - 10`` and ``r + 10`` percent, so the mean stays ``r``). Next to the wall ratio: the MAC ratio of the same
@@ -28,12 +30,25 @@ def build_vit(name: str):
     from mmseg_cbt.models.backbones import EarlyExitViT
     torch.manual_seed(0)
     if name == 'tiny':
-        vit = EarlyExitViT(exit_after=(1, 3, 5), img_size=(256, 256), patch_size=8, embed_dims=64, num_layers=6,
-                           num_heads=4, final_norm=True)
+        vit = EarlyExitViT(
+            exit_after=(1, 3, 5),
+            img_size=(256, 256),
+            patch_size=8,
+            embed_dims=64,
+            num_layers=6,
+            num_heads=4,
+            final_norm=True)
         size = (256, 512)
     else:
-        vit = EarlyExitViT(exit_after=(5, 7, 11), img_size=(512, 512), patch_size=16, embed_dims=768,
-                           num_layers=12, num_heads=12, final_norm=True, norm_cfg=dict(type='LN', eps=1e-6))
+        vit = EarlyExitViT(
+            exit_after=(5, 7, 11),
+            img_size=(512, 512),
+            patch_size=16,
+            embed_dims=768,
+            num_layers=12,
+            num_heads=12,
+            final_norm=True,
+            norm_cfg=dict(type='LN', eps=1e-6))
         size = (512, 512)
     vit.eval()
     return vit, size
@@ -63,14 +78,14 @@ def main(argv=None) -> List[dict]:
     args = p.parse_args(argv)
     if any(not 0 <= r < 100 for r in args.removed):
         raise SystemExit(f'--removed must lie in [0, 100), got {args.removed}')
-    from mmseg_cbt.models.masked.vit_tokens import sparse_blocks, token_keep
+    from mmseg_cbt.models.masked.vit_tokens import block_forward, sparse_blocks, token_keep
     vit, size = build_vit(args.model)
     layers = [vit.layers[i] for s in range(2, vit.num_stages + 1) for i in vit.stage_blocks(s)]
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f'{args.model}: {len(layers)} blocks after exit 1, input {size[0]}x{size[1]}, '
           f'{torch.get_num_threads()} threads')
-    print('removed % | batch | dense ms/img | pruned ms/img | wall ratio | MAC ratio | wall/MAC')
+    print('removed % | batch | mmseg ms/img | dense ms/img | pruned ms/img | wall ratio | MAC ratio | wall/MAC')
     with torch.no_grad():
         for batch in (1, 2):
             state = vit.forward_stage(1, [torch.randn(batch, 3, *size, generator=g)])
@@ -80,28 +95,41 @@ def main(argv=None) -> List[dict]:
                 active = torch.stack([torch.rand(state.hw, generator=g) >= f / 100 for f in fracs])
                 keep = token_keep(state, active)
 
-                def dense():
+                def mmseg():
                     x = state.tokens
                     for layer in layers:
                         x = layer(x)
 
+                def dense():
+                    x = state.tokens
+                    for layer in layers:
+                        x = block_forward(layer, x)
+
                 def pruned():
                     sparse_blocks(layers, state.tokens, keep)
 
-                dense(), pruned()  # warm-up
-                td, tp = [], []
+                mmseg(), dense(), pruned()  # warm-up
+                tm, td, tp = [], [], []
                 for _ in range(args.repeats):
+                    tm += _time(mmseg, 1)
                     td += _time(dense, 1)
                     tp += _time(pruned, 1)
-                d_ms, p_ms = (1e3 * statistics.median(t) / batch for t in (td, tp))
+                m_ms, d_ms, p_ms = (1e3 * statistics.median(t) / batch for t in (tm, td, tp))
                 macs_d = batch * block_macs(vit, n_all)
                 macs_p = sum(block_macs(vit, int(n)) for n in keep.sum(1))
-                row = dict(model=args.model, removed=r, batch=batch, dense_ms=d_ms, pruned_ms=p_ms,
-                           wall_ratio=p_ms / d_ms, mac_ratio=macs_p / macs_d)
+                row = dict(
+                    model=args.model,
+                    removed=r,
+                    batch=batch,
+                    mmseg_ms=m_ms,
+                    dense_ms=d_ms,
+                    pruned_ms=p_ms,
+                    wall_ratio=p_ms / d_ms,
+                    mac_ratio=macs_p / macs_d)
                 row['wall_per_mac'] = row['wall_ratio'] / row['mac_ratio']
                 rows.append(row)
-                print(f'{r:9.0f} | {batch:5d} | {d_ms:12.2f} | {p_ms:13.2f} | {row["wall_ratio"]:10.3f} | '
-                      f'{row["mac_ratio"]:9.3f} | {row["wall_per_mac"]:8.3f}')
+                print(f'{r:9.0f} | {batch:5d} | {m_ms:12.2f} | {d_ms:12.2f} | {p_ms:13.2f} | '
+                      f'{row["wall_ratio"]:10.3f} | {row["mac_ratio"]:9.3f} | {row["wall_per_mac"]:8.3f}')
     return rows
 
 

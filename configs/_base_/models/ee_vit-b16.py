@@ -4,12 +4,21 @@
 custom_imports = dict(imports=['mmseg_cbt'], allow_failed_imports=False)
 num_classes = 19  # Cityscapes by default, as the HRNet bases; the ADE20K configs set 150
 data_preprocessor = dict(
-    type='SegDataPreProcessor', mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5], bgr_to_rgb=True, pad_val=0,
+    type='SegDataPreProcessor',
+    mean=[127.5, 127.5, 127.5],
+    std=[127.5, 127.5, 127.5],
+    bgr_to_rgb=True,
+    pad_val=0,
     seg_pad_val=255)
 # what every exit shares (per-token MLP of width 384, DToP's head width for ViT-B)
 exit_common = dict(
-    type='EarlyExitTokenHead', in_channels=768, channels=384, num_layers=1, dropout_ratio=0.0,
-    num_classes=num_classes, align_corners=False,
+    type='EarlyExitTokenHead',
+    in_channels=768,
+    channels=384,
+    num_layers=1,
+    dropout_ratio=0.0,
+    num_classes=num_classes,
+    align_corners=False,
     loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     type='EarlyExitEncoderDecoder',
@@ -36,5 +45,13 @@ model = dict(
     decode_head=exit_common,
     exit_loss_weights=[1.0, 1.0, 1.0],
     # exit_mode: 'dense' | 'cbt' | 'global' | 'entropy' | 'dtop'; feature_mask: 'none' | 'simulate' | 'sparse'
-    test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341), exit_mode='dense', dtop_threshold=0.9,
-                  dtop_topk=5, global_threshold=0.9, feature_mask='sparse', fill='copy'))
+    test_cfg=dict(
+        mode='slide',
+        crop_size=(512, 512),
+        stride=(341, 341),
+        exit_mode='dense',
+        dtop_threshold=0.9,
+        dtop_topk=5,
+        global_threshold=0.9,
+        feature_mask='sparse',
+        fill='copy'))

@@ -7,7 +7,7 @@ from torch import Tensor
 from mmseg.models.backbones import VisionTransformer
 from mmseg.registry import MODELS
 
-from ..masked.vit_tokens import VIT_FILL_MODES, ViTTokens, simulated_blocks, sparse_blocks, token_keep
+from ..masked.vit_tokens import VIT_FILL_MODES, ViTTokens, block_forward, simulated_blocks, sparse_blocks, token_keep
 from .base import EarlyExitBackboneMixin
 
 __all__ = ['EarlyExitViT']
@@ -19,7 +19,8 @@ class EarlyExitViT(EarlyExitBackboneMixin, VisionTransformer):
 
     The module tree (and so the state dict) is exactly mmseg's ``VisionTransformer``, so an mmseg ViT checkpoint
     (e.g. ImageNet weights converted with mmseg's ``vit2mmseg``) loads with ``strict=True``; :meth:`forward` is the
-    unchanged mmseg forward (``out_indices`` default to ``exit_after``). Stage 1 = patch embedding, class token,
+    unchanged mmseg forward (``out_indices`` default to ``exit_after``); the stages compute the same blocks with
+    attention through PyTorch's fused kernel (equal up to float rounding). Stage 1 = patch embedding, class token,
     position embedding (resized bicubically as mmseg does for other input sizes), ``pre_norm`` and blocks
     ``0..exit_after[0]``; stage n = blocks ``exit_after[n-2]+1..exit_after[n-1]`` (``final_norm`` after the last
     block). DToP (Liu et al., ICCV 2023) splits ViT-B/16 after blocks 6 and 8 of 12, ``(5, 7, 11)`` 0-based, and
@@ -117,18 +118,23 @@ class EarlyExitViT(EarlyExitBackboneMixin, VisionTransformer):
         return self.norm1 if stage == self.num_stages and self.final_norm else None
 
     def forward_stage(self, stage: int, feats: Union[List[Tensor], ViTTokens]) -> ViTTokens:
-        """Runs stage ``stage`` densely (stage 1 receives ``[inputs]``), with mmseg's own block forward."""
+        """Runs stage ``stage`` densely (stage 1 receives ``[inputs]``): mmseg's block computation with attention
+        through PyTorch's fused kernel (:func:`~mmseg_cbt.models.masked.vit_tokens.block_forward`)."""
         self._check_stage(stage, 1)
         state = self.embed(feats[0]) if stage == 1 else feats
         x = state.tokens
         for i in self.stage_blocks(stage):
-            x = self.layers[i](x)
+            x = block_forward(self.layers[i], x)
         norm = self._final_norm(stage)
         if norm is not None:
             x = norm(x)
         return state.with_tokens(x)
 
-    def forward_stage_masked(self, stage: int, feats: ViTTokens, active: Tensor, sparse: bool = False,
+    def forward_stage_masked(self,
+                             stage: int,
+                             feats: ViTTokens,
+                             active: Tensor,
+                             sparse: bool = False,
                              fill: str = 'copy') -> ViTTokens:
         """Runs stage ``stage`` (>= 2) on the active tokens (see the class docstring).
 
@@ -154,7 +160,9 @@ class EarlyExitViT(EarlyExitBackboneMixin, VisionTransformer):
             x = simulated_blocks(layers, feats.tokens, keep, fill, self._final_norm(stage))
         return feats.with_tokens(x, active=active, sparse=sparse)
 
-    def forward_stages_masked(self, inputs: Tensor, actives: Sequence[Optional[Tensor]],
+    def forward_stages_masked(self,
+                              inputs: Tensor,
+                              actives: Sequence[Optional[Tensor]],
                               sparse: bool = False) -> List[ViTTokens]:
         """Every stage with the given per-stage masks (``actives[n]`` for stage ``n + 1``, None = dense)."""
         outs, feats = [], [inputs]

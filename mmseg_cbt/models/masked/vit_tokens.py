@@ -20,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['VIT_FILL_MODES', 'ViTTokens', 'token_keep', 'simulated_blocks', 'sparse_blocks', 'gather_active',
-           'scatter_active']
+__all__ = [
+    'VIT_FILL_MODES', 'ViTTokens', 'token_keep', 'block_forward', 'simulated_blocks', 'sparse_blocks', 'gather_active',
+    'scatter_active'
+]
 
 #: Fills a ViT stage supports: ``copy`` (a stopped token keeps its features) or ``zeros`` (it holds 0). Neither
 #: changes an active token (stopped tokens are no keys) nor a logit (the segmentor copies stopped positions).
@@ -75,11 +77,30 @@ def token_keep(state: ViTTokens, active: Tensor) -> Tensor:
     return torch.cat([extra, active.flatten(1)], dim=1)
 
 
+def block_forward(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """mmseg's ``TransformerEncoderLayer.forward`` on (B, N, C) tokens, with the same modules and parameters, but
+    attention through PyTorch's fused kernel instead of materialising the attention weights mmcv asks for.
+
+    Args:
+        layer (nn.Module): An mmseg ``TransformerEncoderLayer``.
+        x (Tensor): (B, N, C) tokens.
+        key_padding_mask (Tensor, optional): (B, N) bool, True = not a key.
+    """
+    h = layer.norm1(x).transpose(0, 1)  # mmcv's batch-first wrapper around a sequence-first nn.MultiheadAttention
+    # mmengine's jit counter has no handle for the fused kernel: while tracing, take the bmm path it counts
+    out = layer.attn.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=torch.jit.is_tracing())[0]
+    x = x + layer.attn.dropout_layer(layer.attn.proj_drop(out.transpose(0, 1)))
+    return layer.ffn(layer.norm2(x), identity=x)
+
+
 def _freeze(new: Tensor, old: Tensor, keep: Tensor, fill: str) -> Tensor:
     return torch.where(keep.unsqueeze(-1), new, old if fill == 'copy' else torch.zeros_like(new))
 
 
-def simulated_blocks(layers: Sequence[nn.Module], x: Tensor, keep: Tensor, fill: str = 'copy',
+def simulated_blocks(layers: Sequence[nn.Module],
+                     x: Tensor,
+                     keep: Tensor,
+                     fill: str = 'copy',
                      norm: Optional[nn.Module] = None) -> Tensor:
     """Runs mmseg ``TransformerEncoderLayer`` s on all tokens with the stopped ones masked out as keys and frozen.
 
@@ -95,9 +116,7 @@ def simulated_blocks(layers: Sequence[nn.Module], x: Tensor, keep: Tensor, fill:
     """
     ignore = ~keep
     for layer in layers:
-        y = layer.attn(layer.norm1(x), identity=x, key_padding_mask=ignore)
-        y = layer.ffn(layer.norm2(y), identity=y)
-        x = _freeze(y, x, keep, fill)
+        x = _freeze(block_forward(layer, x, ignore), x, keep, fill)
     if norm is not None:
         x = _freeze(norm(x), x, keep, fill)
     return x
@@ -123,7 +142,10 @@ def _attention(layer: nn.Module, xp: Tensor, batch: int, width: int, slot: Optio
     return xp + layer.attn.dropout_layer(layer.attn.proj_drop(o))
 
 
-def sparse_blocks(layers: Sequence[nn.Module], x: Tensor, keep: Tensor, fill: str = 'copy',
+def sparse_blocks(layers: Sequence[nn.Module],
+                  x: Tensor,
+                  keep: Tensor,
+                  fill: str = 'copy',
                   norm: Optional[nn.Module] = None) -> Tensor:
     """Runs mmseg ``TransformerEncoderLayer`` s on the active tokens only (inference).
 

@@ -20,6 +20,7 @@ from .options import (DTOP_TOPK, EXIT_MODES, FEATURE_MASKS, OPTION_RANGES, check
 
 __all__ = ['EarlyExitEncoderDecoder']
 
+
 @MODELS.register_module()
 class EarlyExitEncoderDecoder(EncoderDecoder):
     """Encoder-decoder with an exit after every backbone stage (ADP-C / CBT).
