@@ -29,9 +29,9 @@ def toy_cfg():
 @pytest.fixture(scope='session')
 def tiny_city(tmp_path_factory):
     """A 4-train / 2-val toy-city set at 64x128 (generated once per test session)."""
-    from mmseg_cbt.datasets.toy_city import generate_toy_city
+    from utils import load_toy_city
     root = tmp_path_factory.mktemp('toy_city')
-    generate_toy_city(str(root), num_train=4, num_val=2, height=64, width=128, seed=0, progress=False)
+    load_toy_city().generate_toy_city(str(root), num_train=4, num_val=2, height=64, width=128, seed=0, progress=False)
     return str(root)
 
 

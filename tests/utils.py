@@ -112,3 +112,16 @@ def build_tiny_vit(seed=0, **test_cfg):
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     model.eval()
     return model
+
+
+#: Where the toy-city generator lives: a data tool (``toy_city_gen`` package), not part of the installed plugin.
+TOY_CITY_TOOL_DIR = osp.join(ROOT, 'tools', 'dataset_converters')
+
+
+def load_toy_city():
+    """The toy-city generator package ``toy_city_gen``, imported from ``tools/dataset_converters``."""
+    import importlib
+    import sys
+    if TOY_CITY_TOOL_DIR not in sys.path:
+        sys.path.insert(0, TOY_CITY_TOOL_DIR)
+    return importlib.import_module('toy_city_gen')

@@ -8,15 +8,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from mmseg.datasets import CityscapesDataset
+
 from ..utils.io import atomic_path
 
 __all__ = ['CITYSCAPES_PALETTE', 'plot_thresholds']
 
-#: Cityscapes' official colours of the 19 evaluation classes, in trainId order (road ... bicycle).
-CITYSCAPES_PALETTE: Tuple[Tuple[int, int, int], ...] = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
-    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+#: Cityscapes' colours of the 19 evaluation classes in trainId order (road ... bicycle), from mmseg's METAINFO.
+CITYSCAPES_PALETTE: Tuple[Tuple[int, int, int], ...] = tuple(map(tuple, CityscapesDataset.METAINFO['palette']))
 
 
 def _class_colours(num_classes: int, palette: Optional[Sequence[Sequence[int]]]) -> List[Tuple[float, ...]]:

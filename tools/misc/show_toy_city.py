@@ -20,14 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-try:
-    import mmseg_cbt  # noqa: F401
-except ImportError:
-    # Not installed yet (before ``pip install -e .``): use the checkout this script lives in.
-    sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-
-from mmseg_cbt.datasets.toy_city import (ANN_DIR, IMG_DIR, IMG_SUFFIX, SEG_MAP_SUFFIX, TOY_CITY_CLASSES,  # noqa: E402
-                                         TOY_CITY_PALETTE, colorize_label, render_toy_city_sample)
+# The generator is a data tool (tools/dataset_converters/toy_city_gen), not part of the installed plugin.
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'dataset_converters'))
+import toy_city_gen as tcg  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -66,19 +61,19 @@ def load_samples(args: argparse.Namespace) -> List[Tuple[str, np.ndarray, np.nda
     samples = []
     if args.data_root:
         import cv2
-        imgs = sorted(glob.glob(osp.join(args.data_root, IMG_DIR, args.split, '*', '*' + IMG_SUFFIX)))
+        imgs = sorted(glob.glob(osp.join(args.data_root, tcg.IMG_DIR, args.split, '*', '*' + tcg.IMG_SUFFIX)))
         if not imgs:
-            raise FileNotFoundError(f'no *{IMG_SUFFIX} under {osp.join(args.data_root, IMG_DIR, args.split)}')
+            raise FileNotFoundError(f'no *{tcg.IMG_SUFFIX} under {osp.join(args.data_root, tcg.IMG_DIR, args.split)}')
         for path in imgs[args.start:args.start + args.num]:
-            stem = osp.basename(path)[:-len(IMG_SUFFIX)]
+            stem = osp.basename(path)[:-len(tcg.IMG_SUFFIX)]
             city = osp.basename(osp.dirname(path))
-            ann = osp.join(args.data_root, ANN_DIR, args.split, city, stem + SEG_MAP_SUFFIX)
+            ann = osp.join(args.data_root, tcg.ANN_DIR, args.split, city, stem + tcg.SEG_MAP_SUFFIX)
             img = cv2.imread(path, cv2.IMREAD_COLOR)[..., ::-1]
             lbl = cv2.imread(ann, cv2.IMREAD_UNCHANGED)
             samples.append((stem, img, lbl))
     else:
         for i in range(args.start, args.start + args.num):
-            img, lbl = render_toy_city_sample(args.seed, args.split, i, args.height, args.width)
+            img, lbl = tcg.render_toy_city_sample(args.seed, args.split, i, args.height, args.width)
             samples.append((f'{args.split} #{i} (seed {args.seed})', img, lbl))
     return samples
 
@@ -100,7 +95,7 @@ def save_small_png(fig: 'plt.Figure', out: str, max_kb: float) -> int:
     pil = Image.fromarray(rgb)
     # The class colours are pinned in the palette: an adaptive palette alone merges similar ones
     # (traffic light / traffic sign) and the label panels would lie.
-    fixed = [tuple(c) for c in TOY_CITY_PALETTE] + [(0, 0, 0), (255, 255, 255)]
+    fixed = [tuple(c) for c in tcg.TOY_CITY_PALETTE] + [(0, 0, 0), (255, 255, 255)]
     for colours in (256, 128, 64, 32):
         adaptive = pil.quantize(colors=colours - len(fixed), method=Image.Quantize.MEDIANCUT)
         palette = [v for c in fixed for v in c] + adaptive.getpalette()[:3 * (colours - len(fixed))]
@@ -127,17 +122,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     h, w = samples[0][1].shape[:2]
     col_w = 4.6
     row_h = col_w * h / w
-    fig, axes = plt.subplots(len(samples), 2, figsize=(2 * col_w, row_h * len(samples) + 1.3), dpi=100,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(samples), 2, figsize=(2 * col_w, row_h * len(samples) + 1.3), dpi=100, squeeze=False)
     for row, (title, img, lbl) in enumerate(samples):
         axes[row, 0].imshow(img)
         axes[row, 0].set_title(title, fontsize=8)
-        axes[row, 1].imshow(colorize_label(lbl))
-        present = [TOY_CITY_CLASSES[c] for c in np.unique(lbl) if c < len(TOY_CITY_CLASSES)]
+        axes[row, 1].imshow(tcg.colorize_label(lbl))
+        present = [tcg.TOY_CITY_CLASSES[c] for c in np.unique(lbl) if c < len(tcg.TOY_CITY_CLASSES)]
         axes[row, 1].set_title(f'label: {len(present)} classes', fontsize=8)
         for ax in axes[row]:
             ax.set_axis_off()
-    handles = [Patch(color=np.asarray(c) / 255.0, label=name) for name, c in zip(TOY_CITY_CLASSES, TOY_CITY_PALETTE)]
+    handles = [
+        Patch(color=np.asarray(c) / 255.0, label=name) for name, c in zip(tcg.TOY_CITY_CLASSES, tcg.TOY_CITY_PALETTE)
+    ]
     handles.append(Patch(color=(0, 0, 0), label='ignore (255)'))
     fig.legend(handles=handles, loc='lower center', ncol=7, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 1.1 / (row_h * len(samples) + 1.3), 1, 1), h_pad=0.4, w_pad=0.3)
