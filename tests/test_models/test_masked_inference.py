@@ -356,17 +356,17 @@ def test_sparse_max_active_default_follows_cpu_kernel(model, monkeypatch):
     """Default limit: 0.9 active when CPU tensors run the compiled kernel with its direct algorithm, 0.8 with its
     GEMM algorithm only (the measured crossovers against the simulated path), 0.6 with the PyTorch path alone; an
     explicit test_cfg value wins."""
-    import mmseg_cbt.ops.sparse_conv as sc
     from utils import require_cpu_ext
     ext = require_cpu_ext()
     active = torch.zeros(1, 10, 10, dtype=torch.bool)
     model.test_cfg.pop('sparse_max_active', None)
     active.view(-1)[:85] = True  # 85 % active
     assert model._use_sparse(active, 'sparse') == ext.has_direct()
-    monkeypatch.setattr(sc, '_CPU_DIRECT', 0)  # GEMM algorithm only
-    assert not model._use_sparse(active, 'sparse')
-    active.view(-1)[70:] = False  # 70 %
-    assert model._use_sparse(active, 'sparse')
+    from mmseg_cbt.ops import cpu_algorithm
+    with cpu_algorithm('gemm'):  # GEMM algorithm only
+        assert not model._use_sparse(active, 'sparse')
+        active.view(-1)[70:] = False  # 70 %
+        assert model._use_sparse(active, 'sparse')
     assert not model._use_sparse(active, 'simulate')
     monkeypatch.setenv('MMSEG_CBT_CPU_EXT', '0')
     assert not model._use_sparse(active, 'sparse')

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmseg_cbt.ops.sparse_conv as sc
+from mmseg_cbt.ops import set_cpu_algorithm
 from utils import ROOT, require_cpu_ext
 from mmseg_cbt.ops import (PackedConv, SparseConv2d, SparseIndex, conv_weight_matrix,
                            dense_conv_buffer, gather_rows, new_padded_buffer, padded_interior,
@@ -621,8 +622,9 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual, monkeypatch):
     buf = to_padded_nhwc(x)
     prev = torch.randn(2, cout, ho, wo)
     results = {}
+    monkeypatch.setattr(sc, '_CPU_DIRECT', sc._CPU_DIRECT)  # restored at teardown, whatever set_cpu_algorithm did
     for direct in (0, 1):
-        monkeypatch.setattr(sc, '_CPU_DIRECT', direct)
+        set_cpu_algorithm(('gemm', 'direct')[direct])
         out_buf = to_padded_nhwc(prev)
         sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out_buf, stride=stride, padding=k // 2,
                            residual=out_buf if residual else None, relu=residual is not None,
