@@ -1,7 +1,6 @@
 """Installs the mmseg_cbt plugin (early-exit segmentation with class based thresholding for MMSegmentation)."""
 import os.path as osp
 import re
-
 from setuptools import find_packages, setup
 
 

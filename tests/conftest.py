@@ -33,5 +33,3 @@ def tiny_city(tmp_path_factory):
     root = tmp_path_factory.mktemp('toy_city')
     load_toy_city().generate_toy_city(str(root), num_train=4, num_val=2, height=64, width=128, seed=0, progress=False)
     return str(root)
-
-

@@ -26,6 +26,7 @@ def build_tiny_model(toy_cfg, num_classes=None, seed=0, **test_cfg):
 def demo_batch(num_classes, n=2, h=64, w=96, seed=0):
     """A batch as the data preprocessor gives it: inputs (n,3,h,w) and SegDataSamples with gt labels."""
     from mmengine.structures import PixelData
+
     from mmseg.structures import SegDataSample
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randn(n, 3, h, w, generator=g)

@@ -4,8 +4,13 @@ _base_ = ['../_base_/models/ee_fcn_hr18s.py', '../_base_/datasets/toy_city.py', 
 norm_cfg = dict(type='BN', requires_grad=True)
 num_classes = 19
 exit_common = dict(
-    type='EarlyExitRHHead', channels=32, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
-    align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
+    type='EarlyExitRHHead',
+    channels=32,
+    dropout_ratio=-1,
+    num_classes=num_classes,
+    norm_cfg=norm_cfg,
+    align_corners=False,
+    loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     pretrained=None,  # no hub weights on these machines: trained from scratch
     data_preprocessor=dict(size=(256, 256)),
@@ -14,10 +19,9 @@ model = dict(
         extra=dict(
             stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(1, ), num_channels=(16, )),
             stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1), num_channels=(8, 16)),
-            stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1),
-                        num_channels=(8, 16, 32)),
-            stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1),
-                        num_channels=(8, 16, 32, 64)))),
+            stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1), num_channels=(8, 16, 32)),
+            stage4=dict(
+                num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1), num_channels=(8, 16, 32, 64)))),
     exit_heads=[
         dict(exit_common, in_channels=[64], in_index=[0], num_down=3, num_up=2),
         dict(exit_common, in_channels=[8, 16], in_index=[0, 1], num_down=2, num_up=1),
@@ -28,8 +32,7 @@ model = dict(
 
 max_iters = 1000
 optim_wrapper = dict(
-    type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01),
-    clip_grad=None)
+    type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01), clip_grad=None)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', eta_min=1e-5, power=0.9, begin=50, end=max_iters, by_epoch=False),

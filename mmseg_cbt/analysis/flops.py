@@ -60,7 +60,6 @@ from .trace import (LayerCall, _inference_mode, attribute_module, count_params_p
                     is_early_exit_model, trace_layers)
 from .units import MMENGINE_ATTENTION_OPS, MMENGINE_CONV_LINEAR_OPS, RBF_KERNEL_AREA, UNIT_1E9, UNIT_2_30
 
-
 __all__ = [
     'UNIT_1E9', 'UNIT_2_30', 'RBF_KERNEL_AREA', 'MMENGINE_CONV_LINEAR_OPS', 'MMENGINE_ATTENTION_OPS', 'LayerCall',
     'ExitFlops', 'FlopsResult', 'EarlyExitFlopCounter', 'is_early_exit_model', 'exit_units', 'attribute_module',
@@ -87,7 +86,10 @@ class EarlyExitFlopCounter:
     A model without exits is always counted densely (it has no masks), as a single exit.
     """
 
-    def __init__(self, model: nn.Module, exit_mode: Optional[str] = None, feature_mask: Optional[str] = None,
+    def __init__(self,
+                 model: nn.Module,
+                 exit_mode: Optional[str] = None,
+                 feature_mask: Optional[str] = None,
                  fill: Optional[str] = None) -> None:
         self.model = model
         self.early_exit = is_early_exit_model(model)

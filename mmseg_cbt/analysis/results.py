@@ -4,11 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
-
 from .units import UNIT_1E9, UNIT_2_30
 
 __all__ = ['ExitFlops', 'FlopsResult']
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # results
@@ -151,11 +149,14 @@ class FlopsResult:
             head += ['GFLOPs (1e9) exit only', 'GFLOPs (2^30) exit only', 'params (M) exit only']
         rows = []
         for e in self.exits:
-            row = [str(e.exit) if self.early_exit else 'total', f'{e.gflops_1e9:.3f}', f'{e.gflops_2_30:.3f}',
-                   f'{e.params / 1e6:.3f}']
+            row = [
+                str(e.exit) if self.early_exit else 'total', f'{e.gflops_1e9:.3f}', f'{e.gflops_2_30:.3f}',
+                f'{e.params / 1e6:.3f}'
+            ]
             if per_exit:
-                row += [f'{e.gflops_exit_only_1e9:.3f}', f'{e.gflops_exit_only_2_30:.3f}',
-                        f'{e.params_exit_only / 1e6:.3f}']
+                row += [
+                    f'{e.gflops_exit_only_1e9:.3f}', f'{e.gflops_exit_only_2_30:.3f}', f'{e.params_exit_only / 1e6:.3f}'
+                ]
             rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         line = '+'.join('-' * (w + 2) for w in widths)

@@ -147,7 +147,8 @@ def _default_forward(model: nn.Module) -> Callable[[Tensor], Any]:
     return model
 
 
-def trace_layers(model: nn.Module, inputs: Tensor,
+def trace_layers(model: nn.Module,
+                 inputs: Tensor,
                  forward: Optional[Callable[[Tensor], Any]] = None) -> List[LayerCall]:
     """Runs one dense forward pass and records every conv / linear call with forward hooks.
 

@@ -64,8 +64,8 @@ def class_margins(probs: Tensor) -> Tensor:
     return top2[..., 0] - top2[..., 1]
 
 
-def _inverse_min_max(margins: Tensor, present: Tensor, alpha: float, beta: float,
-                     class_names: Optional[Sequence[str]], where: str) -> Tensor:
+def _inverse_min_max(margins: Tensor, present: Tensor, alpha: float, beta: float, class_names: Optional[Sequence[str]],
+                     where: str) -> Tensor:
     """Maps margins to thresholds in ``[alpha, beta]`` (largest margin -> alpha, smallest -> beta).
 
     Classes not ``present`` (no training pixels) get ``beta`` and are left out of the min/max.
@@ -88,7 +88,9 @@ def _inverse_min_max(margins: Tensor, present: Tensor, alpha: float, beta: float
         names = ', '.join(_class_label(k, class_names) for k in missing)
         warnings.warn(
             f'CBT: classes with no training pixels{where}: {names}; they get beta={beta} and are left out '
-            f'of the min/max normalisation.', CBTCalibrationWarning, stacklevel=3)
+            f'of the min/max normalisation.',
+            CBTCalibrationWarning,
+            stacklevel=3)
     if not bool(present.any()):
         return out
     known = margins[present]
@@ -99,7 +101,9 @@ def _inverse_min_max(margins: Tensor, present: Tensor, alpha: float, beta: float
         # end rather than an arbitrary point of the range.
         warnings.warn(
             f'CBT: all class margins are equal{where} (max - min = {span:.3g}); the min-max map is undefined, '
-            f'every class gets beta={beta}.', CBTCalibrationWarning, stacklevel=3)
+            f'every class gets beta={beta}.',
+            CBTCalibrationWarning,
+            stacklevel=3)
         return out
     rel = (margins - lo) / span  # 0 = hardest, 1 = easiest
     mapped = (1.0 - rel) * (float(beta) - float(alpha)) + float(alpha)
@@ -182,15 +186,16 @@ def cbt_thresholds(class_mean_probs: Tensor,
         has_pixels = counts_t > 0
 
     if alpha == beta:
-        return torch.full((num_classes, ) if share_exits else (num_exits, num_classes), alpha,
-                          dtype=torch.float32)
+        return torch.full((num_classes, ) if share_exits else (num_exits, num_classes), alpha, dtype=torch.float32)
 
     if alpha <= 0.5:
         warnings.warn(
             f'CBT: alpha={alpha} <= 0.5, so the OR-of-channels rule (stop if any class k has '
             f'softmax_k > T_k) and the argmax rule (stop if softmax_argmax > T_argmax) can differ: a '
             f'non-argmax class may pass its low threshold. This model uses the OR-of-channels rule, the '
-            f'paper\'s rule.', CBTCalibrationWarning, stacklevel=2)
+            f'paper\'s rule.',
+            CBTCalibrationWarning,
+            stacklevel=2)
 
     if share_exits:
         weights = has_pixels.to(torch.float64)  # (N, K): average only the exits that saw the class

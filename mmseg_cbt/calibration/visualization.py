@@ -93,8 +93,12 @@ def plot_thresholds(thresholds: Union[Tensor, Sequence[float]],
         xs = list(range(num_classes))
         heights = [float(values[k]) for k in order]
         # Bars start at the bottom of the zoomed window, not at 0 (which is far outside it).
-        bars = ax.bar(xs, [h - lo for h in heights], bottom=lo, color=[colours[k] for k in order],
-                      edgecolor='black', linewidth=0.5)
+        bars = ax.bar(
+            xs, [h - lo for h in heights],
+            bottom=lo,
+            color=[colours[k] for k in order],
+            edgecolor='black',
+            linewidth=0.5)
         ax.bar_label(bars, labels=[f'{h:.{decimals}f}' for h in heights], fontsize=7, rotation=90, padding=2)
         ax.axhline(alpha, color='tab:blue', linestyle='--', linewidth=1, label=f'alpha = {alpha:g}')
         ax.axhline(beta, color='tab:red', linestyle='--', linewidth=1, label=f'beta = {beta:g}')

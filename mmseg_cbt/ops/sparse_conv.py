@@ -131,7 +131,7 @@ _CROSSOVER_POINTS_KERNEL: Dict[int, Tuple[Tuple[int, float], ...]] = {
 # (stride 1 and 2) above 0.9 (sparse 0.85-0.99 of the dense conv at 80-90 % active, the fallback 1.2-1.6); 1x1 at
 # 0.83 (324 MAC/px, C=18) and 0.80 (1296, C=36), above 0.9 from 2304 (C=48) on. Rounded down.
 _CROSSOVER_POINTS_DIRECT: Dict[int, Tuple[Tuple[int, float], ...]] = {
-    3: ((1458, 0.9),),
+    3: ((1458, 0.9), ),
     1: ((324, 0.8), (1296, 0.8), (2304, 0.9)),
 }
 
@@ -204,7 +204,12 @@ def _check_geometry(kernel_size: int, stride: int, padding: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Buffers
 # --------------------------------------------------------------------------------------------------
-def new_padded_buffer(n: int, c: int, h: int, w: int, pad: int = 1, *,
+def new_padded_buffer(n: int,
+                      c: int,
+                      h: int,
+                      w: int,
+                      pad: int = 1,
+                      *,
                       dtype: torch.dtype = torch.float32,
                       device: Union[str, torch.device, None] = None) -> Tensor:
     """Allocates a zero channels-last buffer ``(n, h + 2 pad, w + 2 pad, c)``.
@@ -397,8 +402,12 @@ class SparseIndex:
             r = self._rows[key] = padded_row_index(n, y, x, self.height, self.width, pad)
         return r
 
-    def windows(self, in_hw: Optional[Tuple[int, int]] = None, kernel_size: int = 3, stride: int = 1,
-                padding: Optional[int] = None, in_pad: int = 1) -> Tuple[Tensor, Tensor]:
+    def windows(self,
+                in_hw: Optional[Tuple[int, int]] = None,
+                kernel_size: int = 3,
+                stride: int = 1,
+                padding: Optional[int] = None,
+                in_pad: int = 1) -> Tuple[Tensor, Tensor]:
         """Window tables of a conv whose output is this index's grid.
 
         Args:
@@ -433,10 +442,9 @@ class SparseIndex:
         h_out = conv_output_size(h_in, kernel_size, stride, padding)
         w_out = conv_output_size(w_in, kernel_size, stride, padding)
         if (h_out, w_out) != (self.height, self.width):
-            raise ValueError(
-                f'mask spatial shape {(self.height, self.width)} does not match the conv output '
-                f'{(h_out, w_out)} of input {(h_in, w_in)} (kernel {kernel_size}, stride {stride}, '
-                f'padding {padding})')
+            raise ValueError(f'mask spatial shape {(self.height, self.width)} does not match the conv output '
+                             f'{(h_out, w_out)} of input {(h_in, w_in)} (kernel {kernel_size}, stride {stride}, '
+                             f'padding {padding})')
         key = (h_in, w_in, kernel_size, stride, padding, in_pad)
         t = self._windows.get(key)
         if t is None:
@@ -452,9 +460,13 @@ class SparseIndex:
             self._windows[key] = t
         return t
 
-    def segments(self, in_hw: Optional[Tuple[int, int]] = None, kernel_size: int = 3, stride: int = 1,
-                 padding: Optional[int] = None, in_pad: int = 1, group: Optional[int] = None
-                 ) -> 'SegmentTables':
+    def segments(self,
+                 in_hw: Optional[Tuple[int, int]] = None,
+                 kernel_size: int = 3,
+                 stride: int = 1,
+                 padding: Optional[int] = None,
+                 in_pad: int = 1,
+                 group: Optional[int] = None) -> 'SegmentTables':
         """Row-segment packing of the active positions for the dense-conv-on-packed-rows path.
 
         Active positions are split into horizontal runs (raster order). Every run becomes a line of
@@ -494,8 +506,8 @@ class SparseIndex:
         key = (h_in, w_in, kernel_size, stride, padding, in_pad, group)
         t = self._segments.get(key)
         if t is None:
-            t = self._segments[key] = SegmentTables.build(
-                self, top_left, h_in + 2 * in_pad, w_in + 2 * in_pad, kernel_size, stride, group)
+            t = self._segments[key] = SegmentTables.build(self, top_left, h_in + 2 * in_pad, w_in + 2 * in_pad,
+                                                          kernel_size, stride, group)
         return t
 
     def chunks(self, table: Tensor, per_position: int, step: int) -> List[Tensor]:
@@ -516,7 +528,10 @@ class SparseIndex:
             c = self._chunks[key] = list(torch.split(table, step * per_position))
         return c
 
-    def input_footprint(self, in_hw: Tuple[int, int], kernel_size: int = 3, stride: int = 2,
+    def input_footprint(self,
+                        in_hw: Tuple[int, int],
+                        kernel_size: int = 3,
+                        stride: int = 2,
                         padding: Optional[int] = None) -> Tensor:
         """Mask of the input positions that the active outputs' windows read.
 
@@ -538,10 +553,11 @@ class SparseIndex:
         h_in, w_in = in_hw
         wp = w_in + 2 * padding
         taps = torch.tensor([ky * wp + kx for ky in range(kernel_size) for kx in range(kernel_size)],
-                            dtype=torch.int64, device=self.device)
+                            dtype=torch.int64,
+                            device=self.device)
         nb = (top_left[:, None] + taps[None, :]).reshape(-1)
-        grid = torch.zeros(self.batch * (h_in + 2 * padding) * (w_in + 2 * padding), dtype=torch.bool,
-                           device=self.device)
+        grid = torch.zeros(
+            self.batch * (h_in + 2 * padding) * (w_in + 2 * padding), dtype=torch.bool, device=self.device)
         grid[nb] = True
         grid = grid.view(self.batch, h_in + 2 * padding, w_in + 2 * padding)
         return grid[:, padding:padding + h_in, padding:padding + w_in].contiguous()
@@ -607,7 +623,7 @@ class SegmentTables:
         same_row = (idx.n[1:] == idx.n[:-1]) & (idx.y[1:] == idx.y[:-1])
         gap = idx.x[1:] - idx.x[:-1] - 1
         extra = torch.where(same_row & (gap <= d), gap, torch.full_like(gap, d))
-        extra = torch.cat([extra, torch.full((1,), d, dtype=torch.int64, device=dev)])
+        extra = torch.cat([extra, torch.full((1, ), d, dtype=torch.int64, device=dev)])
         counts = extra + 1
         ends = torch.cumsum(counts, 0)
         real = ends - counts  # slot of every active position
@@ -664,8 +680,7 @@ def conv_weight_matrix(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).reshape(-1, cout).contiguous()
 
 
-def fold_bn(weight: Tensor, bias: Optional[Tensor], bn: torch.nn.modules.batchnorm._BatchNorm
-            ) -> Tuple[Tensor, Tensor]:
+def fold_bn(weight: Tensor, bias: Optional[Tensor], bn: torch.nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
     """Folds an inference-mode BatchNorm that follows a conv into the conv's weight and bias.
 
     Args:
@@ -708,7 +723,10 @@ class PackedConv:
         return int(self.weight.shape[-1])
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
+    def from_weight(cls,
+                    weight: Tensor,
+                    bias: Optional[Tensor] = None,
+                    stride: int = 1,
                     padding: Optional[int] = None) -> 'PackedConv':
         """Packs a raw weight.
 
@@ -725,12 +743,16 @@ class PackedConv:
         padding = k // 2 if padding is None else padding
         _check_geometry(k, stride, padding)
         weight = weight.detach().contiguous()
-        return cls(weight=weight, wmat=conv_weight_matrix(weight),
-                   bias=None if bias is None else bias.detach().contiguous(),
-                   stride=stride, padding=padding)
+        return cls(
+            weight=weight,
+            wmat=conv_weight_matrix(weight),
+            bias=None if bias is None else bias.detach().contiguous(),
+            stride=stride,
+            padding=padding)
 
     @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d,
+    def from_conv(cls,
+                  conv: torch.nn.Conv2d,
                   bn: Optional[torch.nn.modules.batchnorm._BatchNorm] = None) -> 'PackedConv':
         """Packs an ``nn.Conv2d`` (square kernel, dilation 1, groups 1), optionally folding a BN.
 
@@ -752,20 +774,57 @@ class PackedConv:
             bias = bias.detach()
         return cls.from_weight(weight.detach(), bias, stride=conv.stride[0], padding=conv.padding[0])
 
-    def rows(self, buf: Tensor, idx: SparseIndex, *, residual: Optional[Tensor] = None,
-             relu: bool = False, in_pad: int = 1, res_pad: int = 1, **kwargs) -> Tensor:
+    def rows(self,
+             buf: Tensor,
+             idx: SparseIndex,
+             *,
+             residual: Optional[Tensor] = None,
+             relu: bool = False,
+             in_pad: int = 1,
+             res_pad: int = 1,
+             **kwargs) -> Tensor:
         """:func:`sparse_conv_rows` with this conv's weights and geometry."""
-        return sparse_conv_rows(buf, idx, self.wmat, self.bias, stride=self.stride,
-                                padding=self.padding, residual=residual, relu=relu, in_pad=in_pad,
-                                res_pad=res_pad, dense_weight=self.weight, **kwargs)
+        return sparse_conv_rows(
+            buf,
+            idx,
+            self.wmat,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            residual=residual,
+            relu=relu,
+            in_pad=in_pad,
+            res_pad=res_pad,
+            dense_weight=self.weight,
+            **kwargs)
 
-    def apply(self, buf: Tensor, idx: SparseIndex, out_buf: Tensor, *,
-              residual: Optional[Tensor] = None, relu: bool = False, in_pad: int = 1,
-              out_pad: int = 1, res_pad: int = 1, **kwargs) -> Tensor:
+    def apply(self,
+              buf: Tensor,
+              idx: SparseIndex,
+              out_buf: Tensor,
+              *,
+              residual: Optional[Tensor] = None,
+              relu: bool = False,
+              in_pad: int = 1,
+              out_pad: int = 1,
+              res_pad: int = 1,
+              **kwargs) -> Tensor:
         """:func:`sparse_conv_buffer` with this conv's weights and geometry."""
-        return sparse_conv_buffer(buf, idx, self.wmat, self.bias, out_buf, stride=self.stride,
-                                  padding=self.padding, residual=residual, relu=relu, in_pad=in_pad,
-                                  out_pad=out_pad, res_pad=res_pad, dense_weight=self.weight, **kwargs)
+        return sparse_conv_buffer(
+            buf,
+            idx,
+            self.wmat,
+            self.bias,
+            out_buf,
+            stride=self.stride,
+            padding=self.padding,
+            residual=residual,
+            relu=relu,
+            in_pad=in_pad,
+            out_pad=out_pad,
+            res_pad=res_pad,
+            dense_weight=self.weight,
+            **kwargs)
 
 
 def _kernel_from_wmat(wmat: Tensor, cin: int) -> int:
@@ -865,8 +924,8 @@ def _chunk_rows(k: int, cin: int, chunk_rows: Optional[int]) -> int:
     return max(low, min(_MAX_CHUNK_ROWS, target // max(1, 4 * k * k * cin)))
 
 
-def _residual_source(residual: Optional[Tensor], idx: SparseIndex, res_pad: int, cout: int
-                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def _residual_source(residual: Optional[Tensor], idx: SparseIndex, res_pad: int,
+                     cout: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Returns ``(flat source, rows)``: rows is None for compact residual rows ``(M, Cout)``."""
     if residual is None:
         return None, None
@@ -886,8 +945,8 @@ def _dense_weight(wmat: Tensor, k: int, cin: int) -> Tensor:
     return wmat.view(k, k, cin, -1).permute(3, 2, 0, 1).contiguous()
 
 
-def _dense_nhwc(buf: Tensor, weight: Tensor, bias: Optional[Tensor], h_in: int, w_in: int, stride: int,
-                padding: int, in_pad: int) -> Tensor:
+def _dense_nhwc(buf: Tensor, weight: Tensor, bias: Optional[Tensor], h_in: int, w_in: int, stride: int, padding: int,
+                in_pad: int) -> Tensor:
     """Dense conv of a padded buffer; returns the output as a contiguous NHWC tensor."""
     off = in_pad - padding
     # crop the buffer to exactly the conv's zero-padded input, then convolve with padding 0: the view is
@@ -901,8 +960,8 @@ def _dense_nhwc(buf: Tensor, weight: Tensor, bias: Optional[Tensor], h_in: int, 
 class _ConvCall:
     """Validated arguments of one masked conv call (shared by the row and buffer entry points)."""
 
-    def __init__(self, buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor],
-                 stride: int, padding: Optional[int], in_pad: int) -> None:
+    def __init__(self, buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor], stride: int,
+                 padding: Optional[int], in_pad: int) -> None:
         _check_buffer(buf, 'input buffer')
         self.cin = buf.shape[-1]
         self.k = _kernel_from_wmat(wmat, self.cin)
@@ -918,11 +977,10 @@ class _ConvCall:
         if wmat.dtype != buf.dtype or (bias is not None and bias.dtype != buf.dtype):
             raise TypeError(f'dtype mismatch: buffer {buf.dtype}, weight {wmat.dtype}, '
                             f'bias {None if bias is None else bias.dtype}')
-        if bias is not None and tuple(bias.shape) != (self.cout,):
+        if bias is not None and tuple(bias.shape) != (self.cout, ):
             raise ValueError(f'bias must be ({self.cout},), got {tuple(bias.shape)}')
         # validates the geometry against the mask grid (and builds/caches the tables)
-        self.top_left, self.strips = idx.windows((self.h_in, self.w_in), self.k, stride, self.padding,
-                                                 in_pad)
+        self.top_left, self.strips = idx.windows((self.h_in, self.w_in), self.k, stride, self.padding, in_pad)
 
 
 _TLS = threading.local()
@@ -944,9 +1002,9 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _run_chunks(src: Tensor, k: int, kkc: int, cout: int, wmat: Tensor, bias: Optional[Tensor],
-                res_src: Optional[Tensor], relu: bool, dst: Tensor, step: int,
-                strip_chunks: List[Tensor], dst_chunks: Optional[List[Tensor]],
-                res_chunks: Optional[List[Tensor]], res_is_rows: bool, first: int, last: int) -> None:
+                res_src: Optional[Tensor], relu: bool, dst: Tensor, step: int, strip_chunks: List[Tensor],
+                dst_chunks: Optional[List[Tensor]], res_chunks: Optional[List[Tensor]], res_is_rows: bool, first: int,
+                last: int) -> None:
     """Chunks ``first .. last-1``: gather -> GEMM -> epilogue (-> scatter)."""
     scatter = dst_chunks is not None
     a_buf = _scratch('a', step * kkc, src.dtype, src.device).view(-1, src.shape[1])
@@ -998,14 +1056,16 @@ def _torch_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, 
     # threads running single-threaded ops instead was measured 1.5-2x slower on 2 idle cores (the OpenMP
     # threads of the surrounding dense convs keep spinning after their regions) and only 0-30 % faster
     # with one core busy elsewhere, so it was dropped.
-    _run_chunks(src, k, kkc, cout, wmat, bias, res_src, relu, dst, step, strip_chunks, dst_chunks,
-                res_chunks, res_rows is None, 0, len(strip_chunks))
+    _run_chunks(src, k, kkc, cout, wmat, bias, res_src, relu, dst, step, strip_chunks, dst_chunks, res_chunks, res_rows
+                is None, 0, len(strip_chunks))
 
 
 # Slots per packed group (the packed image is ~this wide; 128-1024 measured equally fast at C=18..96) and
 # groups per conv call (16 x 256 slots: a chunk's packed input stays within L2 for C <= 96).
 _SEGMENT_GROUP = 256
 _SEGMENT_CHUNK_GROUPS = 16
+
+
 # 'auto' means the GEMM. Measured (2 threads, blob masks, W18s/W48 branch shapes at a 512x1024 input, tune_malloc
 # on): as single convs, segments beat the GEMM by 5-20 % at 128x256 and 64x128 (C=18..96, 10-50 % active) and lose
 # by 20-130 % on 16x32 maps and below ~1000 active positions. Inside the whole masked W18s/W48 stages 2-4, though,
@@ -1077,7 +1137,6 @@ def _segment_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, weight: Tens
 # 0.51 of the dense time at 50 % active but 0.98 at 60 %).
 _EXT_CHUNK_BYTES, _EXT_MIN_CHUNK_ROWS, _EXT_MAX_CHUNK_ROWS = 256 << 10, 128, 1024
 
-
 # Which of the compiled kernel's two float32 algorithms runs: -1 lets the kernel choose (its AVX-512 direct kernel for
 # Cout <= 100, measured faster there; the gather + GEMM otherwise), 0 forces the GEMM, 1 the direct kernel. The tests
 # set it to compare the two; see csrc/sparse_conv_cpu.cpp.
@@ -1092,9 +1151,19 @@ def _ext_chunk_rows(kkc: int, itemsize: int, m: int, threads: Optional[int] = No
     return max(1, -(-m // (t * per_thread)))
 
 
-def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, dense_weight: Optional[Tensor],
-                bias: Optional[Tensor], res_src: Optional[Tensor], res_rows: Optional[Tensor], relu: bool,
-                dst: Tensor, dst_rows: Optional[Tensor], chunk_rows: Optional[int], method: str,
+def _cpu_sparse(buf: Tensor,
+                idx: SparseIndex,
+                call: _ConvCall,
+                wmat: Tensor,
+                dense_weight: Optional[Tensor],
+                bias: Optional[Tensor],
+                res_src: Optional[Tensor],
+                res_rows: Optional[Tensor],
+                relu: bool,
+                dst: Tensor,
+                dst_rows: Optional[Tensor],
+                chunk_rows: Optional[int],
+                method: str,
                 backend: str = 'auto') -> None:
     """The CPU sparse path of :func:`sparse_conv_rows` / :func:`sparse_conv_buffer`, by ``method`` and backend.
 
@@ -1109,11 +1178,11 @@ def _cpu_sparse(buf: Tensor, idx: SparseIndex, call: _ConvCall, wmat: Tensor, de
     if ext is None:
         _torch_sparse(buf, idx, call, wmat, bias, res_src, res_rows, relu, dst, dst_rows, chunk_rows)
         return
-    step = int(chunk_rows) if chunk_rows is not None else _ext_chunk_rows(call.k * call.k * call.cin,
-                                                                          buf.element_size(), idx.num_active)
-    ext.sparse_conv_gemm(buf.view(-1, call.cin), call.strips, call.k, wmat,
-                         None if bias is None else bias.contiguous(), res_src, res_rows, relu, dst, dst_rows,
-                         max(1, step), _CPU_DIRECT)
+    step = int(chunk_rows) if chunk_rows is not None else _ext_chunk_rows(call.k * call.k *
+                                                                          call.cin, buf.element_size(), idx.num_active)
+    ext.sparse_conv_gemm(
+        buf.view(-1, call.cin), call.strips, call.k, wmat, None if bias is None else bias.contiguous(), res_src,
+        res_rows, relu, dst, dst_rows, max(1, step), _CPU_DIRECT)
 
 
 def _kernel_direct(ext, dtype: torch.dtype, cout: int) -> bool:
@@ -1157,12 +1226,23 @@ def _cpu_ext(backend: str, t: Tensor):
     return ext
 
 
-def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor] = None, *,
-                     stride: int = 1, padding: Optional[int] = None, residual: Optional[Tensor] = None,
-                     relu: bool = False, in_pad: int = 1, res_pad: int = 1,
-                     out: Optional[Tensor] = None, chunk_rows: Optional[int] = None,
-                     dense_weight: Optional[Tensor] = None, dense_threshold: Optional[float] = None,
-                     backend: str = 'auto', method: str = 'auto') -> Tensor:
+def sparse_conv_rows(buf: Tensor,
+                     idx: SparseIndex,
+                     wmat: Tensor,
+                     bias: Optional[Tensor] = None,
+                     *,
+                     stride: int = 1,
+                     padding: Optional[int] = None,
+                     residual: Optional[Tensor] = None,
+                     relu: bool = False,
+                     in_pad: int = 1,
+                     res_pad: int = 1,
+                     out: Optional[Tensor] = None,
+                     chunk_rows: Optional[int] = None,
+                     dense_weight: Optional[Tensor] = None,
+                     dense_threshold: Optional[float] = None,
+                     backend: str = 'auto',
+                     method: str = 'auto') -> Tensor:
     """Computes a conv (+ bias, residual, ReLU) at the active positions only, as compact rows.
 
     ``y[i] = relu(window_i(buf) @ wmat + bias + residual[i])`` for the ``M`` active positions of ``idx``
@@ -1222,18 +1302,34 @@ def sparse_conv_rows(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional
         return out
     if use_triton:
         from .sparse_conv_triton import sparse_conv_rows_triton
-        return sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
-                                       kernel_size=call.k, residual=res_src, residual_rows=res_rows,
-                                       relu=relu, out=out)
+        return sparse_conv_rows_triton(
+            buf,
+            call.top_left,
+            wmat,
+            bias,
+            in_row_width=buf.shape[2],
+            kernel_size=call.k,
+            residual=res_src,
+            residual_rows=res_rows,
+            relu=relu,
+            out=out)
     _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out, None, chunk_rows, method,
                 backend)
     return out
 
 
-def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_buf: Tensor, *,
-                      stride: int = 1, padding: Optional[int] = None,
-                      residual: Optional[Tensor] = None, relu: bool = False,
-                      idx: Optional[SparseIndex] = None, in_pad: int = 1, out_pad: int = 1,
+def dense_conv_buffer(buf: Tensor,
+                      weight: Tensor,
+                      bias: Optional[Tensor],
+                      out_buf: Tensor,
+                      *,
+                      stride: int = 1,
+                      padding: Optional[int] = None,
+                      residual: Optional[Tensor] = None,
+                      relu: bool = False,
+                      idx: Optional[SparseIndex] = None,
+                      in_pad: int = 1,
+                      out_pad: int = 1,
                       res_pad: int = 1) -> Tensor:
     """Dense conv (+ bias, residual, ReLU) from one padded buffer into another.
 
@@ -1273,8 +1369,8 @@ def dense_conv_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_b
     h_in, w_in = buf.shape[1] - 2 * in_pad, buf.shape[2] - 2 * in_pad
     if (k == 1 and stride == 1 and padding == 0 and in_pad == out_pad
             and tuple(out_buf.shape[:3]) == tuple(buf.shape[:3])
-            and (residual is None or (residual.dim() == 4 and res_pad == out_pad
-                                      and residual.data_ptr() != out_buf.data_ptr()))):
+            and (residual is None or
+                 (residual.dim() == 4 and res_pad == out_pad and residual.data_ptr() != out_buf.data_ptr()))):
         return _dense_1x1_buffer(buf, weight, bias, out_buf, residual, relu, idx, out_pad)
     y = _dense_nhwc(buf, weight, bias, h_in, w_in, stride, padding, in_pad)
     n, ho, wo, cout = y.shape
@@ -1326,9 +1422,8 @@ def _zero_border(buf: Tensor, pad: int) -> None:
         buf[:, pad:-pad, -pad:].zero_()
 
 
-def _dense_1x1_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_buf: Tensor,
-                      residual: Optional[Tensor], relu: bool, idx: Optional[SparseIndex], pad: int
-                      ) -> Tensor:
+def _dense_1x1_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_buf: Tensor, residual: Optional[Tensor],
+                      relu: bool, idx: Optional[SparseIndex], pad: int) -> Tensor:
     """Dense 1x1 conv between same-geometry buffers as ONE GEMM written straight into ``out_buf``.
 
     The border rows are computed too (a few % extra rows) and re-zeroed: this avoids the input crop copy
@@ -1355,12 +1450,24 @@ def _dense_1x1_buffer(buf: Tensor, weight: Tensor, bias: Optional[Tensor], out_b
     return out_buf
 
 
-def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Optional[Tensor],
-                       out_buf: Tensor, *, stride: int = 1, padding: Optional[int] = None,
-                       residual: Optional[Tensor] = None, relu: bool = False, in_pad: int = 1,
-                       out_pad: int = 1, res_pad: int = 1, chunk_rows: Optional[int] = None,
-                       dense_weight: Optional[Tensor] = None, dense_threshold: Optional[float] = None,
-                       backend: str = 'auto', method: str = 'auto') -> Tensor:
+def sparse_conv_buffer(buf: Tensor,
+                       idx: SparseIndex,
+                       wmat: Tensor,
+                       bias: Optional[Tensor],
+                       out_buf: Tensor,
+                       *,
+                       stride: int = 1,
+                       padding: Optional[int] = None,
+                       residual: Optional[Tensor] = None,
+                       relu: bool = False,
+                       in_pad: int = 1,
+                       out_pad: int = 1,
+                       res_pad: int = 1,
+                       chunk_rows: Optional[int] = None,
+                       dense_weight: Optional[Tensor] = None,
+                       dense_threshold: Optional[float] = None,
+                       backend: str = 'auto',
+                       method: str = 'auto') -> Tensor:
     """Masked conv from a padded buffer into a padded buffer: active positions written, others kept.
 
     The stage-level entry point. Below ``dense_threshold`` active fraction: per chunk of active rows,
@@ -1403,14 +1510,33 @@ def sparse_conv_buffer(buf: Tensor, idx: SparseIndex, wmat: Tensor, bias: Option
         return out_buf
     use_triton = _use_triton(backend, buf)
     if idx.active_fraction > _threshold(dense_threshold, use_triton, call, backend, buf, method):
-        return dense_conv_buffer(buf, dense_weight if dense_weight is not None else wmat, bias, out_buf,
-                                 stride=stride, padding=call.padding, residual=residual, relu=relu,
-                                 idx=idx, in_pad=in_pad, out_pad=out_pad, res_pad=res_pad)
+        return dense_conv_buffer(
+            buf,
+            dense_weight if dense_weight is not None else wmat,
+            bias,
+            out_buf,
+            stride=stride,
+            padding=call.padding,
+            residual=residual,
+            relu=relu,
+            idx=idx,
+            in_pad=in_pad,
+            out_pad=out_pad,
+            res_pad=res_pad)
     if use_triton:
         from .sparse_conv_triton import sparse_conv_rows_triton
-        sparse_conv_rows_triton(buf, call.top_left, wmat, bias, in_row_width=buf.shape[2],
-                                kernel_size=call.k, residual=res_src, residual_rows=res_rows,
-                                relu=relu, out=out_buf.view(-1, call.cout), out_rows=idx.rows(out_pad))
+        sparse_conv_rows_triton(
+            buf,
+            call.top_left,
+            wmat,
+            bias,
+            in_row_width=buf.shape[2],
+            kernel_size=call.k,
+            residual=res_src,
+            residual_rows=res_rows,
+            relu=relu,
+            out=out_buf.view(-1, call.cout),
+            out_rows=idx.rows(out_pad))
         return out_buf
     _cpu_sparse(buf, idx, call, wmat, dense_weight, bias, res_src, res_rows, relu, out_buf.view(-1, call.cout),
                 idx.rows(out_pad), chunk_rows, method, backend)
@@ -1455,9 +1581,16 @@ def _use_triton(backend: str, t: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Functional op on NCHW tensors
 # --------------------------------------------------------------------------------------------------
-def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, stride: int = 1,
-                  padding: int = 0, out: Optional[Tensor] = None, *,
-                  dense_threshold: Optional[float] = None, backend: str = 'auto') -> Tensor:
+def sparse_conv2d(input: Tensor,
+                  weight: Tensor,
+                  bias: Optional[Tensor],
+                  mask: Tensor,
+                  stride: int = 1,
+                  padding: int = 0,
+                  out: Optional[Tensor] = None,
+                  *,
+                  dense_threshold: Optional[float] = None,
+                  backend: str = 'auto') -> Tensor:
     """Masked 2-D convolution: the dense conv's values at active output positions only.
 
     Every window reads the full input (including positions the caller considers stopped, which hold
@@ -1516,7 +1649,7 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
     if cin != c:
         raise ValueError(f'weight expects {cin} input channels, input has {c}')
     _check_geometry(k, stride, padding)
-    if bias is not None and tuple(bias.shape) != (cout,):
+    if bias is not None and tuple(bias.shape) != (cout, ):
         raise ValueError(f'bias must be ({cout},), got {tuple(bias.shape)}')
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f'mask must be a bool tensor, got '
@@ -1569,9 +1702,16 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: T
         return out.copy_(torch.where(keep, y, out))
 
     buf = to_padded_nhwc(input, padding)
-    rows = sparse_conv_rows(buf, idx, conv_weight_matrix(weight), bias, stride=stride, padding=padding,
-                            in_pad=padding, dense_threshold=float('inf'),
-                            backend='triton' if use_triton else backend)
+    rows = sparse_conv_rows(
+        buf,
+        idx,
+        conv_weight_matrix(weight),
+        bias,
+        stride=stride,
+        padding=padding,
+        in_pad=padding,
+        dense_threshold=float('inf'),
+        backend='triton' if use_triton else backend)
     if out is None:
         res = input.new_zeros(n, ho, wo, cout)
         res.view(-1, cout).index_copy_(0, idx.rows(0), rows)

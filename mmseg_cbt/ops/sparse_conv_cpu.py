@@ -95,8 +95,10 @@ def _remove_stale_lock(name: str) -> None:
         from torch.utils.cpp_extension import _get_build_directory
         lock = osp.join(_get_build_directory(name, verbose=False), 'lock')
         if osp.exists(lock) and time.time() - osp.getmtime(lock) > _STALE_LOCK_S:
-            warnings.warn(f'mmseg_cbt: removing the stale build lock {lock} (an interrupted build of the CPU kernel)',
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f'mmseg_cbt: removing the stale build lock {lock} (an interrupted build of the CPU kernel)',
+                RuntimeWarning,
+                stacklevel=4)
             os.remove(lock)
     except (ImportError, OSError):  # private torch helper moved, or a race with another process: nothing to clean
         pass
@@ -105,6 +107,7 @@ def _remove_stale_lock(name: str) -> None:
 def _build() -> Optional[ModuleType]:
     try:
         from torch.utils.cpp_extension import load
+
         # torch looks for ninja on PATH; a virtual environment's own ninja (requirements/build.txt) is not there
         # unless the environment is activated (run_tests.sh calls .venv/bin/python directly)
         bindir = osp.dirname(sys.executable)
@@ -122,7 +125,10 @@ def _build() -> Optional[ModuleType]:
         _remove_stale_lock(name)
         return load(name, [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
-        warnings.warn(f'mmseg_cbt: the CPU sparse-conv kernel could not be built ({type(e).__name__}: '
-                      f'{str(e)[-500:]}); masked convs use the PyTorch path (same results, slower). Set '
-                      f'{EXT_ENV}=0 to silence this.', RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f'mmseg_cbt: the CPU sparse-conv kernel could not be built ({type(e).__name__}: '
+            f'{str(e)[-500:]}); masked convs use the PyTorch path (same results, slower). Set '
+            f'{EXT_ENV}=0 to silence this.',
+            RuntimeWarning,
+            stacklevel=3)
         return None

@@ -21,7 +21,9 @@ class SparseConv2d(nn.Conv2d):
     configurations still work unmasked.
     """
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+    def forward(self,
+                x: Tensor,
+                mask: Optional[Tensor] = None,
                 out: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """Runs the conv.
 
@@ -39,8 +41,7 @@ class SparseConv2d(nn.Conv2d):
                 raise ValueError('out= is only supported together with a mask')
             return super().forward(x)
         self._check_sparse_supported()
-        return sparse_conv2d(x, self.weight, self.bias, mask, stride=self.stride[0],
-                             padding=self.padding[0], out=out)
+        return sparse_conv2d(x, self.weight, self.bias, mask, stride=self.stride[0], padding=self.padding[0], out=out)
 
     def _check_sparse_supported(self) -> None:
         k: Tuple[int, ...] = tuple(self.kernel_size)

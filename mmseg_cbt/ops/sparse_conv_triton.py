@@ -55,12 +55,10 @@ def triton_interpret_enabled() -> bool:
 if HAS_TRITON:  # the body uses tl.* names, also in its annotations
 
     @triton.jit
-    def _sparse_conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, tl_ptr, res_rows_ptr, out_rows_ptr,
-                            M, CIN, COUT, ROW_W,
-                            KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    def _sparse_conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, tl_ptr, res_rows_ptr, out_rows_ptr, M, CIN, COUT,
+                            ROW_W, KS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                             RES_INDEXED: tl.constexpr, OUT_INDEXED: tl.constexpr, RELU: tl.constexpr,
-                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Fused gather + implicit GEMM + bias/residual/ReLU epilogue + scatter (one program per block).
 
         x: (rows_in, CIN) flat padded input buffer; w: (KS*KS*CIN, COUT); tl_ptr: (M,) int64 top-left row
@@ -80,11 +78,12 @@ if HAS_TRITON:  # the body uses tl.* names, also in its annotations
             for c0 in range(0, CIN, BLOCK_K):
                 offs_k = c0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < CIN
-                a = tl.load(x_ptr + row[:, None] * CIN + offs_k[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(x_ptr + row[:, None] * CIN + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w_row = tap * CIN + offs_k
-                b = tl.load(w_ptr + w_row[:, None].to(tl.int64) * COUT + offs_n[None, :],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                b = tl.load(
+                    w_ptr + w_row[:, None].to(tl.int64) * COUT + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
                 if IEEE:
                     acc = tl.dot(a, b, acc, input_precision='ieee')
                 else:
@@ -97,27 +96,34 @@ if HAS_TRITON:  # the body uses tl.* names, also in its annotations
                 r_row = tl.load(res_rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
             else:
                 r_row = offs_m.to(tl.int64)
-            acc += tl.load(res_ptr + r_row[:, None] * COUT + offs_n[None, :], mask=ok,
-                           other=0.0).to(tl.float32)
+            acc += tl.load(res_ptr + r_row[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         if RELU:
             acc = tl.maximum(acc, 0.0)
         if OUT_INDEXED:
             o_row = tl.load(out_rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
         else:
             o_row = offs_m.to(tl.int64)
-        tl.store(out_ptr + o_row[:, None] * COUT + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + o_row[:, None] * COUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def sparse_conv_rows_triton(buf: Tensor, top_left: Tensor, wmat: Tensor, bias: Optional[Tensor], *,
-                            in_row_width: int, kernel_size: int, residual: Optional[Tensor] = None,
-                            residual_rows: Optional[Tensor] = None, relu: bool = False,
-                            out: Tensor, out_rows: Optional[Tensor] = None,
-                            allow_tf32: bool = False, block_m: Optional[int] = None) -> Tensor:
+def sparse_conv_rows_triton(buf: Tensor,
+                            top_left: Tensor,
+                            wmat: Tensor,
+                            bias: Optional[Tensor],
+                            *,
+                            in_row_width: int,
+                            kernel_size: int,
+                            residual: Optional[Tensor] = None,
+                            residual_rows: Optional[Tensor] = None,
+                            relu: bool = False,
+                            out: Tensor,
+                            out_rows: Optional[Tensor] = None,
+                            allow_tf32: bool = False,
+                            block_m: Optional[int] = None) -> Tensor:
     """Launches the fused masked-conv kernel.
 
     Usually called through :func:`mmseg_cbt.ops.sparse_conv_rows` / ``sparse_conv_buffer``
@@ -166,13 +172,26 @@ def sparse_conv_rows_triton(buf: Tensor, top_left: Tensor, wmat: Tensor, bias: O
     dummy = out2
     grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
     _sparse_conv_kernel[grid](
-        buf, wmat, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out2, top_left,
+        buf,
+        wmat,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        out2,
+        top_left,
         residual_rows if residual_rows is not None else top_left,
         out_rows if out_rows is not None else top_left,
-        m, cin, cout, int(in_row_width),
-        KS=int(kernel_size), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        RES_INDEXED=residual_rows is not None, OUT_INDEXED=out_rows is not None, RELU=bool(relu),
+        m,
+        cin,
+        cout,
+        int(in_row_width),
+        KS=int(kernel_size),
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        RES_INDEXED=residual_rows is not None,
+        OUT_INDEXED=out_rows is not None,
+        RELU=bool(relu),
         IEEE=buf.dtype == torch.float32 and not allow_tf32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k)
     return out

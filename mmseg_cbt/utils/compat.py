@@ -27,5 +27,5 @@ def allow_mmengine_checkpoints() -> None:
     dtype_classes = [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
     # builtins.getattr is how numpy pickles scalar dtypes inside HistoryBuffer; it is listed by torch's own
     # get_unsafe_globals_in_checkpoint for these files.
-    add([multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, HistoryBuffer, builtins.getattr]
-        + dtype_classes)
+    add([multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, HistoryBuffer, builtins.getattr] +
+        dtype_classes)

@@ -13,7 +13,6 @@ from typing import List, Tuple
 import pytest
 import torch
 import torch.nn as nn
-
 from utils import ROOT, build_tiny_model
 
 H, W = 128, 256  # input; the branches are at 1/4 .. 1/32 of it
@@ -42,31 +41,48 @@ def _basic_branches(chans, sizes) -> List[Conv]:
 # bottleneck stage 1 of width 16 (-> 64), RH exits of width 32, FCN head of width 120), per exit: (stage, head).
 HAND = {
     1: (
-        [(3, 64, 3, (64, 128)), (64, 64, 3, R0),  # stem: two stride-2 3x3 convs
-         (64, 16, 1, R0), (16, 16, 3, R0), (16, 64, 1, R0)],  # layer1 bottleneck (64 == 16 * 4: no downsample)
-        [(64, 32, 1, R1), (32, 32, 1, R2), (32, 32, 1, R3),  # 3 down steps
-         (32, 32, 1, R2), (32, 32, 1, R1),  # 2 up steps
-         (32, K, 1, R0)]),  # classifier after the last upsample
+        [
+            (3, 64, 3, (64, 128)),
+            (64, 64, 3, R0),  # stem: two stride-2 3x3 convs
+            (64, 16, 1, R0),
+            (16, 16, 3, R0),
+            (16, 64, 1, R0)
+        ],  # layer1 bottleneck (64 == 16 * 4: no downsample)
+        [
+            (64, 32, 1, R1),
+            (32, 32, 1, R2),
+            (32, 32, 1, R3),  # 3 down steps
+            (32, 32, 1, R2),
+            (32, 32, 1, R1),  # 2 up steps
+            (32, K, 1, R0)
+        ]),  # classifier after the last upsample
     2: (
         [(64, 8, 3, R0), (64, 16, 3, R1)]  # transition1: 64 -> 8 at 1/4, new branch 64 -> 16 stride 2
-        + _basic_branches((8, 16), (R0, R1))
-        + [(16, 8, 1, R1),  # fuse into branch 0: 1x1 at the source resolution, then upsampled
-           (8, 16, 3, R1)],  # fuse into branch 1: 3x3 stride 2
+        + _basic_branches((8, 16), (R0, R1)) + [
+            (16, 8, 1, R1),  # fuse into branch 0: 1x1 at the source resolution, then upsampled
+            (8, 16, 3, R1)
+        ],  # fuse into branch 1: 3x3 stride 2
         [(24, 32, 1, R1), (32, 32, 1, R2), (32, 32, 1, R1), (32, K, 1, R0)]),
     3: (
         [(16, 32, 3, R2)]  # transition2: only the new branch
-        + _basic_branches((8, 16, 32), (R0, R1, R2))
-        + [(16, 8, 1, R1), (32, 8, 1, R2),  # -> branch 0
-           (8, 16, 3, R1), (32, 16, 1, R2),  # -> branch 1
-           (8, 8, 3, R1), (8, 32, 3, R2), (16, 32, 3, R2)],  # -> branch 2 (two stride-2 steps from branch 0)
+        + _basic_branches((8, 16, 32), (R0, R1, R2)) + [
+            (16, 8, 1, R1),
+            (32, 8, 1, R2),  # -> branch 0
+            (8, 16, 3, R1),
+            (32, 16, 1, R2),  # -> branch 1
+            (8, 8, 3, R1),
+            (8, 32, 3, R2),
+            (16, 32, 3, R2)
+        ],  # -> branch 2 (two stride-2 steps from branch 0)
         [(56, 32, 1, R1), (32, K, 1, R0)]),
     4: (
         [(32, 64, 3, R3)]  # transition3
-        + _basic_branches((8, 16, 32, 64), (R0, R1, R2, R3))
-        + [(16, 8, 1, R1), (32, 8, 1, R2), (64, 8, 1, R3),
-           (8, 16, 3, R1), (32, 16, 1, R2), (64, 16, 1, R3),
-           (8, 8, 3, R1), (8, 32, 3, R2), (16, 32, 3, R2), (64, 32, 1, R3),
-           (8, 8, 3, R1), (8, 8, 3, R2), (8, 64, 3, R3), (16, 16, 3, R2), (16, 64, 3, R3), (32, 64, 3, R3)],
+        + _basic_branches((8, 16, 32, 64), (R0, R1, R2, R3)) + [(16, 8, 1, R1), (32, 8, 1, R2), (64, 8, 1, R3),
+                                                                (8, 16, 3, R1), (32, 16, 1, R2), (64, 16, 1, R3),
+                                                                (8, 8, 3, R1), (8, 32, 3, R2), (16, 32, 3, R2),
+                                                                (64, 32, 1, R3), (8, 8, 3, R1), (8, 8, 3, R2),
+                                                                (8, 64, 3, R3), (16, 16, 3, R2), (16, 64, 3, R3),
+                                                                (32, 64, 3, R3)],
         [(120, 120, 1, R0), (120, K, 1, R0)]),  # FCNHead: one 1x1 conv + classifier
 }
 
@@ -233,14 +249,18 @@ def test_global_threshold_extremes(toy_cfg):
 def test_average_over_dataloader(tiny, monkeypatch):
     import mmengine.utils
     from mmengine.structures import PixelData
+
     from mmseg.structures import SegDataSample
 
     from mmseg_cbt.analysis import average_flops, count_flops
 
     def batch(n, h, w):
         imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for _ in range(n)]
-        samples = [SegDataSample(gt_sem_seg=PixelData(data=torch.zeros(1, h, w, dtype=torch.long)),
-                                 metainfo=dict(img_shape=(h, w), ori_shape=(h, w))) for _ in range(n)]
+        samples = [
+            SegDataSample(
+                gt_sem_seg=PixelData(data=torch.zeros(1, h, w, dtype=torch.long)),
+                metainfo=dict(img_shape=(h, w), ori_shape=(h, w))) for _ in range(n)
+        ]
         return dict(inputs=imgs, data_samples=samples)
 
     class Loader:
@@ -291,8 +311,8 @@ def test_attribution_and_meta_device(tiny):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'get_flops_tool', osp.join(ROOT, 'tools', 'analysis_tools', 'get_flops.py'))
+    spec = importlib.util.spec_from_file_location('get_flops_tool',
+                                                  osp.join(ROOT, 'tools', 'analysis_tools', 'get_flops.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 from mmengine.registry import MODELS
-
 from utils import build_tiny_model, randomise_bn
 
 
@@ -45,7 +44,7 @@ def test_exit_feature_is_what_the_heads_read(tiny):
 
 def test_runner_forward_equals_module_forward(tiny):
     """The dense runner reproduces the modules' own forward bit for bit (RH exits and mmseg's FCNHead)."""
-    from mmseg_cbt.models.masked import DenseRunner, SimulatedRunner, MaskContext, fcn_forward_with
+    from mmseg_cbt.models.masked import DenseRunner, MaskContext, SimulatedRunner, fcn_forward_with
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         outs = tiny.backbone.forward_stages(x)

@@ -6,15 +6,13 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.optim import OptimWrapper
-
 from utils import ROOT, build_tiny_model, demo_batch, randomise_bn
 
 HR_EXTRA = dict(
     stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ), num_channels=(16, )),
     stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 2), num_channels=(8, 16)),
     stage3=dict(num_modules=2, num_branches=3, block='BASIC', num_blocks=(1, 1, 2), num_channels=(8, 16, 24)),
-    stage4=dict(num_modules=2, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1),
-                num_channels=(8, 16, 24, 32)))
+    stage4=dict(num_modules=2, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1), num_channels=(8, 16, 24, 32)))
 
 
 def test_backbone_matches_mmseg_hrnet_exactly():
@@ -66,9 +64,12 @@ def test_stock_encoder_decoder_checkpoint_loads(toy_cfg):
     """A stock mmseg EncoderDecoder (HRNet + FCNHead) checkpoint fills backbone and final exit exactly."""
     from mmseg.registry import MODELS
     cfg = copy.deepcopy(toy_cfg.model)
-    stock_cfg = dict(type='EncoderDecoder', data_preprocessor=cfg.data_preprocessor,
-                     backbone=dict(cfg.backbone, type='HRNet'), decode_head=cfg.decode_head,
-                     test_cfg=dict(mode='whole'))
+    stock_cfg = dict(
+        type='EncoderDecoder',
+        data_preprocessor=cfg.data_preprocessor,
+        backbone=dict(cfg.backbone, type='HRNet'),
+        decode_head=cfg.decode_head,
+        test_cfg=dict(mode='whole'))
     stock = MODELS.build(stock_cfg)
     model = build_tiny_model(toy_cfg)
     missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
@@ -193,6 +194,7 @@ def test_num_classes_mismatch_is_rejected(toy_cfg):
 
 def test_per_exit_metric_on_hand_made_predictions():
     from mmengine.structures import PixelData
+
     from mmseg.structures import SegDataSample
 
     from mmseg_cbt.evaluation import EarlyExitIoUMetric
@@ -201,8 +203,11 @@ def test_per_exit_metric_on_hand_made_predictions():
     gt = torch.tensor([[0, 0, 1, 1]])
     p1 = torch.tensor([[0, 1, 1, 1]])  # a: I=1,U=2 -> .5 ; b: I=2,U=3 -> .667 ; mIoU 58.33 ; aAcc 75
     p2 = torch.tensor([[0, 0, 1, 1]])  # perfect
-    s = SegDataSample(gt_sem_seg=PixelData(data=gt), pred_sem_seg=PixelData(data=p2),
-                      exit1_pred_sem_seg=PixelData(data=p1), exit2_pred_sem_seg=PixelData(data=p2))
+    s = SegDataSample(
+        gt_sem_seg=PixelData(data=gt),
+        pred_sem_seg=PixelData(data=p2),
+        exit1_pred_sem_seg=PixelData(data=p1),
+        exit2_pred_sem_seg=PixelData(data=p2))
     metric.process({}, [s.to_dict()])
     res = metric.evaluate(1)
     assert res['exit1.mIoU'] == pytest.approx(58.33)
@@ -215,6 +220,7 @@ def test_per_exit_metric_on_hand_made_predictions():
 @pytest.mark.parametrize('path', sorted(glob.glob(osp.join(ROOT, 'configs', '**', '*.py'), recursive=True)))
 def test_every_config_parses_and_builds(path):
     from mmengine.config import Config
+
     from mmseg.registry import MODELS
     cfg = Config.fromfile(path)
     if 'model' not in cfg:  # dataset/runtime fragments

@@ -1,12 +1,10 @@
 """Masked inference: the simulated ("dense then mask") path and, where available, the sparse path against it."""
 import pytest
 import torch
-
 from utils import build_tiny_model, randomise_bn
 
 from mmseg_cbt.models.masked import FILL_MODES as FILLS
 from mmseg_cbt.models.masked import forward_head_masked
-
 
 
 @pytest.fixture(scope='module')
@@ -269,8 +267,8 @@ def test_report_tool_optimize_keeps_results(toy_cfg, tiny_city, tmp_path):
     import os.path as osp
 
     from utils import ROOT, tiny_run_cfg
-    spec = importlib.util.spec_from_file_location('miou_tool', osp.join(ROOT, 'tools', 'analysis_tools',
-                                                                       'miou_vs_gflops.py'))
+    spec = importlib.util.spec_from_file_location('miou_tool',
+                                                  osp.join(ROOT, 'tools', 'analysis_tools', 'miou_vs_gflops.py'))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     cfg = tiny_run_cfg(toy_cfg, tiny_city, tmp_path / 'run')
@@ -280,8 +278,10 @@ def test_report_tool_optimize_keeps_results(toy_cfg, tiny_city, tmp_path):
     randomise_bn(model)
     ckpt = str(tmp_path / 'model.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
-    common = [cfg_file, ckpt, '--settings', 'dense', 'adpc:0.06', '--max-images', '3', '--device', 'cpu',
-              '--feature-mask', 'sparse']
+    common = [
+        cfg_file, ckpt, '--settings', 'dense', 'adpc:0.06', '--max-images', '3', '--device', 'cpu', '--feature-mask',
+        'sparse'
+    ]
     plain = tool.main(common + ['--out-dir', str(tmp_path / 'plain')])
     opt = tool.main(common + ['--out-dir', str(tmp_path / 'opt'), '--optimize'])
     assert plain['optimized'] is False and opt['optimized'] is True

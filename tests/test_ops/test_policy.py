@@ -31,6 +31,11 @@ def test_cpu_algorithm_switch_restores_and_rejects_bad_names():
 
 
 def test_bad_environment_variable_is_named():
-    r = subprocess.run([sys.executable, '-c', 'import mmseg_cbt.ops'], capture_output=True, text=True,
-                       env={'MMSEG_CBT_CPU_ALGO': 'fast', 'PATH': '/usr/bin:/bin'})
+    r = subprocess.run([sys.executable, '-c', 'import mmseg_cbt.ops'],
+                       capture_output=True,
+                       text=True,
+                       env={
+                           'MMSEG_CBT_CPU_ALGO': 'fast',
+                           'PATH': '/usr/bin:/bin'
+                       })
     assert r.returncode != 0 and "MMSEG_CBT_CPU_ALGO must be one of ('auto', 'gemm', 'direct'), got 'fast'" in r.stderr

@@ -11,14 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from utils import ROOT, require_cpu_ext
 
 import mmseg_cbt.ops.sparse_conv as sc
-from mmseg_cbt.ops import set_cpu_algorithm
-from utils import ROOT, require_cpu_ext
-from mmseg_cbt.ops import (PackedConv, SparseConv2d, SparseIndex, conv_weight_matrix,
-                           dense_conv_buffer, gather_rows, new_padded_buffer, padded_interior,
-                           scatter_rows, sparse_conv2d, sparse_conv_buffer, sparse_conv_rows,
-                           to_padded_nhwc)
+from mmseg_cbt.ops import (PackedConv, SparseConv2d, SparseIndex, conv_weight_matrix, dense_conv_buffer, gather_rows,
+                           new_padded_buffer, padded_interior, scatter_rows, set_cpu_algorithm, sparse_conv2d,
+                           sparse_conv_buffer, sparse_conv_rows, to_padded_nhwc)
 
 ATOL = 1e-4
 
@@ -225,8 +223,9 @@ def test_dense_fallback_copy_semantics(active, rows_residual, k):
     buf = to_padded_nhwc(x)
     res = gather_rows(buf, idx) if rows_residual else buf
     out = to_padded_nhwc(prev)
-    sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True,
-                       dense_threshold=-1.0)  # always the dense fallback
+    sparse_conv_buffer(
+        buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True,
+        dense_threshold=-1.0)  # always the dense fallback
     ref = _where(mask, F.relu(F.conv2d(x, w, b, padding=k // 2) + x), prev)
     assert torch.allclose(padded_interior(out), ref, atol=ATOL)
     assert torch.all(out[:, 0] == 0) and torch.all(out[:, :, 0] == 0)
@@ -245,16 +244,15 @@ def test_rows_residual_relu_and_scatter():
     ref = F.relu(F.conv2d(x, w, b, padding=1) + x).permute(0, 2, 3, 1)[mask]
     for res in (res_rows, buf):  # compact rows or a padded buffer
         for chunk in (None, 7):
-            y = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res, relu=True,
-                                 chunk_rows=chunk, dense_threshold=1.0)
+            y = sparse_conv_rows(
+                buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk, dense_threshold=1.0)
             assert torch.allclose(y, ref, atol=ATOL)
-    y = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res_rows, relu=True,
-                         dense_threshold=0.0)
+    y = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res_rows, relu=True, dense_threshold=0.0)
     assert torch.allclose(y, ref, atol=ATOL)
     out = new_padded_buffer(2, 5, 15, 19)
     scatter_rows(out, idx, y)
-    assert torch.allclose(padded_interior(out), _where(mask, F.relu(F.conv2d(x, w, b, padding=1) + x),
-                                                       torch.zeros_like(x)), atol=ATOL)
+    assert torch.allclose(
+        padded_interior(out), _where(mask, F.relu(F.conv2d(x, w, b, padding=1) + x), torch.zeros_like(x)), atol=ATOL)
 
 
 @pytest.mark.parametrize('threshold', [0.0, 1.0])
@@ -311,8 +309,7 @@ def test_inference_mode_and_autograd():
     with torch.inference_mode():
         xi, wi, bi = x.clone(), w.clone(), b.clone()
         buf, out = to_padded_nhwc(xi), new_padded_buffer(1, 6, 48, 64)
-        sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out,
-                           dense_threshold=1.0)
+        sparse_conv_buffer(buf, SparseIndex.build(mask), conv_weight_matrix(wi), bi, out, dense_threshold=1.0)
         _assert_active_close(padded_interior(out), F.conv2d(xi, wi, bi, padding=1), mask)
     with torch.no_grad():  # the scratch buffers created under inference mode stay usable outside it
         y = sparse_conv2d(x, w, b, mask, 1, 1, dense_threshold=1.0)
@@ -397,11 +394,9 @@ def _triton_checks(dev: str) -> None:
     ref = _where(mask, F.relu(F.conv2d(x, w, b, padding=1) + x), prev)
     for res in (buf, gather_rows(buf, idx)):
         out = to_padded_nhwc(prev)
-        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True,
-                           backend='triton')
+        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out, residual=res, relu=True, backend='triton')
         assert torch.allclose(padded_interior(out), ref, atol=ATOL)
-    rows = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=buf, relu=True,
-                            backend='triton')
+    rows = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=buf, relu=True, backend='triton')
     assert torch.allclose(rows, ref.permute(0, 2, 3, 1)[mask], atol=ATOL)
 
 
@@ -413,8 +408,11 @@ def test_triton_interpreter_cpu():
     its import), so this cannot be switched on inside the running test process.
     """
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    r = subprocess.run([sys.executable, __file__, '--triton-checks', 'cpu'], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, __file__, '--triton-checks', 'cpu'],
+                       env=env,
+                       capture_output=True,
+                       text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'TRITON CHECKS OK' in r.stdout
 
@@ -572,9 +570,19 @@ def test_cpu_kernel_matches_torch_path(k, stride, residual, dtype):
             res = to_padded_nhwc(res_nchw)
         elif residual == 'out':
             res = out_buf
-        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b if residual != 'rows' else None, out_buf,
-                           stride=stride, padding=k // 2, residual=res, relu=residual is not None,
-                           chunk_rows=13, dense_threshold=float('inf'), backend=backend)
+        sparse_conv_buffer(
+            buf,
+            idx,
+            conv_weight_matrix(w),
+            b if residual != 'rows' else None,
+            out_buf,
+            stride=stride,
+            padding=k // 2,
+            residual=res,
+            relu=residual is not None,
+            chunk_rows=13,
+            dense_threshold=float('inf'),
+            backend=backend)
         results[backend] = padded_interior(out_buf)
     ref = F.conv2d(x, w, b if residual != 'rows' else None, stride=stride, padding=k // 2)
     if residual is not None:
@@ -626,9 +634,18 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual, monkeypatch):
     for direct in (0, 1):
         set_cpu_algorithm(('gemm', 'direct')[direct])
         out_buf = to_padded_nhwc(prev)
-        sparse_conv_buffer(buf, idx, conv_weight_matrix(w), b, out_buf, stride=stride, padding=k // 2,
-                           residual=out_buf if residual else None, relu=residual is not None,
-                           dense_threshold=float('inf'), backend='cpp')
+        sparse_conv_buffer(
+            buf,
+            idx,
+            conv_weight_matrix(w),
+            b,
+            out_buf,
+            stride=stride,
+            padding=k // 2,
+            residual=out_buf if residual else None,
+            relu=residual is not None,
+            dense_threshold=float('inf'),
+            backend='cpp')
         results[direct] = padded_interior(out_buf)
     ref = F.conv2d(x, w, b, stride=stride, padding=k // 2)
     if residual:
@@ -654,19 +671,18 @@ def test_cpu_direct_kernel_choice_and_errors():
         for d in (-1, 0, 1) if ext.has_direct() else (-1, 0):
             outs[d] = torch.empty(2, cout)
             ext.sparse_conv_gemm(src, strips, 3, wm, None, None, None, False, outs[d], None, 8, d)
-        ref = torch.stack([torch.cat([src[r:r + 3].reshape(-1) for r in strips[i * 3:i * 3 + 3].tolist()]) @ wm
-                           for i in range(2)])
+        ref = torch.stack(
+            [torch.cat([src[r:r + 3].reshape(-1) for r in strips[i * 3:i * 3 + 3].tolist()]) @ wm for i in range(2)])
         for out in outs.values():
             assert torch.allclose(out, ref, atol=1e-4, rtol=0)
         if ext.has_direct():
             # the two algorithms round differently; auto's result is bit-identical to the one it chose
             assert torch.equal(outs[-1], outs[1 if direct_expected else 0])
     with pytest.raises(RuntimeError, match='direct must be'):
-        ext.sparse_conv_gemm(src, strips, 3, torch.randn(36, 5), None, None, None, False, torch.empty(2, 5), None,
-                             8, 2)
+        ext.sparse_conv_gemm(src, strips, 3, torch.randn(36, 5), None, None, None, False, torch.empty(2, 5), None, 8, 2)
     with pytest.raises(RuntimeError, match='direct kernel runs float32'):
-        ext.sparse_conv_gemm(src.double(), strips, 3, torch.randn(36, 5, dtype=torch.float64), None, None, None,
-                             False, torch.empty(2, 5, dtype=torch.float64), None, 8, 1)
+        ext.sparse_conv_gemm(src.double(), strips, 3, torch.randn(36, 5, dtype=torch.float64), None, None, None, False,
+                             torch.empty(2, 5, dtype=torch.float64), None, 8, 1)
 
 
 @pytest.mark.parametrize('chunk', [None, 1, 1000])
@@ -681,11 +697,19 @@ def test_cpu_kernel_rows_api_and_default_backend(chunk, monkeypatch):
     idx = SparseIndex.build(mask)
     buf = to_padded_nhwc(x)
     res = torch.randn(idx.num_active, 10)
-    ref = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk,
-                           dense_threshold=float('inf'), backend='torch')
+    ref = sparse_conv_rows(
+        buf,
+        idx,
+        conv_weight_matrix(w),
+        b,
+        residual=res,
+        relu=True,
+        chunk_rows=chunk,
+        dense_threshold=float('inf'),
+        backend='torch')
     monkeypatch.setattr(sc, '_torch_sparse', lambda *a, **kw: pytest.fail('PyTorch path used under auto'))
-    y = sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk,
-                         dense_threshold=float('inf'))
+    y = sparse_conv_rows(
+        buf, idx, conv_weight_matrix(w), b, residual=res, relu=True, chunk_rows=chunk, dense_threshold=float('inf'))
     assert torch.allclose(y, ref, atol=ATOL, rtol=0)
     dense = F.relu(F.conv2d(x, w, b, padding=1).permute(0, 2, 3, 1)[mask] + res)
     assert torch.allclose(y, dense, atol=ATOL, rtol=0)
@@ -715,14 +739,14 @@ def test_cpu_kernel_switch_and_errors(monkeypatch):
     src = torch.randn(50, 4)
     wm = torch.randn(36, 5)
     with pytest.raises(RuntimeError, match='int64'):
-        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int32), 3, wm, None, None, None, False,
-                             torch.empty(1, 5), None, 8)
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int32), 3, wm, None, None, None, False, torch.empty(1, 5),
+                             None, 8)
     with pytest.raises(RuntimeError, match='wmat must be'):
-        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, torch.randn(35, 5), None, None, None,
-                             False, torch.empty(1, 5), None, 8)
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, torch.randn(35, 5), None, None, None, False,
+                             torch.empty(1, 5), None, 8)
     with pytest.raises(RuntimeError, match='compact dst'):
-        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, wm, None, None, None, False,
-                             torch.empty(2, 5), None, 8)
+        ext.sparse_conv_gemm(src, torch.zeros(3, dtype=torch.int64), 3, wm, None, None, None, False, torch.empty(2, 5),
+                             None, 8)
     # index tables are range-checked: a strip must end inside src (50 rows, 3-row strips: start <= 47), an
     # output / residual row must exist
     for bad in (torch.tensor([0, 1, 48]), torch.tensor([-1, 0, 1])):
@@ -733,8 +757,8 @@ def test_cpu_kernel_switch_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match='dst_rows holds rows outside'):
         ext.sparse_conv_gemm(src, ok, 3, wm, None, None, None, False, torch.empty(4, 5), torch.tensor([4]), 8)
     with pytest.raises(RuntimeError, match='res_rows holds rows outside'):
-        ext.sparse_conv_gemm(src, ok, 3, wm, None, torch.zeros(2, 5), torch.tensor([2]), False,
-                             torch.empty(1, 5), None, 8)
+        ext.sparse_conv_gemm(src, ok, 3, wm, None, torch.zeros(2, 5), torch.tensor([2]), False, torch.empty(1, 5), None,
+                             8)
     with pytest.raises(RuntimeError, match='rows holds rows outside'):
         ext.add_weighted_rows(torch.zeros(1, 4), src, torch.tensor([[0, 50]]), torch.ones(1, 2))
 
@@ -780,7 +804,7 @@ def test_crossover_tables_and_balanced_chunks():
     """The measured crossover points are returned exactly at their MAC counts (PyTorch path and compiled kernel),
     and the kernel's chunks split the rows evenly over the threads (3 chunks on 2 threads cost as much as 4)."""
     from mmseg_cbt.ops import dense_crossover
-    assert dense_crossover(3, 48, 48) == pytest.approx(0.66)             # 20736 MAC/px, PyTorch path
+    assert dense_crossover(3, 48, 48) == pytest.approx(0.66)  # 20736 MAC/px, PyTorch path
     assert dense_crossover(3, 48, 48, compiled=True) == pytest.approx(0.76)
     assert dense_crossover(1, 18, 18, compiled=True) == pytest.approx(0.72)  # 324 MAC/px
     assert dense_crossover(3, 384, 384, compiled=True) == pytest.approx(0.9)  # clamped beyond the last point
@@ -814,8 +838,10 @@ def test_cpu_kernel_non_contiguous_weight_uses_torch_gemm():
     wmat = conv_weight_matrix(w)
     wmat_nc = wmat.t().contiguous().t()
     assert not wmat_nc.is_contiguous() and torch.equal(wmat_nc, wmat)
-    ys = [sparse_conv_rows(buf, idx, wm, None, dense_threshold=float('inf'), backend='cpp', chunk_rows=10)
-          for wm in (wmat, wmat_nc)]
+    ys = [
+        sparse_conv_rows(buf, idx, wm, None, dense_threshold=float('inf'), backend='cpp', chunk_rows=10)
+        for wm in (wmat, wmat_nc)
+    ]
     ref = F.conv2d(x, w, padding=1).permute(0, 2, 3, 1)[mask]
     for y in ys:
         assert torch.allclose(y, ref, atol=1e-10, rtol=0)
@@ -833,10 +859,14 @@ def test_benchmark_plot_from_json(tmp_path):
     """--plot-from draws sections a and b of saved runs into a PNG without timing anything; a later file replaces
     the earlier file's rows of the same section and model; a file without a/b rows is refused."""
     bm = _benchmark_module()
-    a = [dict(section='a', model='W18s', channels=18, height=8, width=16, active_frac=f, ratio=r)
-         for f, r in ((1.0, 1.0), (0.5, 0.9), (0.25, 0.5))]
-    b = [dict(section='b', model='W48', stopped=s, wall_ratio=w, mac_ratio=m)
-         for s, w, m in ((0, 1.0, 1.0), (75, 0.36, 0.3))]
+    a = [
+        dict(section='a', model='W18s', channels=18, height=8, width=16, active_frac=f, ratio=r)
+        for f, r in ((1.0, 1.0), (0.5, 0.9), (0.25, 0.5))
+    ]
+    b = [
+        dict(section='b', model='W48', stopped=s, wall_ratio=w, mac_ratio=m)
+        for s, w, m in ((0, 1.0, 1.0), (75, 0.36, 0.3))
+    ]
     first, second = tmp_path / 'run1.json', tmp_path / 'run2.json'
     import json
     first.write_text(json.dumps(dict(meta={}, results=a + b)))
@@ -883,8 +913,10 @@ def test_cpu_kernel_thread_counts(threads):
         mask = _masks(2, 21, 27, seed=10)
         idx = SparseIndex.build(mask)
         buf = to_padded_nhwc(x)
-        ys = [sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, relu=True, dense_threshold=float('inf'),
-                               backend=be) for be in ('torch', 'cpp')]
+        ys = [
+            sparse_conv_rows(buf, idx, conv_weight_matrix(w), b, relu=True, dense_threshold=float('inf'), backend=be)
+            for be in ('torch', 'cpp')
+        ]
     finally:
         torch.set_num_threads(old)
     assert torch.allclose(ys[0], ys[1], atol=ATOL, rtol=0)

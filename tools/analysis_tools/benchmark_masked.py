@@ -98,8 +98,9 @@ CLOCK: Callable[[], float] = time.perf_counter
 SYNC: Callable[[], None] = lambda: None
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.01
-                     ) -> Dict[str, float]:
+def time_interleaved(fns: Dict[str, Callable[[], object]],
+                     repeats: int,
+                     min_sample_s: float = 0.01) -> Dict[str, float]:
     """Best-of-``repeats`` time in ms of each function, the functions timed round-robin.
 
     Each sample runs a function ``inner`` times (calibrated so one sample takes ``min_sample_s``), so that
@@ -168,8 +169,7 @@ class ForeignLoad:
         self.fraction = max(0.0, other / max(wall * (os.cpu_count() or 1), 1e-9))
 
 
-def timed_quiet(fns: Dict[str, Callable[[], object]], args: argparse.Namespace
-                ) -> Tuple[Dict[str, float], float]:
+def timed_quiet(fns: Dict[str, Callable[[], object]], args: argparse.Namespace) -> Tuple[Dict[str, float], float]:
     """:func:`time_interleaved`, repeated (up to ``args.retries`` times, keeping the per-function best)
     while other processes used more than ``args.max_foreign`` of the cores.
 
@@ -194,24 +194,34 @@ def branch_shapes(models: Sequence[str], input_hw: Tuple[int, int]) -> List[Tupl
     out = []
     for model in models:
         for i, c in enumerate(MODELS[model]):
-            s = 4 * 2 ** i
+            s = 4 * 2**i
             out.append((model, c, input_hw[0] // s, input_hw[1] // s))
     return out
 
 
-def _conv_case(c_in: int, c_out: int, h: int, w: int, kernel_size: int = 3, stride: int = 1, seed: int = 0
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_case(c_in: int,
+               c_out: int,
+               h: int,
+               w: int,
+               kernel_size: int = 3,
+               stride: int = 1,
+               seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random input (at the conv's input resolution), weight and bias for an output of ``h x w``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, c_in, h * stride, w * stride, generator=g)
-    weight = torch.randn(c_out, c_in, kernel_size, kernel_size, generator=g) / math.sqrt(
-        kernel_size * kernel_size * c_in)
+    weight = torch.randn(
+        c_out, c_in, kernel_size, kernel_size, generator=g) / math.sqrt(kernel_size * kernel_size * c_in)
     return x, weight, torch.randn(c_out, generator=g)
 
 
-def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
-                   stride: int = 1, dense_threshold: float = None, method: str = 'auto', backend: str = 'auto'
-                   ) -> Tuple[Callable[[], object], float, str]:
+def _masked_runner(x: torch.Tensor,
+                   weight: torch.Tensor,
+                   bias: torch.Tensor,
+                   mask: torch.Tensor,
+                   stride: int = 1,
+                   dense_threshold: float = None,
+                   method: str = 'auto',
+                   backend: str = 'auto') -> Tuple[Callable[[], object], float, str]:
     """Prepares the stage-API call for one conv; returns (callable, index build ms, path).
 
     The input is converted to the padded channels-last buffer once, outside the timing, as a masked
@@ -231,11 +241,13 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
         build_ms = min(build_ms, 1e3 * (time.perf_counter() - t0))
     compiled = x.device.type == 'cpu' and backend != 'torch' and method != 'segments' and ops.cpu_ext_available()
     direct = compiled and ops.cpu_kernel_direct(weight.shape[0], x.dtype)
-    thr = (ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled, direct) if dense_threshold is None
-           else dense_threshold)
+    thr = (
+        ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled, direct)
+        if dense_threshold is None else dense_threshold)
     path = 'skip' if idx.num_active == 0 else ('dense' if idx.active_fraction > thr else 'sparse')
 
     if not bool(mask.all()):
+
         def run() -> object:
             return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, method=method, backend=backend)
     else:
@@ -260,8 +272,10 @@ def _masked_runner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ma
     return run, build_ms, path
 
 
-def _dense_runners(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1
-                   ) -> Dict[str, Callable[[], object]]:
+def _dense_runners(x: torch.Tensor,
+                   weight: torch.Tensor,
+                   bias: torch.Tensor,
+                   stride: int = 1) -> Dict[str, Callable[[], object]]:
     """Dense baselines: NCHW-contiguous and channels-last input (the faster one is the reference)."""
     x_c = x.contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -312,23 +326,39 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
             act = float(mask.float().mean())
             ratio = t['masked'] / d_ms
             target = TARGETS.get(round(active, 2))
-            row = dict(section='a', model=model, channels=c, height=h, width=w, stopped_pct=stopped,
-                       active_frac=act, path=path, dense_ms=d_ms, dense_format=fmt,
-                       dense_nchw_ms=t['dense_nchw'], dense_cl_ms=t['dense_cl'],
-                       masked_ms=t['masked'], ratio=ratio, mac_ratio=act if path == 'sparse' else
-                       (0.0 if path == 'skip' else 1.0), target=target, index_build_ms=build_ms,
-                       meets_target=None if target is None else ratio <= target,
-                       foreign_load=foreign, cpu_kernel=cpu_kernel,
-                       masked_torch_ms=t.get('masked_torch'),
-                       ratio_torch=t['masked_torch'] / d_ms if 'masked_torch' in t else None)
+            row = dict(
+                section='a',
+                model=model,
+                channels=c,
+                height=h,
+                width=w,
+                stopped_pct=stopped,
+                active_frac=act,
+                path=path,
+                dense_ms=d_ms,
+                dense_format=fmt,
+                dense_nchw_ms=t['dense_nchw'],
+                dense_cl_ms=t['dense_cl'],
+                masked_ms=t['masked'],
+                ratio=ratio,
+                mac_ratio=act if path == 'sparse' else (0.0 if path == 'skip' else 1.0),
+                target=target,
+                index_build_ms=build_ms,
+                meets_target=None if target is None else ratio <= target,
+                foreign_load=foreign,
+                cpu_kernel=cpu_kernel,
+                masked_torch_ms=t.get('masked_torch'),
+                ratio_torch=t['masked_torch'] / d_ms if 'masked_torch' in t else None)
             rows.append(row)
             flag = '' if target is None else (' ok' if ratio <= target else ' MISS')
             torch_col = '' if row['ratio_torch'] is None else f'{row["ratio_torch"]:.3f}'
-            print(f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
-                  f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
-                  f'{"" if target is None else f"{target:.2f}":>6} '
-                  f'{torch_col:>6} {build_ms:7.3f} '
-                  f'{100 * foreign:4.0f}{flag}', flush=True)
+            print(
+                f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
+                f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
+                f'{"" if target is None else f"{target:.2f}":>6} '
+                f'{torch_col:>6} {build_ms:7.3f} '
+                f'{100 * foreign:4.0f}{flag}',
+                flush=True)
     return rows
 
 
@@ -354,8 +384,8 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
     actives = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] if not args.quick else [0.3, 0.5, 0.7, 0.9]
     print(f'\n(crossover) sparse path / best dense conv (and dense fallback / best dense), best of '
           f'{args.repeats}; crossover = active fraction where sparse == fallback')
-    print(f'{"kind":5} {"Cin":>4} {"Cout":>4} {"HxW":>8} {"MAC/px":>7} '
-          + ' '.join(f'{int(100 * a):>9}%' for a in actives) + '  crossover')
+    print(f'{"kind":5} {"Cin":>4} {"Cout":>4} {"HxW":>8} {"MAC/px":>7} ' + ' '.join(f'{int(100 * a):>9}%'
+                                                                                    for a in actives) + '  crossover')
     kinds = [kd for kd in (('3x3', 3, 1), ('3x3s2', 3, 2), ('1x1', 1, 1)) if kd[0] in args.kinds]
     for name, k, stride in kinds:
         for _, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
@@ -379,23 +409,36 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
                     break
             macs = k * k * c_in * c
             table = ops.dense_crossover(k, c_in, c, ops.cpu_ext_available(), ops.cpu_kernel_direct(c))
-            rows.append(dict(section='crossover', kind=name, c_in=c_in, c_out=c, height=h, width=w,
-                             macs_per_px=macs, actives=actives, sparse_ratios=sp, fallback_ratios=fb,
-                             crossover=cross, table=table))
-            txt = (f'<{actives[0]:.2f}' if cross == 0.0 else
-                   f'>{actives[-1]:.2f}' if cross == 1.0 else f'{cross:.2f}')
-            print(f'{name:5} {c_in:4d} {c:4d} {h:>3}x{w:<4} {macs:7d} '
-                  + ' '.join(f'{s_:4.2f}/{f_:4.2f}' for s_, f_ in zip(sp, fb))
-                  + f'  {txt:>6} (table {table:.2f})', flush=True)
+            rows.append(
+                dict(
+                    section='crossover',
+                    kind=name,
+                    c_in=c_in,
+                    c_out=c,
+                    height=h,
+                    width=w,
+                    macs_per_px=macs,
+                    actives=actives,
+                    sparse_ratios=sp,
+                    fallback_ratios=fb,
+                    crossover=cross,
+                    table=table))
+            txt = (f'<{actives[0]:.2f}' if cross == 0.0 else f'>{actives[-1]:.2f}' if cross == 1.0 else f'{cross:.2f}')
+            print(
+                f'{name:5} {c_in:4d} {c:4d} {h:>3}x{w:<4} {macs:7d} ' +
+                ' '.join(f'{s_:4.2f}/{f_:4.2f}' for s_, f_ in zip(sp, fb)) + f'  {txt:>6} (table {table:.2f})',
+                flush=True)
     return rows
 
 
 def _backbone_section(name: str) -> Callable[[argparse.Namespace], List[dict]]:
     """A section implemented in ``benchmark_masked_backbone.py`` (imported lazily: it needs mmseg)."""
+
     def run(args: argparse.Namespace) -> List[dict]:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import benchmark_masked_backbone
         return getattr(benchmark_masked_backbone, name)(args)
+
     return run
 
 
@@ -433,7 +476,8 @@ def plot_results(rows: List[dict], out: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == 'a':
-            shapes = sorted({(r['model'], r['channels'], r['height'], r['width']) for r in a_rows},
+            shapes = sorted({(r['model'], r['channels'], r['height'], r['width'])
+                             for r in a_rows},
                             key=lambda t: (t[0], t[1]))
             for model, c, h, w in shapes:
                 pts = sorted((r['active_frac'], r['ratio']) for r in a_rows
@@ -459,8 +503,10 @@ def plot_results(rows: List[dict], out: str) -> str:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f'masked vs dense inference, {torch.get_num_threads()} CPU threads '
-                 f'({platform.processor() or platform.machine()})', fontsize=10)
+    fig.suptitle(
+        f'masked vs dense inference, {torch.get_num_threads()} CPU threads '
+        f'({platform.processor() or platform.machine()})',
+        fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -479,40 +525,74 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--sections', nargs='+', default=['a', 'b'], choices=sorted(SECTIONS),
-                   help='which sections to run (default: a b)')
+    p.add_argument(
+        '--sections',
+        nargs='+',
+        default=['a', 'b'],
+        choices=sorted(SECTIONS),
+        help='which sections to run (default: a b)')
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    p.add_argument('--input-size', nargs=2, type=int, default=[512, 1024], metavar=('H', 'W'),
-                   help='network input size; branch 1 is at 1/4 of it (default 512 1024)')
-    p.add_argument('--kinds', nargs='+', default=['3x3', '3x3s2', '1x1'], choices=['3x3', '3x3s2', '1x1'],
-                   help='conv kinds of the crossover section')
-    p.add_argument('--stopped', nargs='+', type=float, default=[0, 50, 75, 90],
-                   help='stopped percentages (default 0 50 75 90)')
+    p.add_argument(
+        '--input-size',
+        nargs=2,
+        type=int,
+        default=[512, 1024],
+        metavar=('H', 'W'),
+        help='network input size; branch 1 is at 1/4 of it (default 512 1024)')
+    p.add_argument(
+        '--kinds',
+        nargs='+',
+        default=['3x3', '3x3s2', '1x1'],
+        choices=['3x3', '3x3s2', '1x1'],
+        help='conv kinds of the crossover section')
+    p.add_argument(
+        '--stopped', nargs='+', type=float, default=[0, 50, 75, 90], help='stopped percentages (default 0 50 75 90)')
     p.add_argument('--repeats', type=int, default=None, help='timing rounds (default 7, quick 3)')
     p.add_argument('--e2e-repeats', type=int, default=3, help='timing rounds of section b (default 3)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
-    p.add_argument('--clock', choices=['wall', 'thread'], default='wall',
-                   help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
-                        "robust against other processes on a shared machine). Default: wall time")
-    p.add_argument('--max-foreign', type=float, default=0.1,
-                   help='re-measure a row while other processes used more than this fraction of the '
-                        'cores (default 0.1; reported as bg%%)')
+    p.add_argument(
+        '--clock',
+        choices=['wall', 'thread'],
+        default='wall',
+        help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
+        "robust against other processes on a shared machine). Default: wall time")
+    p.add_argument(
+        '--max-foreign',
+        type=float,
+        default=0.1,
+        help='re-measure a row while other processes used more than this fraction of the '
+        'cores (default 0.1; reported as bg%%)')
     p.add_argument('--retries', type=int, default=4, help='re-measurements per row (default 4)')
     p.add_argument('--retry-wait', type=float, default=2.0, help='seconds between them (default 2)')
     p.add_argument('--quick', action='store_true', help='short run: 3 rounds, fewer shapes')
-    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
-                   help="'cuda': section a on the GPU (the Triton kernel when triton is importable)")
-    p.add_argument('--method', default='auto', choices=['auto', 'gemm', 'segments'],
-                   help="CPU sparse algorithm of section a (ops.sparse_conv_buffer's method; default auto = gemm)")
-    p.add_argument('--no-tune-malloc', action='store_true',
-                   help="keep glibc's default allocator settings (default: mmseg_cbt.utils.tune_malloc() "
-                        'before anything is timed, for dense and masked alike)')
+    p.add_argument(
+        '--device',
+        default='cpu',
+        choices=['cpu', 'cuda'],
+        help="'cuda': section a on the GPU (the Triton kernel when triton is importable)")
+    p.add_argument(
+        '--method',
+        default='auto',
+        choices=['auto', 'gemm', 'segments'],
+        help="CPU sparse algorithm of section a (ops.sparse_conv_buffer's method; default auto = gemm)")
+    p.add_argument(
+        '--no-tune-malloc',
+        action='store_true',
+        help="keep glibc's default allocator settings (default: mmseg_cbt.utils.tune_malloc() "
+        'before anything is timed, for dense and masked alike)')
     p.add_argument('--json', metavar='OUT', default=None, help='save all result rows as JSON')
-    p.add_argument('--plot', metavar='PNG', default=None,
-                   help='draw sections a and b (wall ratio against MAC ratio) into this PNG')
-    p.add_argument('--plot-from', metavar='JSON', nargs='+', default=None,
-                   help='only draw --plot from the rows of earlier --json files (nothing is timed); a later file '
-                        "replaces an earlier one's rows of the same section and model (e.g. a clean re-run)")
+    p.add_argument(
+        '--plot',
+        metavar='PNG',
+        default=None,
+        help='draw sections a and b (wall ratio against MAC ratio) into this PNG')
+    p.add_argument(
+        '--plot-from',
+        metavar='JSON',
+        nargs='+',
+        default=None,
+        help='only draw --plot from the rows of earlier --json files (nothing is timed); a later file '
+        "replaces an earlier one's rows of the same section and model (e.g. a clean re-run)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
@@ -558,12 +638,16 @@ def main(argv: Sequence[str] = None) -> List[dict]:
         for name in args.sections:
             results += SECTIONS[name](args)
     if args.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                    python=platform.python_version(),
-                    machine=platform.processor() or platform.machine(), loadavg_start=load,
-                    loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
-                    clock=args.clock, args=vars(args),
-                    time=time.strftime('%Y-%m-%d %H:%M:%S'))
+        meta = dict(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            python=platform.python_version(),
+            machine=platform.processor() or platform.machine(),
+            loadavg_start=load,
+            loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
+            clock=args.clock,
+            args=vars(args),
+            time=time.strftime('%Y-%m-%d %H:%M:%S'))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)

@@ -27,6 +27,7 @@ def build_backbone(name: str) -> nn.Module:
     """The early-exit model's backbone in eval mode, BN with non-trivial statistics, SyncBN reverted."""
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
+
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
@@ -61,9 +62,11 @@ def conv_macs(bb: nn.Module, x: torch.Tensor) -> List[tuple]:
     hooks = []
     for name, m in bb.named_modules():
         if isinstance(m, nn.Conv2d):
+
             def hook(mod, inp, out, name=name):
                 k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
                 rec.append((name, tuple(out.shape[-2:]), out.numel() * k))
+
             hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         bb.forward_stages(x)
@@ -143,16 +146,31 @@ def bench_backbones(args) -> List[dict]:
                 return feats
 
             t: Dict[str, float] = time_interleaved(
-                {'dense_stock': dense_stock, 'dense_opt': dense_opt, 'masked': masked, 'dense_234': dense_234,
-                 'masked_234': masked_234}, args.e2e_repeats)
+                {
+                    'dense_stock': dense_stock,
+                    'dense_opt': dense_opt,
+                    'masked': masked,
+                    'dense_234': dense_234,
+                    'masked_234': masked_234
+                }, args.e2e_repeats)
             dense_ms = min(t['dense_stock'], t['dense_opt'])
             mr = mac_ratio(rec, active)
             mr234 = mac_ratio(rec, active, stages_2_4_only=True)
-            row = dict(section='b', model=name, stopped=stopped, dense_stock_ms=t['dense_stock'],
-                       dense_opt_ms=t['dense_opt'], dense_ms=dense_ms, masked_ms=t['masked'],
-                       wall_ratio=t['masked'] / dense_ms, mac_ratio=mr, dense_234_ms=t['dense_234'],
-                       masked_234_ms=t['masked_234'], wall_ratio_234=t['masked_234'] / t['dense_234'],
-                       mac_ratio_234=mr234, malloc_tuned=getattr(args, 'malloc_tuned', None))
+            row = dict(
+                section='b',
+                model=name,
+                stopped=stopped,
+                dense_stock_ms=t['dense_stock'],
+                dense_opt_ms=t['dense_opt'],
+                dense_ms=dense_ms,
+                masked_ms=t['masked'],
+                wall_ratio=t['masked'] / dense_ms,
+                mac_ratio=mr,
+                dense_234_ms=t['dense_234'],
+                masked_234_ms=t['masked_234'],
+                wall_ratio_234=t['masked_234'] / t['dense_234'],
+                mac_ratio_234=mr234,
+                malloc_tuned=getattr(args, 'malloc_tuned', None))
             row['wall_over_mac'] = row['wall_ratio'] / mr
             row['wall_over_mac_234'] = row['wall_ratio_234'] / mr234
             if stopped == 75:
@@ -160,9 +178,11 @@ def bench_backbones(args) -> List[dict]:
                 row['meets_target'] = row['wall_over_mac'] <= 1.25
             rows.append(row)
             flag = '' if 'target' not in row else (' ok' if row['meets_target'] else ' MISS')
-            print(f'{name:<6} {stopped:>6.0f}% {t["dense_stock"]:9.1f} {t["dense_opt"]:8.1f} {t["masked"]:9.1f} '
-                  f'{row["wall_ratio"]:10.3f} {mr:9.3f} {row["wall_over_mac"]:8.3f} | {row["wall_ratio_234"]:8.3f} '
-                  f'{mr234:8.3f} {row["wall_over_mac_234"]:8.3f}{flag}', flush=True)
+            print(
+                f'{name:<6} {stopped:>6.0f}% {t["dense_stock"]:9.1f} {t["dense_opt"]:8.1f} {t["masked"]:9.1f} '
+                f'{row["wall_ratio"]:10.3f} {mr:9.3f} {row["wall_over_mac"]:8.3f} | {row["wall_ratio_234"]:8.3f} '
+                f'{mr234:8.3f} {row["wall_over_mac_234"]:8.3f}{flag}',
+                flush=True)
     return rows
 
 
@@ -196,8 +216,9 @@ def bench_paths(args) -> List[dict]:
             def stages(sparse: bool = True, fill: str = 'copy', masked: bool = True, active=active):
                 feats = f1
                 for s in (2, 3, 4):
-                    feats = (ob.forward_stage_masked(s, feats, active, sparse=sparse, fill=fill) if masked
-                             else ob.forward_stage(s, feats))
+                    feats = (
+                        ob.forward_stage_masked(s, feats, active, sparse=sparse, fill=fill)
+                        if masked else ob.forward_stage(s, feats))
                 return feats
 
             def segments():
@@ -206,9 +227,13 @@ def bench_paths(args) -> List[dict]:
                     return stages()
 
             t: Dict[str, float] = time_interleaved(
-                {'dense': lambda: stages(masked=False), 'simulate': lambda: stages(sparse=False),
-                 'sparse': stages, 'sparse_segments': segments, 'sparse_rbf': lambda: stages(fill='rbf')},
-                args.e2e_repeats)
+                {
+                    'dense': lambda: stages(masked=False),
+                    'simulate': lambda: stages(sparse=False),
+                    'sparse': stages,
+                    'sparse_segments': segments,
+                    'sparse_rbf': lambda: stages(fill='rbf')
+                }, args.e2e_repeats)
             rows.append(dict(section='paths', model=name, stopped=stopped, **{f'{k}_ms': v for k, v in t.items()}))
             print(f'{name:<6} {stopped:>6.0f}% ' + ' '.join(f'{t[n]:15.1f}' for n in names), flush=True)
     return rows

@@ -6,8 +6,13 @@ norm_cfg = dict(type='SyncBN', requires_grad=True)
 num_classes = 19
 # what every RH exit shares (ADP-C's width I = 64); each exit sets its inputs and depth
 exit_common = dict(
-    type='EarlyExitRHHead', channels=64, dropout_ratio=-1, num_classes=num_classes, norm_cfg=norm_cfg,
-    align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
+    type='EarlyExitRHHead',
+    channels=64,
+    dropout_ratio=-1,
+    num_classes=num_classes,
+    norm_cfg=norm_cfg,
+    align_corners=False,
+    loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 model = dict(
     type='EarlyExitEncoderDecoder',
     pretrained='open-mmlab://msra/hrnetv2_w18_small',

@@ -52,7 +52,11 @@ class EarlyExitBackboneMixin:
         """
         raise NotImplementedError
 
-    def forward_stage_masked(self, stage: int, feats: Any, active: Tensor, sparse: bool = False,
+    def forward_stage_masked(self,
+                             stage: int,
+                             feats: Any,
+                             active: Tensor,
+                             sparse: bool = False,
                              fill: str = 'copy') -> Any:
         """Runs stage ``stage`` (>= 2) restricted to the active positions.
 

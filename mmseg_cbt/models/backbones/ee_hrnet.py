@@ -67,7 +67,11 @@ class EarlyExitHRNet(EarlyExitBackboneMixin, HRNet):
         num_branches = getattr(self, f'stage{stage}_cfg')['num_branches']
         return [(transition[i], feats[i] if i < len(feats) else feats[-1]) for i in range(num_branches)]
 
-    def forward_stage_masked(self, stage: int, feats: List[Tensor], active: Tensor, sparse: bool = False,
+    def forward_stage_masked(self,
+                             stage: int,
+                             feats: List[Tensor],
+                             active: Tensor,
+                             sparse: bool = False,
                              fill: str = 'copy') -> List[Tensor]:
         """Runs transition ``stage - 1`` and stage ``stage`` (2-4) restricted to the active pixels.
 
@@ -100,8 +104,8 @@ class EarlyExitHRNet(EarlyExitBackboneMixin, HRNet):
         """The stage's branches bilinearly resized to the first (1/4) branch and concatenated, as the RH and FCN
         heads read them (``input_transform='resize_concat'``)."""
         size = feats[0].shape[2:]
-        return torch.cat([feats[0]] + [resize(f, size=size, mode='bilinear', align_corners=False) for f in feats[1:]],
-                         dim=1)
+        return torch.cat(
+            [feats[0]] + [resize(f, size=size, mode='bilinear', align_corners=False) for f in feats[1:]], dim=1)
 
     def min_input_side(self, feature_side: int = 1) -> int:
         """Two stride-2 stem convs (k3, p1) give ``ceil(ceil(H / 2) / 2)`` at 1/4 resolution, and the stride-2

@@ -85,7 +85,10 @@ def _forward_with(head: nn.Module):
     return None
 
 
-def forward_head_masked(head: nn.Module, feats: List[Tensor], active: Optional[Tensor], sparse: bool = False,
+def forward_head_masked(head: nn.Module,
+                        feats: List[Tensor],
+                        active: Optional[Tensor],
+                        sparse: bool = False,
                         fill: str = 'copy') -> Tensor:
     """Runs an exit head restricted to the active positions.
 

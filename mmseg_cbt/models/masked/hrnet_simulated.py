@@ -69,8 +69,8 @@ def _hr_module(ctx: MaskContext, module: nn.Module, xs: List[Tensor]) -> List[Te
                 t = xs[i]
             elif j > i:
                 conv, bn, upsample = layer[0], layer[1], layer[2]
-                t = resize(upsample(ctx.apply(bn(conv(xs[j])))), size=xs[i].shape[2:], mode='bilinear',
-                           align_corners=False)
+                t = resize(
+                    upsample(ctx.apply(bn(conv(xs[j])))), size=xs[i].shape[2:], mode='bilinear', align_corners=False)
             else:
                 t = _sequential_units(ctx, layer, xs[j])
             y = t if y is None else y + t
@@ -92,8 +92,10 @@ def simulate_stage(backbone: nn.Module, stage: int, feats: List[Tensor], ctx: Ma
     """
     if stage not in (2, 3, 4):
         raise ValueError(f'masked stages are 2, 3 and 4 (stem, stage 1 and exit 1 are dense), got {stage}')
-    xs = [src if layer is None else _sequential_units(ctx, layer, src)
-          for layer, src in backbone.transition_inputs(stage, feats)]
+    xs = [
+        src if layer is None else _sequential_units(ctx, layer, src)
+        for layer, src in backbone.transition_inputs(stage, feats)
+    ]
     for module in getattr(backbone, f'stage{stage}'):
         xs = _hr_module(ctx, module, xs)
     return xs

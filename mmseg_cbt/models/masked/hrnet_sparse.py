@@ -1,7 +1,7 @@
 """Masked inference that really skips stopped pixels: the early-exit HRNet on sparse convolutions.
 
-Computes exactly the semantics documented in :mod:`.semantics` (the simulated path of :mod:`.hrnet_simulated` is the test oracle), for
-the ``copy``, ``zeros`` and ``rbf`` fills, with :mod:`mmseg_cbt.ops`:
+Computes exactly the semantics documented in :mod:`.semantics` (the simulated path of :mod:`.hrnet_simulated` is
+the test oracle), for the ``copy``, ``zeros`` and ``rbf`` fills, with :mod:`mmseg_cbt.ops`:
 
 * every feature map of a masked stage lives in a zero-bordered channels-last buffer for the whole stage (one
   NCHW -> NHWC copy per branch and stage, none per layer);
@@ -45,8 +45,8 @@ def _run_units(ctx: SparseContext, seq: nn.Sequential, buf: Tensor) -> Tensor:
     """A chain of shape-changing conv units; stopped positions of every output are 0 (fresh zero buffers)."""
     for conv, bn, relu in conv_units(seq):
         hw = _out_hw(buf, conv)
-        out = ctx.mark_clean(new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype,
-                                               device=buf.device))
+        out = ctx.mark_clean(
+            new_padded_buffer(buf.shape[0], conv.out_channels, hw[0], hw[1], dtype=buf.dtype, device=buf.device))
         packed_conv(conv, bn).apply(buf, ctx.index(hw), out, relu=relu)
         buf = ctx.finish(out)
     return buf
@@ -82,8 +82,9 @@ def _fuse(ctx: SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Ten
                 continue
             if j > i:
                 conv, bn, upsample = layer[0], layer[1], layer[2]
-                t = ctx.mark_clean(new_padded_buffer(bufs[j].shape[0], conv.out_channels, *sizes[j],
-                                                     dtype=acc.dtype, device=acc.device))
+                t = ctx.mark_clean(
+                    new_padded_buffer(
+                        bufs[j].shape[0], conv.out_channels, *sizes[j], dtype=acc.dtype, device=acc.device))
                 ctx.finish(packed_conv(conv, bn).apply(bufs[j], ctx.index(sizes[j]), t))
                 scale = float(upsample.scale_factor)
                 if all(int(sj * scale) == si for sj, si in zip(sizes[j], sizes[i])) and not upsample.align_corners:
@@ -98,14 +99,14 @@ def _fuse(ctx: SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Ten
                 src = bufs[j]
                 for conv, bn, relu in units[:-1]:
                     hw = _out_hw(src, conv)
-                    out = ctx.mark_clean(new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype,
-                                                           device=src.device))
+                    out = ctx.mark_clean(
+                        new_padded_buffer(src.shape[0], conv.out_channels, *hw, dtype=src.dtype, device=src.device))
                     packed_conv(conv, bn).apply(src, ctx.index(hw), out, relu=relu)
                     src = ctx.finish(out)
                 conv, bn, relu = units[-1]
                 p = packed_conv(conv, bn)
-                acc += sparse_conv_rows(src, idx_i, p.wmat, p.bias, stride=p.stride, padding=p.padding, relu=relu,
-                                        dense_weight=p.weight)
+                acc += sparse_conv_rows(
+                    src, idx_i, p.wmat, p.bias, stride=p.stride, padding=p.padding, relu=relu, dense_weight=p.weight)
         results.append(acc.relu_())
     outs = bufs[:len(results)]
     for i, rows in enumerate(results):
@@ -115,8 +116,11 @@ def _fuse(ctx: SparseContext, module: nn.Module, bufs: List[Tensor]) -> List[Ten
 
 
 @torch.no_grad()
-def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: Tensor, fill: str = 'copy'
-                 ) -> List[Tensor]:
+def sparse_stage(backbone: nn.Module,
+                 stage: int,
+                 feats: List[Tensor],
+                 active: Tensor,
+                 fill: str = 'copy') -> List[Tensor]:
     """Transition ``stage - 1`` and stage ``stage`` computed at the active pixels only.
 
     Args:
@@ -143,8 +147,10 @@ def sparse_stage(backbone: nn.Module, stage: int, feats: List[Tensor], active: T
         return converted[id(t)]
 
     # every transition reads its source before any block writes a branch buffer in place
-    bufs = [buffer_of(src) if layer is None else _run_units(ctx, layer, buffer_of(src))
-            for layer, src in backbone.transition_inputs(stage, feats)]
+    bufs = [
+        buffer_of(src) if layer is None else _run_units(ctx, layer, buffer_of(src))
+        for layer, src in backbone.transition_inputs(stage, feats)
+    ]
     scratch = [b.clone() if fill == 'copy' else ctx.mark_clean(torch.zeros_like(b)) for b in bufs]
     first = True
     for module in getattr(backbone, f'stage{stage}'):

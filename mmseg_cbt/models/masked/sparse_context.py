@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mmseg_cbt.ops import (PackedConv, SparseIndex, gather_rows, padded_interior, padded_row_index,
-                           to_padded_nhwc)
+from mmseg_cbt.ops import PackedConv, SparseIndex, gather_rows, padded_interior, padded_row_index, to_padded_nhwc
 from .semantics import MaskContext, rbf_kernel
 
 __all__ = ['SparseContext', 'packed_conv']
@@ -89,8 +88,9 @@ class SparseContext:
 
         y0, y1, wy0, wy1 = axis(idx.y, h_in)
         x0, x1, wx0, wx1 = axis(idx.x, w_in)
-        rows = torch.stack([padded_row_index(idx.n, ty, tx, h_in, w_in) for ty, tx in ((y0, x0), (y0, x1), (y1, x0),
-                                                                                       (y1, x1))], dim=1).contiguous()
+        rows = torch.stack(
+            [padded_row_index(idx.n, ty, tx, h_in, w_in) for ty, tx in ((y0, x0), (y0, x1), (y1, x0), (y1, x1))],
+            dim=1).contiguous()
         weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=1).contiguous()
         self._taps[key] = (rows, weights)
         return rows, weights
@@ -144,8 +144,8 @@ class SparseContext:
         in_support = torch.zeros_like(mask)
         in_support.view(-1)[support] = True
         far = ~mask & ~in_support
-        out = (mat, padded_row_index(*in_support.nonzero(as_tuple=True), h, w),
-               padded_row_index(*far.nonzero(as_tuple=True), h, w))
+        out = (mat, padded_row_index(*in_support.nonzero(as_tuple=True), h,
+                                     w), padded_row_index(*far.nonzero(as_tuple=True), h, w))
         self._rbf[key] = out
         return out
 

@@ -185,7 +185,10 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                                'with CBTCalibrationHook, or run tools/calibrate.py on the checkpoint')
         return mode
 
-    def stop_mask(self, logits: Tensor, exit_idx: int, exit_mode: Optional[str] = None,
+    def stop_mask(self,
+                  logits: Tensor,
+                  exit_idx: int,
+                  exit_mode: Optional[str] = None,
                   active: Optional[Tensor] = None) -> Tensor:
         """Pixels that stop after exit ``exit_idx`` (0-based), by the rule of ``exit_mode``.
 
@@ -215,8 +218,8 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         """
         if active is None or feature_mask == 'none':
             return self.backbone.forward_stage(stage, feats)
-        return self.backbone.forward_stage_masked(stage, feats, active, sparse=self._use_sparse(active, feature_mask),
-                                                  fill=fill)
+        return self.backbone.forward_stage_masked(
+            stage, feats, active, sparse=self._use_sparse(active, feature_mask), fill=fill)
 
     def _use_sparse(self, active: Tensor, feature_mask: str) -> bool:
         """Whether a masked stage / exit runs the sparse path (else the simulated one, same semantics): with
@@ -309,7 +312,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         """Final-exit logits resized to the input size (keeps mmseg's own inference helpers working)."""
         return self.encode_decode_exits(inputs, batch_img_metas)[-1]
 
-    def encode_decode_exits(self, inputs: Tensor, batch_img_metas: List[dict],
+    def encode_decode_exits(self,
+                            inputs: Tensor,
+                            batch_img_metas: List[dict],
                             exit_mode: Optional[str] = None) -> List[Tensor]:
         """Per-exit logits resized to the (padded) input size, as ``decode_head.predict`` resizes them."""
         return [
@@ -317,7 +322,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             for lg in self.forward_exits(inputs, exit_mode=exit_mode)
         ]
 
-    def inference_exits(self, inputs: Tensor, batch_img_metas: List[dict],
+    def inference_exits(self,
+                        inputs: Tensor,
+                        batch_img_metas: List[dict],
                         exit_mode: Optional[str] = None) -> List[Tensor]:
         """Per-exit version of mmseg's ``inference`` (``whole`` or ``slide`` mode).
 
@@ -370,8 +377,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             if direction not in ('horizontal', 'vertical'):
                 raise ValueError(f'unknown flip_direction {direction!r}')
             logits = logits.flip(dims=(3, ) if direction == 'horizontal' else (2, ))
-        return resize(logits, size=img_meta['ori_shape'], mode='bilinear', align_corners=self.align_corners,
-                      warning=False).squeeze(0)
+        return resize(
+            logits, size=img_meta['ori_shape'], mode='bilinear', align_corners=self.align_corners,
+            warning=False).squeeze(0)
 
     def predict(self, inputs: Tensor, data_samples: OptSampleList = None) -> SampleList:
         """Predicts with every exit.
@@ -384,8 +392,11 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             batch_img_metas = [ds.metainfo for ds in data_samples]
         else:
             batch_img_metas = [
-                dict(ori_shape=inputs.shape[2:], img_shape=inputs.shape[2:], pad_shape=inputs.shape[2:],
-                     padding_size=[0, 0, 0, 0])
+                dict(
+                    ori_shape=inputs.shape[2:],
+                    img_shape=inputs.shape[2:],
+                    pad_shape=inputs.shape[2:],
+                    padding_size=[0, 0, 0, 0])
             ] * inputs.shape[0]
         only_prediction = data_samples is None
         exit_logits = self.inference_exits(inputs, batch_img_metas)
