@@ -17,3 +17,14 @@ def run_mmseg_tool(rel_path: str) -> None:
         sys.path.insert(0, root)
     sys.argv[0] = script
     runpy.run_path(script, run_name='__main__')
+
+
+def finish_distributed() -> None:
+    """Destroys the default process group, if one was created (mmseg's scripts never do).
+
+    Without it, gloo's worker threads are still joinable when the interpreter shuts down, and a process can abort
+    with "terminate called without an active exception" after its work is done.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

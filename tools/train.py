@@ -4,7 +4,10 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _mmseg_tool import run_mmseg_tool  # noqa: E402
+from _mmseg_tool import finish_distributed, run_mmseg_tool  # noqa: E402
 
 if __name__ == '__main__':
-    run_mmseg_tool('train.py')
+    try:
+        run_mmseg_tool('train.py')
+    finally:
+        finish_distributed()

@@ -123,8 +123,8 @@ class ClassProbStats:
         """
         work = self._work
         if work is None or work[0].device != device or work[0].numel() < n_probs or work[1].numel() < n_fixed:
-            work = (torch.empty(n_probs, dtype=torch.float32, device=device),
-                    torch.empty(n_fixed, dtype=torch.int64, device=device))
+            work = (torch.empty(n_probs, dtype=torch.float32,
+                                device=device), torch.empty(n_fixed, dtype=torch.int64, device=device))
             self._work = work
         return work
 
@@ -299,8 +299,13 @@ class ClassProbStats:
             fixed point) and ``counts`` ((K,) int64).
         """
         self._require_initialized()
-        return dict(num_exits=self.num_exits, num_classes=self.num_classes, ignore_index=self.ignore_index,
-                    frac_bits=FRAC_BITS, sums=self._sums.clone(), counts=self._counts.clone())
+        return dict(
+            num_exits=self.num_exits,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            frac_bits=FRAC_BITS,
+            sums=self._sums.clone(),
+            counts=self._counts.clone())
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any]) -> 'ClassProbStats':
@@ -345,10 +350,20 @@ class ClassProbStats:
         classes: List[Dict[str, Any]] = []
         for k in range(k_count):
             classes.append(
-                dict(index=k, name=str(class_names[k]), count=int(self._counts[k]),
-                     mean_probs=means[:, k].tolist(), fixed_point_sums=self._sums[:, k].tolist()))
-        return dict(format=_JSON_FORMAT, version=_JSON_VERSION, num_exits=self.num_exits, num_classes=k_count,
-                    ignore_index=self.ignore_index, frac_bits=FRAC_BITS, classes=classes)
+                dict(
+                    index=k,
+                    name=str(class_names[k]),
+                    count=int(self._counts[k]),
+                    mean_probs=means[:, k].tolist(),
+                    fixed_point_sums=self._sums[:, k].tolist()))
+        return dict(
+            format=_JSON_FORMAT,
+            version=_JSON_VERSION,
+            num_exits=self.num_exits,
+            num_classes=k_count,
+            ignore_index=self.ignore_index,
+            frac_bits=FRAC_BITS,
+            classes=classes)
 
     @classmethod
     def from_json_dict(cls, data: Dict[str, Any]) -> 'ClassProbStats':
@@ -390,4 +405,3 @@ class ClassProbStats:
             return f'{type(self).__name__}(empty, ignore_index={self.ignore_index})'
         return (f'{type(self).__name__}(num_exits={self.num_exits}, num_classes={self.num_classes}, '
                 f'pixels={int(self._counts.sum())}, ignore_index={self.ignore_index})')
-

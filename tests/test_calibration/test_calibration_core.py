@@ -6,13 +6,15 @@ import warnings
 import pytest
 import torch
 
-from mmseg_cbt.calibration import (FRAC_BITS, CBTCalibrationWarning, ClassProbStats, cbt_thresholds,
-                                   entropy_stop_mask, global_stop_mask, plot_thresholds, stop_mask_from_probs)
+from mmseg_cbt.calibration import (FRAC_BITS, CBTCalibrationWarning, ClassProbStats, cbt_thresholds, entropy_stop_mask,
+                                   global_stop_mask, plot_thresholds)
 from mmseg_cbt.calibration import stats as stats_module
+from mmseg_cbt.calibration import stop_mask_from_probs
 
 ALPHA, BETA = 0.9, 0.998
 
 # A hand-made N=2 exits, K=3 classes example. Row k of exit n = mean softmax over pixels of ground truth k.
+# yapf: disable
 HAND_PROBS = torch.tensor([
     [[0.80, 0.10, 0.10],   # exit 0, class 0
      [0.20, 0.60, 0.20],   # exit 0, class 1
@@ -21,6 +23,7 @@ HAND_PROBS = torch.tensor([
      [0.10, 0.70, 0.20],   # exit 1, class 1
      [0.20, 0.40, 0.40]],  # exit 1, class 2 (top-1 ties with top-2: margin 0)
 ], dtype=torch.float64)
+# yapf: enable
 
 
 def f32(values):
@@ -217,11 +220,11 @@ def test_stats_hand_example_exact_sums():
     unit = 2**FRAC_BITS
     # exit 0: class 0 = [1,0,0] + [.5,.5,0] = [1.5, .5, 0]; class 1 = [0,1,0]; class 2 = [0,.5,.5]
     # exit 1: class 0 = [.5,0,.5] * 2 = [1, 0, 1]; class 1 = [.5,.5,0]; class 2 = [0,0,1]
-    expected_sums = torch.tensor([[[1.5, .5, 0], [0, 1, 0], [0, .5, .5]],
-                                  [[1, 0, 1], [.5, .5, 0], [0, 0, 1]]], dtype=torch.float64)
+    expected_sums = torch.tensor([[[1.5, .5, 0], [0, 1, 0], [0, .5, .5]], [[1, 0, 1], [.5, .5, 0], [0, 0, 1]]],
+                                 dtype=torch.float64)
     assert torch.equal(stats.fixed_point_sums, (expected_sums * unit).to(torch.int64))
-    expected_means = torch.tensor([[[.75, .25, 0], [0, 1, 0], [0, .5, .5]],
-                                   [[.5, 0, .5], [.5, .5, 0], [0, 0, 1]]], dtype=torch.float64)
+    expected_means = torch.tensor([[[.75, .25, 0], [0, 1, 0], [0, .5, .5]], [[.5, 0, .5], [.5, .5, 0], [0, 0, 1]]],
+                                  dtype=torch.float64)
     assert torch.equal(stats.class_mean_probs(), expected_means)
     # Labels as mmseg stacks them, (B, 1, H, W), give the same.
     again = ClassProbStats()
@@ -289,9 +292,23 @@ def test_chunked_update_is_exact(monkeypatch):
 
 
 def test_stats_with_thresholds():
+    """Thresholds of gathered statistics equal the paper's inverse min-max map, computed here by hand: the class with
+    the largest margin gets alpha, the smallest beta, the others in between in proportion (so swapping alpha and
+    beta, or the direction of the map, fails)."""
     stats = gather(random_dataset())
-    thr = cbt_thresholds(stats.class_mean_probs(), ALPHA, BETA, counts=stats.counts)
-    assert thr.shape == (5, ) and float(thr.min()) == pytest.approx(ALPHA) and float(thr.max()) == pytest.approx(BETA)
+    means = stats.class_mean_probs()
+    thr = cbt_thresholds(means, ALPHA, BETA, counts=stats.counts)
+    # CBT: P_k = mean over exits; margin = top-1 minus top-2 of P_k, by sorting (not the library's class_margins)
+    shared = means.mean(dim=0)
+    margins = torch.tensor(
+        [sorted(row.tolist(), reverse=True)[0] - sorted(row.tolist(), reverse=True)[1] for row in shared],
+        dtype=torch.float64)
+    lo, hi = float(margins.min()), float(margins.max())
+    assert hi - lo > 1e-3  # distinct margins: the map is not degenerate
+    expected = [ALPHA + (BETA - ALPHA) * (hi - float(m)) / (hi - lo) for m in margins]
+    torch.testing.assert_close(thr, torch.tensor(expected, dtype=torch.float32), atol=1e-7, rtol=0)
+    assert thr[int(margins.argmax())] == f32(ALPHA) and thr[int(margins.argmin())] == f32(BETA)
+    assert 0 < int(((thr > f32(ALPHA)) & (thr < f32(BETA))).sum())  # some classes strictly inside the range
 
 
 def test_json_and_state_dict_round_trip():

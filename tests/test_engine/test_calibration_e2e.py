@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from utils import build_tiny_model, randomise_bn, tiny_run_cfg
 
 
@@ -210,7 +209,8 @@ def test_resume_through_mmengine_runner(toy_cfg, tiny_city, tmp_path):
     report = json.load(open(tmp_path / 'run' / 'cbt_calibration.json'))
     assert report['iteration'] == 4 == ckpt['meta']['cbt_calibration']['iteration']
     assert ckpt['state_dict']['cbt_class_counts'].tolist() == [c['count'] for c in report['classes']]
-    assert torch.equal(ckpt['state_dict']['cbt_thresholds'][0], torch.tensor([c['threshold'] for c in report['classes']]))
+    assert torch.equal(ckpt['state_dict']['cbt_thresholds'][0],
+                       torch.tensor([c['threshold'] for c in report['classes']]))
 
 
 def test_resume_finished_run_json_matches_checkpoint(toy_cfg, tiny_city, tmp_path):

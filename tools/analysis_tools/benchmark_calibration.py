@@ -26,17 +26,17 @@ def main(argv=None) -> dict:
     p.add_argument('--max-batches', type=int, default=50)
     p.add_argument('--repeats', type=int, default=3)
     args = p.parse_args(argv)
-    from mmengine.runner import load_checkpoint
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
     import mmseg_cbt  # noqa: F401
     from mmseg_cbt.calibration.calibrate import build_calibration_dataloader, gather_class_prob_stats
+    from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
     register_all_modules()
     cfg = Config.fromfile(args.config)
     cfg.model.pretrained = None
     model = MODELS.build(cfg.model)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=False)
+    load_checkpoint_strict(model, args.checkpoint, config=args.config, logger=None)
     model.eval()
     model.test_cfg.exit_mode = 'dense'
     loader = build_calibration_dataloader(cfg, num_workers=0)
@@ -61,8 +61,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             fn()
             store.append(time.perf_counter() - t0)
-    res = dict(images=len(batches), inference_s=min(t_inf), calibration_s=min(t_cal),
-               ratio=min(t_cal) / min(t_inf))
+    res = dict(images=len(batches), inference_s=min(t_inf), calibration_s=min(t_cal), ratio=min(t_cal) / min(t_inf))
     print(f'{len(batches)} images, best of {args.repeats}: inference pass {res["inference_s"]:.2f} s, '
           f'calibration pass {res["calibration_s"]:.2f} s, ratio calibration/inference = {res["ratio"]:.3f}')
     return res

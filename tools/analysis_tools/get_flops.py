@@ -24,6 +24,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import os.path as osp
 import sys
 import time
@@ -37,11 +38,12 @@ if ROOT not in sys.path:  # run from a source checkout without installation
 
 # Published dense figures, 2^30 units (reference, section 4). Keyed by what :func:`_signature` returns.
 PUBLISHED: Dict[str, Dict[str, Any]] = {
-    'ee_hrnet_w48_rh128@1024x2048': dict(
+    'ee_hrnet_w48_rh128@1024x2048':
+    dict(
         source='ADP-C (Liu et al., ICLR 2022), EE+RH HRNet-W48, Cityscapes 2048x1024',
         gflops_2_30=[41.9, 105.6, 368.0, 701.3]),
-    'hrnetv2_w48_fcn@1024x2048': dict(
-        source='HRNetV2-W48 (as quoted by ADP-C), Cityscapes 2048x1024', gflops_2_30=[696.2]),
+    'hrnetv2_w48_fcn@1024x2048':
+    dict(source='HRNetV2-W48 (as quoted by ADP-C), Cityscapes 2048x1024', gflops_2_30=[696.2]),
 }
 
 
@@ -50,25 +52,45 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description='Dense GFLOPs (conv+linear MACs) of a segmentor, per exit')
     parser.add_argument('config', help='config file, or "mmseg::<path>" for a config shipped with mmseg')
-    parser.add_argument('--shape', type=int, nargs='+', default=[1024, 2048],
-                        help='input size: H W (or one value for a square input); default 1024 2048')
-    parser.add_argument('--per-exit', action='store_true',
-                        help='also print every exit\'s own (non-cumulative) GFLOPs and parameters')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        default=[1024, 2048],
+        help='input size: H W (or one value for a square input); default 1024 2048')
+    parser.add_argument(
+        '--per-exit', action='store_true', help='also print every exit\'s own (non-cumulative) GFLOPs and parameters')
     parser.add_argument('--json', metavar='OUT.json', help='write the results as JSON (atomically)')
-    parser.add_argument('--device', default='meta', choices=['meta', 'cpu', 'cuda'],
-                        help='where the counting pass runs; "meta" does no arithmetic (default)')
-    parser.add_argument('--reference', type=float, nargs='+', metavar='GFLOPS_2_30',
-                        help='published cumulative figures (2^30 units) to compare with, one per exit')
-    parser.add_argument('--check-mmengine', action='store_true',
-                        help='also count with mmengine\'s FlopAnalyzer (a real traced forward on CPU: slow for '
-                        'big inputs) and check that its conv+linear MACs equal ours')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, e.g. model.test_cfg.mode=whole')
+    parser.add_argument(
+        '--device',
+        default='meta',
+        choices=['meta', 'cpu', 'cuda'],
+        help='where the counting pass runs; "meta" does no arithmetic (default)')
+    parser.add_argument(
+        '--reference',
+        type=float,
+        nargs='+',
+        metavar='GFLOPS_2_30',
+        help='published cumulative figures (2^30 units) to compare with, one per exit')
+    parser.add_argument(
+        '--check-mmengine',
+        action='store_true',
+        help='also count with mmengine\'s FlopAnalyzer (a real traced forward on CPU: slow for '
+        'big inputs) and check that its conv+linear MACs equal ours')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, e.g. model.test_cfg.mode=whole')
     args = parser.parse_args(argv)
     if len(args.shape) == 1:
         args.shape = [args.shape[0], args.shape[0]]
     if len(args.shape) != 2:
         parser.error('--shape takes one or two integers (H W)')
+    if min(args.shape) < 1:
+        parser.error(f'--shape must be positive (H W >= 1), got {" ".join(map(str, args.shape))}')
+    if args.reference and not all(math.isfinite(v) and v > 0 for v in args.reference):
+        parser.error(f'--reference values must be positive GFLOPs, got {args.reference}')
     return args
 
 
@@ -93,6 +115,7 @@ def build_model(cfg) -> torch.nn.Module:
     """Builds ``cfg.model`` without any pretrained weights, SyncBN turned into BN, in eval mode."""
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
+
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules(init_default_scope=False)
@@ -156,6 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         cfg.merge_from_dict(args.cfg_options)
     model = build_model(cfg)
     h, w = args.shape
+    if hasattr(model, 'check_input_size'):
+        model.check_input_size((h, w))  # the network's minimum input size, named before any counting
     device = 'cpu' if args.check_mmengine else args.device
     t0 = time.time()
     result, device = count(model, (h, w), device)
@@ -172,11 +197,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         early_exit=result.early_exit,
         units=dict(gflops_1e9='conv+linear MACs / 1e9', gflops_2_30='conv+linear MACs / 2**30'),
         exits=[
-            dict(exit=e.exit, macs=int(e.macs), gflops_1e9=e.gflops_1e9, gflops_2_30=e.gflops_2_30,
-                 macs_exit_only=int(e.macs_exit_only), params=e.params) for e in result.exits
+            dict(
+                exit=e.exit,
+                macs=int(e.macs),
+                gflops_1e9=e.gflops_1e9,
+                gflops_2_30=e.gflops_2_30,
+                macs_exit_only=int(e.macs_exit_only),
+                params=e.params) for e in result.exits
         ] if result.early_exit else [],
-        total=dict(macs=int(result.total.macs), gflops_1e9=result.total.gflops_1e9,
-                   gflops_2_30=result.total.gflops_2_30, params=result.total.params))
+        total=dict(
+            macs=int(result.total.macs),
+            gflops_1e9=result.total.gflops_1e9,
+            gflops_2_30=result.total.gflops_2_30,
+            params=result.total.params))
 
     ref = None
     if args.reference:

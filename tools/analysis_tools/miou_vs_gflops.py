@@ -16,7 +16,6 @@ of the same setting on this machine.
 import argparse
 import copy
 import csv
-import os
 import os.path as osp
 import sys
 import time
@@ -26,22 +25,42 @@ import torch
 from mmengine.config import Config, DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from mmseg_cbt.utils.cli import positive_int  # noqa: E402
+
+
+def _unit_number(text: str, what: str) -> float:
+    """``text`` as a number in [0, 1] (the range of the model's thresholds), else an error naming ``what``."""
+    from mmseg_cbt.models.segmentors.options import OPTION_RANGES
+    _, lo, hi = OPTION_RANGES['global_threshold']
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{what}: {text!r} is not a number (expected one in [{lo:g}, {hi:g}])') \
+            from None
+    if not lo <= value <= hi:  # NaN fails too
+        raise argparse.ArgumentTypeError(f'{what}: {text!r} is outside [{lo:g}, {hi:g}]')
+    return value
 
 
 def parse_setting(text: str) -> Tuple[str, str, dict]:
-    """``'cbt:0.9,0.998'`` -> (label, exit_mode, params)."""
+    """``'cbt:0.9,0.998'`` -> (label, exit_mode, params); every value range-checked (an argparse type)."""
     kind, _, arg = text.partition(':')
     kind = kind.lower()
     if kind == 'dense':
+        if arg:
+            raise argparse.ArgumentTypeError(f'{text!r}: dense takes no value')
         return 'dense', 'dense', {}
     if kind in ('adpc', 'global'):
-        t = float(arg) if arg else 0.998
+        t = _unit_number(arg, f'{text!r} (the ADP-C threshold T of {kind}:T)') if arg else 0.998
         return f'ADP-C t={t:g}', 'global', dict(threshold=t)
     if kind in ('cbt', 'cbtns'):
-        try:
-            a, b = (float(v) for v in arg.split(','))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r}: expected {kind}:ALPHA,BETA') from None
+        values = arg.split(',')
+        if len(values) != 2:
+            raise argparse.ArgumentTypeError(f'{text!r}: expected {kind}:ALPHA,BETA with 0 < ALPHA <= BETA <= 1')
+        a, b = (_unit_number(v, f'{text!r} ({name} of {kind}:ALPHA,BETA)') for v, name in zip(values, 'AB'))
+        if not 0 < a <= b:
+            raise argparse.ArgumentTypeError(f'{text!r}: expected 0 < ALPHA <= BETA <= 1 (ALPHA goes to the easiest '
+                                             'class, BETA to the hardest)')
         label = ('CBT' if kind == 'cbt' else 'CBT-ns') + f' [{a:g}, {b:g}]'
         return label, 'cbt', dict(alpha=a, beta=b, share=kind == 'cbt')
     raise argparse.ArgumentTypeError(f'unknown setting {text!r} (dense, adpc:T, cbt:A,B, cbtns:A,B)')
@@ -51,19 +70,33 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description='mIoU vs GFLOPs per exit of an early-exit segmentor')
     p.add_argument('config')
     p.add_argument('checkpoint')
-    p.add_argument('--settings', nargs='+', default=None,
-                   help='dense | adpc:T | cbt:A,B | cbtns:A,B (default: dense, adpc:beta, cbt:alpha,beta, '
-                   'cbtns:alpha,beta with the checkpoint\'s calibration range)')
+    p.add_argument(
+        '--settings',
+        nargs='+',
+        default=None,
+        type=parse_setting,
+        help='dense | adpc:T | cbt:A,B | cbtns:A,B (default: dense, adpc:beta, cbt:alpha,beta, '
+        'cbtns:alpha,beta with the checkpoint\'s calibration range)')
     p.add_argument('--out-dir', default=None, help='where JSON, CSV and PNG go (default: next to the checkpoint)')
-    p.add_argument('--feature-mask', default=None, choices=['none', 'simulate', 'sparse'],
-                   help='how stopped pixels are treated in the timed pass (default: the config\'s test_cfg)')
-    p.add_argument('--max-images', type=int, default=None, help='evaluate on the first N test images')
+    p.add_argument(
+        '--feature-mask',
+        default=None,
+        choices=['none', 'simulate', 'sparse'],
+        help='how stopped pixels are treated in the timed pass (default: the config\'s test_cfg)')
+    p.add_argument('--max-images', type=positive_int, default=None, help='evaluate on the first N test images')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--optimize', action='store_true',
-                   help='CPU inference settings before timing: mmseg_cbt.utils.tune_malloc() and '
-                        'optimize_for_inference(model) (BN folded into the convs, channels-last); same predictions')
+    p.add_argument(
+        '--optimize',
+        action='store_true',
+        help='CPU inference settings before timing: mmseg_cbt.utils.tune_malloc() and '
+        'optimize_for_inference(model) (BN folded into the convs, channels-last); same predictions')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not osp.isfile(args.config):
+        p.error(f'config not found: {args.config}')
+    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
+        p.error(f'checkpoint not found: {args.checkpoint}')
+    return args
 
 
 def evaluate_setting(model, loader, evaluator, max_images=None, feature_mask=None) -> Tuple[Dict[str, float], float]:
@@ -97,14 +130,16 @@ def evaluate_setting(model, loader, evaluator, max_images=None, feature_mask=Non
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from mmengine.evaluator import Evaluator
-    from mmengine.runner import Runner, load_checkpoint
+    from mmengine.runner import Runner
+
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
     import mmseg_cbt  # noqa: F401
     from mmseg_cbt.analysis import average_flops
     from mmseg_cbt.calibration.calibrate import apply_calibration
-    from mmseg_cbt.utils.io import atomic_path, write_json_atomic
+    from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
+    from mmseg_cbt.utils.io import atomic_file_set, write_json
 
     register_all_modules()
     cfg = Config.fromfile(args.config)
@@ -112,7 +147,7 @@ def main(argv=None) -> dict:
         cfg.merge_from_dict(args.cfg_options)
     cfg.model.pretrained = None
     model = MODELS.build(cfg.model)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=False)
+    load_checkpoint_strict(model, args.checkpoint, config=args.config, logger=None)
     model.to(args.device).eval()
     if args.optimize:
         from mmseg_cbt.utils.inference import optimize_for_inference, tune_malloc
@@ -120,9 +155,10 @@ def main(argv=None) -> dict:
         optimize_for_inference(model)
     calibrated = model.is_calibrated and int(model.cbt_class_counts.sum()) > 0
     alpha, beta = (float(v) for v in model.cbt_range) if calibrated else (0.9, 0.998)
-    settings = args.settings or (['dense', f'adpc:{beta}', f'cbt:{alpha},{beta}', f'cbtns:{alpha},{beta}']
-                                 if calibrated else ['dense', f'adpc:{beta}'])
-    parsed = [parse_setting(s) for s in settings]
+    parsed = args.settings or [
+        parse_setting(s) for s in (['dense', f'adpc:{beta}', f'cbt:{alpha},{beta}', f'cbtns:{alpha},{beta}']
+                                   if calibrated else ['dense', f'adpc:{beta}'])
+    ]
     if any(mode == 'cbt' for _, mode, _ in parsed) and not calibrated:
         raise RuntimeError(f'{args.checkpoint} holds no CBT statistics: train with CBTCalibrationHook or run '
                            'tools/calibrate.py first (or leave out the cbt settings)')
@@ -131,8 +167,11 @@ def main(argv=None) -> dict:
     if len(loader.dataset) == 0:
         raise ValueError('the test dataloader is empty')
     class_names = list(loader.dataset.metainfo['classes'])
+    if len(class_names) != model.num_classes:
+        raise ValueError(f'num_classes mismatch: the test dataset of {args.config} has {len(class_names)} classes, '
+                         f'the model {model.num_classes}')
+    # created only when the results are written: a failed run leaves no empty folder
     out_dir = args.out_dir or osp.join(osp.dirname(osp.abspath(args.checkpoint)), 'miou_vs_gflops')
-    os.makedirs(out_dir, exist_ok=True)
 
     rows: List[dict] = []
     for label, mode, params in parsed:
@@ -141,8 +180,7 @@ def main(argv=None) -> dict:
         if mode == 'global':
             model.test_cfg.global_threshold = params['threshold']
         if mode == 'cbt':
-            apply_calibration(model, mean_probs, counts, params['alpha'], params['beta'], params['share'],
-                              class_names)
+            apply_calibration(model, mean_probs, counts, params['alpha'], params['beta'], params['share'], class_names)
         evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
         evaluator.dataset_meta = loader.dataset.metainfo
         metrics, sec_per_img = evaluate_setting(model, loader, evaluator, args.max_images, args.feature_mask)
@@ -150,35 +188,47 @@ def main(argv=None) -> dict:
         flops = average_flops(model, loader, feature_mask=args.feature_mask, max_images=args.max_images)
         exits = []
         for n, ef in enumerate(flops.exits, start=1):
-            exits.append(dict(exit=n, mIoU=float(metrics[f'exit{n}.mIoU']), gflops_2_30=ef.gflops_2_30,
-                              gflops_1e9=ef.gflops_1e9))
-        rows.append(dict(setting=label, exit_mode=mode, params=params, sec_per_image=sec_per_img, exits=exits,
-                         feature_mask=args.feature_mask or model.test_cfg.get('feature_mask', 'none')))
+            exits.append(
+                dict(
+                    exit=n, mIoU=float(metrics[f'exit{n}.mIoU']), gflops_2_30=ef.gflops_2_30, gflops_1e9=ef.gflops_1e9))
+        rows.append(
+            dict(
+                setting=label,
+                exit_mode=mode,
+                params=params,
+                sec_per_image=sec_per_img,
+                exits=exits,
+                feature_mask=args.feature_mask or model.test_cfg.get('feature_mask', 'none')))
 
     n_exits = len(rows[0]['exits'])
     head = f'{"setting":<22s}' + ''.join(f' | e{n} mIoU  e{n} GFLOPs' for n in range(1, n_exits + 1)) + ' | ms/img'
     lines = [head, '-' * len(head)]
     for r in rows:
         lines.append(f'{r["setting"]:<22s}' + ''.join(f' | {e["mIoU"]:7.2f}  {e["gflops_2_30"]:9.4f}'
-                                                     for e in r['exits']) + f' | {1e3 * r["sec_per_image"]:6.1f}')
+                                                      for e in r['exits']) + f' | {1e3 * r["sec_per_image"]:6.1f}')
     table = '\n'.join(lines)
     img_shape = tuple(loader.dataset[0]['inputs'].shape[1:])
     note = (f'GFLOPs: multiply-adds of conv/linear layers / 2^30, cumulative per exit, per-image mean at the test '
-            f'pipeline size {img_shape[0]}x{img_shape[1]}; mIoU in %; ms/img measured on {args.device}'
-            + (' (tune_malloc + optimize_for_inference)' if args.optimize else ''))
+            f'pipeline size {img_shape[0]}x{img_shape[1]}; mIoU in %; ms/img measured on {args.device}' +
+            (' (tune_malloc + optimize_for_inference)' if args.optimize else ''))
     print('\n' + table + '\n' + note)
     report = dict(config=args.config, checkpoint=args.checkpoint, note=note, optimized=bool(args.optimize), rows=rows)
-    write_json_atomic(report, osp.join(out_dir, 'miou_vs_gflops.json'))
-    with atomic_path(osp.join(out_dir, 'miou_vs_gflops.csv')) as tmp, open(tmp, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['setting', 'exit', 'mIoU', 'gflops_2_30', 'gflops_1e9', 'ms_per_image'])
-        for r in rows:
-            for e in r['exits']:
-                w.writerow([r['setting'], e['exit'], f'{e["mIoU"]:.2f}', f'{e["gflops_2_30"]:.6f}',
-                            f'{e["gflops_1e9"]:.6f}', f'{1e3 * r["sec_per_image"]:.2f}'])
-    with atomic_path(osp.join(out_dir, 'miou_vs_gflops.txt')) as tmp, open(tmp, 'w') as f:
-        f.write(table + '\n' + note + '\n')
-    plot(rows, osp.join(out_dir, 'miou_vs_gflops.png'), img_shape)
+    names = {ext: osp.join(out_dir, f'miou_vs_gflops.{ext}') for ext in ('json', 'csv', 'txt', 'png')}
+    # the four files are replaced as one set, after all of them are complete (an interrupt keeps the old set)
+    with atomic_file_set(list(names.values())) as tmp:
+        write_json(report, tmp[names['json']])
+        with open(tmp[names['csv']], 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['setting', 'exit', 'mIoU', 'gflops_2_30', 'gflops_1e9', 'ms_per_image'])
+            for r in rows:
+                for e in r['exits']:
+                    w.writerow([
+                        r['setting'], e['exit'], f'{e["mIoU"]:.2f}', f'{e["gflops_2_30"]:.6f}',
+                        f'{e["gflops_1e9"]:.6f}', f'{1e3 * r["sec_per_image"]:.2f}'
+                    ])
+        with open(tmp[names['txt']], 'w') as f:
+            f.write(table + '\n' + note + '\n')
+        plot(rows, tmp[names['png']], img_shape)
     print(f'\nwrote {out_dir}/miou_vs_gflops.{{json,csv,txt,png}}')
     return report
 
@@ -195,17 +245,15 @@ def plot(rows: List[dict], path: str, img_shape) -> None:
         ys = [e['mIoU'] for e in r['exits']]
         ax.plot(xs, ys, marker=markers[i % len(markers)], label=r['setting'])
         for e in r['exits']:
-            ax.annotate(f'{e["exit"]}', (e['gflops_2_30'], e['mIoU']), textcoords='offset points', xytext=(4, -10),
-                        fontsize=7)
+            ax.annotate(
+                f'{e["exit"]}', (e['gflops_2_30'], e['mIoU']), textcoords='offset points', xytext=(4, -10), fontsize=7)
     ax.set_xlabel(f'GFLOPs per image (2^30 MACs, conv+linear, {img_shape[0]}x{img_shape[1]})')
     ax.set_ylabel('mIoU (%)')
     ax.set_title('mIoU vs GFLOPs per exit (numbers = exit)')
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from mmseg_cbt.utils.io import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png')
+    fig.savefig(path, format='png')
     plt.close(fig)
 
 
