@@ -126,3 +126,36 @@ def load_toy_city():
     if TOY_CITY_TOOL_DIR not in sys.path:
         sys.path.insert(0, TOY_CITY_TOOL_DIR)
     return importlib.import_module('toy_city_gen')
+
+
+#: Scenarios of the two-process calibration test: (hook's calibration images, masked training).
+#: 3 images split 2/1 over two ranks without padding; 1 image leaves rank 1 without a batch.
+DIST_SCENARIOS = {'plain': (3, None), 'masked': (1, dict(exit_mode='global', global_threshold=0.2, fill='copy'))}
+
+
+def dist_scenario_cfg(toy_cfg, data_root, work_dir, scenario, max_iters=3):
+    """Config of one scenario of the distributed calibration test (also used to re-calibrate in one process)."""
+    num_images, masked = DIST_SCENARIOS[scenario]
+    cfg = tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=max_iters)
+    cfg.experiment_name = f'dist_{scenario}'
+    cfg.train_cfg.val_interval = 10 * max_iters  # no validation: not what is tested
+    if masked:
+        cfg.model.train_cfg = dict(masked_training=masked)
+    dataset = copy.deepcopy(cfg.train_dataloader.dataset)
+    dataset.pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    dataset.indices = num_images
+    cfg.custom_hooks[0]['dataloader'] = dict(
+        batch_size=1,
+        num_workers=0,
+        persistent_workers=False,
+        sampler=dict(type='DefaultSampler', shuffle=False),
+        dataset=dataset)
+    return cfg
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a process group's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
