@@ -81,8 +81,12 @@ def atomic_file_set(paths: Sequence[str], remove: Sequence[str] = ()) -> Iterato
         raise ValueError(f'atomic_file_set: the same path is given twice in {list(paths)}')
     created = []
     for folder in dict.fromkeys(osp.dirname(p) for p in finals):
-        if not osp.isdir(folder):
-            os.makedirs(folder)
+        missing = []
+        while not osp.isdir(folder):
+            missing.append(folder)
+            folder = osp.dirname(folder)
+        for folder in reversed(missing):  # outermost first, so `created` can be undone innermost first
+            os.mkdir(folder)
             created.append(folder)
     # One hidden folder per set, in the first file's folder: os.replace from there is a rename on the same device.
     tmp_dir = tempfile.mkdtemp(prefix='.tmp-', dir=osp.dirname(finals[0]))
