@@ -105,6 +105,8 @@ def compare_state_dicts(model_state: Dict[str, torch.Tensor],
         f'{k}: checkpoint {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}' for k, v in model_state.items()
         if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)
     ]
+    # weights first: a calibration buffer of another shape only follows from them
+    shapes.sort(key=lambda text: text.startswith(CALIBRATION_PREFIX))
     return missing, unexpected, shapes
 
 
