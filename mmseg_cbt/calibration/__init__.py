@@ -4,12 +4,12 @@ Everything here needs only torch; ``ClassProbStats.all_reduce`` imports mmengine
 imports matplotlib when called.
 """
 from .stats import FRAC_BITS, MAX_PIXELS_PER_CLASS, ClassProbStats
-from .thresholds import (MARGIN_EQUAL_TOL, CBTCalibrationWarning, cbt_thresholds, class_margins,
-                         entropy_stop_mask, global_stop_mask, stop_mask_from_probs)
+from .thresholds import (MARGIN_EQUAL_TOL, CBTCalibrationWarning, cbt_thresholds, class_margins, entropy_stop_mask,
+                         global_stop_mask, stop_mask_from_probs)
 from .visualization import CITYSCAPES_PALETTE, plot_thresholds
 
 __all__ = [
-    'ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS', 'cbt_thresholds', 'class_margins',
-    'CBTCalibrationWarning', 'MARGIN_EQUAL_TOL', 'stop_mask_from_probs', 'global_stop_mask',
-    'entropy_stop_mask', 'plot_thresholds', 'CITYSCAPES_PALETTE'
+    'ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS', 'cbt_thresholds', 'class_margins', 'CBTCalibrationWarning',
+    'MARGIN_EQUAL_TOL', 'stop_mask_from_probs', 'global_stop_mask', 'entropy_stop_mask', 'plot_thresholds',
+    'CITYSCAPES_PALETTE'
 ]
