@@ -11,6 +11,8 @@ Examples:
     python tools/calibrate.py CONFIG CKPT_CALIBRATED --alpha 0.9 --beta 0.998 --from-stats
     # CBT-ns: one threshold vector per exit
     python tools/calibrate.py CONFIG CKPT --alpha 0.99 --beta 0.998 --no-share
+    # cbt-precision: per exit and class the lowest threshold whose stopped training pixels are 99 % correct
+    python tools/calibrate.py CONFIG CKPT --method cbt-precision --target 0.99 --alpha 0.5 --beta 0.999 --no-share
 """
 import argparse
 import os.path as osp
@@ -30,6 +32,17 @@ def parse_args(argv=None):
     p.add_argument('--alpha', type=threshold_value, required=True, help='threshold of the easiest class, in (0, 1]')
     p.add_argument('--beta', type=threshold_value, required=True, help='threshold of the hardest class, in [alpha, 1]')
     p.add_argument('--no-share', action='store_true', help='CBT-ns: thresholds per exit instead of shared')
+    p.add_argument(
+        '--method',
+        choices=('cbt', 'cbt-precision'),
+        default='cbt',
+        help='cbt: min-max map of class margins (default); cbt-precision: lowest threshold whose stopped '
+        'training pixels reach --target precision (alpha >= 0.5)')
+    p.add_argument(
+        '--target',
+        type=threshold_value,
+        default=None,
+        help='cbt-precision: target precision of the stopped pixels, in (0, 1] (default 0.99)')
     p.add_argument('--out', help='output checkpoint (default: <checkpoint>_cbt-a<alpha>-b<beta>[-ns].pth)')
     p.add_argument(
         '--from-stats', action='store_true', help='re-map the statistics stored in the checkpoint (no data pass)')
@@ -41,8 +54,19 @@ def parse_args(argv=None):
     if args.alpha > args.beta:
         p.error(f'--alpha must be <= --beta (alpha goes to the easiest class, beta to the hardest), got '
                 f'--alpha {args.alpha} --beta {args.beta}')
+    if args.method == 'cbt' and args.target is not None:
+        p.error('--target is only used with --method cbt-precision')
+    if args.method == 'cbt-precision':
+        args.target = 0.99 if args.target is None else args.target
+        if args.alpha < 0.5:
+            p.error(f'--method cbt-precision needs --alpha >= 0.5 (below, the stop rule can stop a pixel on a '
+                    f'class that is not its argmax), got --alpha {args.alpha}')
+        if args.from_stats:
+            p.error('--method cbt-precision needs a pass over the data (its histograms are not stored): drop '
+                    '--from-stats')
     share = not args.no_share
-    tag = f'_cbt-a{args.alpha:g}-b{args.beta:g}' + ('' if share else '-ns')
+    prefix = '_cbt' if args.method == 'cbt' else f'_prec{args.target:g}'
+    tag = f'{prefix}-a{args.alpha:g}-b{args.beta:g}' + ('' if share else '-ns')
     args.out = args.out or osp.splitext(args.checkpoint)[0] + tag + '.pth'
     if osp.abspath(args.out) == osp.abspath(args.checkpoint):
         p.error(f'--out must differ from the input checkpoint ({args.checkpoint}): it is never overwritten')
@@ -83,7 +107,13 @@ def main(argv=None) -> str:
     def write_checkpoint(path: str) -> None:
         new_ckpt = dict(ckpt)
         new_ckpt['state_dict'] = {k: v.cpu() for k, v in model.state_dict().items()}
-        cbt = dict(alpha=args.alpha, beta=args.beta, share_exits=share, source=osp.abspath(args.checkpoint))
+        cbt = dict(
+            alpha=args.alpha,
+            beta=args.beta,
+            share_exits=share,
+            source=osp.abspath(args.checkpoint),
+            calibration_method=args.method,
+            target=args.target)
         new_ckpt['meta'] = dict(ckpt.get('meta', {}), cbt=cbt)
         torch.save(new_ckpt, path)
 
@@ -100,7 +130,9 @@ def main(argv=None) -> str:
         plot_file=None if args.no_plot else base + '_thresholds.png',
         extra_report=dict(config=args.config, checkpoint=osp.abspath(args.checkpoint), output=osp.abspath(out)),
         extra_files={out: write_checkpoint},
-        logger=None)
+        logger=None,
+        method=args.method,
+        target=args.target)
     print(f'calibrated checkpoint: {out}\nstatistics and thresholds: {base}_calibration.json' +
           ('' if args.no_plot else f'\nthresholds chart: {base}_thresholds.png'))
     return out

@@ -1,274 +1,60 @@
-"""Calibration of a model: gather CBT statistics over data, turn them into thresholds, store them in the model,
-report them (log, JSON, plot).
+"""Calibration of a model: gather statistics over data, turn them into thresholds, store them in the model, report
+them (log, JSON, plot).
 
 :func:`calibrate_and_report` is the one algorithm that :class:`~mmseg_cbt.engine.hooks.CBTCalibrationHook` and
 ``tools/calibrate.py`` both call (as mmpretrain's ``PreciseBNHook`` calls one function), so both give the same
-thresholds, report and files for the same model and data.
-
-Distributed: every rank must hold the model that rank 0 will save, and every pixel must be counted once. So
-:func:`gather_class_prob_stats` first broadcasts rank 0's parameters and buffers (BN running statistics differ
-between ranks under DDP with ``broadcast_buffers=False`` and plain BN), the default loader splits the data without
-padding (``round_up=False``: a rank may get no image at all), and the exact fixed-point sums are all-reduced. A
-failure on one rank is raised on every rank instead of leaving the others waiting in a collective.
+thresholds, report and files for the same model and data. Two methods map statistics to per-class thresholds in
+``[alpha, beta]``: ``'cbt'``, CBT's min-max map of class margins (Görmez & Koyuncu, IEEE SPL 2024), and
+``'cbt-precision'``, the lowest threshold at which the pixels that stop as a class reach a target precision
+(:mod:`mmseg_cbt.calibration.precision`). The data pass and its distributed rules are in
+:mod:`mmseg_cbt.calibration.gather`.
 """
-import copy
 import os.path as osp
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
-from mmengine.utils import ProgressBar
 from torch import Tensor, nn
 
 from ..utils.io import OUTPUTS_KEY, atomic_file_set, read_json_outputs, write_json
+from .gather import (_check_early_exit, _unwrap, broadcast_model_state, build_calibration_dataloader,
+                     check_calibration_data, gather_class_prob_stats, gather_exit_stats)
+from .precision import DEFAULT_PRECISION_BINS, PRECISION_METHOD, PrecisionStats, precision_thresholds
 from .stats import ClassProbStats
 from .thresholds import _check_alpha_beta, cbt_thresholds, class_margins
 
 __all__ = [
-    'CalibrationResult', 'calibrate_and_report', 'gather_class_prob_stats', 'apply_calibration', 'calibration_report',
-    'calibration_result_from_model', 'build_calibration_dataloader', 'broadcast_model_state', 'check_calibration_data',
-    'write_calibration_outputs'
+    'CALIBRATION_METHODS', 'CalibrationResult', 'calibrate_and_report', 'gather_class_prob_stats', 'apply_calibration',
+    'calibration_report', 'calibration_result_from_model', 'build_calibration_dataloader', 'broadcast_model_state',
+    'check_calibration_data', 'write_calibration_outputs', 'check_calibration_method'
 ]
 
-_EE_API = ('inference_exits', 'restore_logits', 'num_exits', 'set_cbt_calibration')
+#: Threshold methods of the hook and tool: CBT's min-max map of margins, and the precision target.
+CALIBRATION_METHODS = ('cbt', PRECISION_METHOD)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if is_model_wrapper(model) else model
-
-
-def _check_early_exit(model: nn.Module) -> nn.Module:
-    model = _unwrap(model)
-    for attr in _EE_API:
-        if not hasattr(model, attr):
-            raise TypeError(f'{type(model).__name__} is not an early-exit segmentor (no {attr})')
-    return model
-
-
-def _exact_sampler(sampler: Optional[dict]) -> dict:
-    """The sampler config with every image read exactly once over all ranks (``round_up=False``)."""
-    sampler = dict(type='DefaultSampler', shuffle=False) if sampler is None else dict(sampler)
-    if sampler.get('type') in ('DefaultSampler', 'mmengine.DefaultSampler'):
-        if sampler.get('round_up', False):
-            raise ValueError('the calibration dataloader\'s DefaultSampler has round_up=True: it pads the split with '
-                             'repeated images, which would then be counted twice; use round_up=False')
-        sampler['round_up'] = False
-    elif 'Infinite' in str(sampler.get('type')):
-        raise ValueError(f'the calibration dataloader needs a finite sampler (DefaultSampler), got '
-                         f'{sampler.get("type")}')
-    return sampler
-
-
-def build_calibration_dataloader(cfg,
-                                 dataloader: Optional[dict] = None,
-                                 batch_size: int = 1,
-                                 num_workers: Optional[int] = None):
-    """Builds the calibration dataloader: by default the training split read with the test pipeline.
-
-    The sampler reads every image once over all ranks (``DefaultSampler`` with ``round_up=False``; an explicit
-    ``round_up=True`` is an error: it would count padded repeats), so statistics do not depend on the number of
-    ranks.
+def check_calibration_method(method: str,
+                             target: Optional[float] = None,
+                             alpha: float = 0.5,
+                             beta: float = 1.0) -> None:
+    """Checks a calibration method and its parameters before any work.
 
     Args:
-        cfg (Config): The full mmseg config (``train_dataloader`` and ``test_dataloader`` are read).
-        dataloader (dict, optional): An explicit dataloader config; used as given except for the sampler rule.
-        batch_size (int): Batch size of the default loader (1: images of different sizes never share a batch).
-        num_workers (int, optional): Workers of the default loader (default: the training loader's).
-
-    Returns:
-        DataLoader: Unshuffled, finite loader.
-    """
-    from mmengine.runner import Runner
-    if dataloader is None:
-        train = copy.deepcopy(cfg.train_dataloader)
-        test_loader = cfg.get('test_dataloader') or cfg.get('val_dataloader')
-        if 'pipeline' not in train.dataset or test_loader is None or 'pipeline' not in test_loader.dataset:
-            raise ValueError('cannot derive a calibration dataloader (training split with the test pipeline) from '
-                             'this config: the training dataset has no top-level pipeline (a wrapped dataset?) or '
-                             'there is no test/val dataloader; pass an explicit `dataloader` config')
-        train.dataset.pipeline = copy.deepcopy(test_loader.dataset.pipeline)
-        dataloader = dict(
-            batch_size=batch_size,
-            num_workers=train.get('num_workers', 0) if num_workers is None else num_workers,
-            persistent_workers=False,
-            sampler=None,
-            dataset=train.dataset)
-    dataloader = copy.deepcopy(dict(dataloader))
-    dataloader['sampler'] = _exact_sampler(dataloader.get('sampler'))
-    if not dataloader.get('num_workers'):
-        dataloader['persistent_workers'] = False  # torch refuses persistent workers without workers
-    try:
-        return Runner.build_dataloader(dataloader)
-    except ValueError as e:
-        # mmengine's BaseDataset cannot serialise an empty file list and fails with numpy's message
-        if 'need at least one array to concatenate' not in str(e):
-            raise
-        ds = dataloader.get('dataset', {})
-        raise ValueError(f'the calibration dataset is empty: {ds.get("type")}(data_root={ds.get("data_root")!r}, '
-                         f'data_prefix={ds.get("data_prefix")!r}) has no image; CBT thresholds need labelled '
-                         'training pixels') from e
-
-
-def _dataset_description(dataset) -> str:
-    root = getattr(dataset, 'data_root', None)
-    prefix = getattr(dataset, 'data_prefix', None)
-    return f'{type(dataset).__name__}(data_root={root!r}, data_prefix={prefix!r})'
-
-
-def check_calibration_data(dataloader, model: nn.Module, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """Checks calibration data against the model before any work: not empty, class names matching the model's
-    class count, and the first sample readable.
-
-    Args:
-        dataloader: The calibration dataloader (its ``dataset`` is read).
-        model (nn.Module): The early-exit segmentor (possibly wrapped).
-        class_names (Sequence[str], optional): Names to check instead of the dataset's ``metainfo['classes']``.
-
-    Returns:
-        list[str]: The class names (K of them).
+        method (str): One of :data:`CALIBRATION_METHODS`.
+        target (float, optional): ``'cbt-precision'``: target precision in (0, 1].
+        alpha (float): Lower end of the range.
+        beta (float): Upper end of the range.
 
     Raises:
-        ValueError: Empty dataset, or a class count that differs from the model's.
+        ValueError: Naming the option, its value and what is allowed.
     """
-    model = _check_early_exit(model)
-    dataset = getattr(dataloader, 'dataset', None)
-    if dataset is None:
-        raise TypeError(f'the calibration dataloader has no dataset ({type(dataloader).__name__})')
-    if len(dataset) == 0:
-        raise ValueError(f'the calibration dataset is empty: {_dataset_description(dataset)} has no image; CBT '
-                         'thresholds need labelled training pixels')
-    if class_names is None:
-        class_names = list(getattr(dataset, 'metainfo', {}).get('classes', []) or [])
-    class_names = [str(c) for c in class_names]
-    if len(class_names) != model.num_classes:
-        raise ValueError(f'num_classes mismatch: the calibration dataset {_dataset_description(dataset)} has '
-                         f'{len(class_names)} classes, the model {model.num_classes}')
-    dataset[0]  # a missing or unreadable image fails here, not after training
-    return class_names
-
-
-def broadcast_model_state(model: nn.Module, src: int = 0) -> None:
-    """Makes every rank hold rank ``src``'s model: its parameters and buffers are broadcast in place.
-
-    Under DDP the parameters agree anyway, but buffers need not (BN running statistics with
-    ``broadcast_buffers=False`` and plain BN). Tensors are sent coalesced per dtype and device, as mmengine's
-    buffer-sync utilities do. No-op outside distributed runs.
-
-    Args:
-        model (nn.Module): The model (possibly wrapped).
-        src (int): The rank whose state is kept (0: the one that saves checkpoints).
-    """
-    from mmengine import dist
-    if dist.get_world_size() <= 1:
-        return
-    model = _unwrap(model)
-    seen, groups = set(), {}
-    for t in chain(model.parameters(), model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        groups.setdefault((t.dtype, t.device), []).append(t.data)
-    for (dtype, _), tensors in groups.items():  # module order: the same on every rank, as collectives require
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        wire = flat.to(torch.uint8) if dtype == torch.bool else flat  # gloo has no bool collectives
-        dist.broadcast(wire, src=src)
-        flat = wire.to(dtype) if dtype == torch.bool else wire
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def _agree_on_failure(error: Optional[BaseException]) -> None:
-    """Raises on every rank when any rank failed (so no rank waits forever in the next collective)."""
-    from mmengine import dist
-    if dist.get_world_size() > 1:
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-        dist.all_reduce(flag, op='max')
-        if error is None and int(flag):
-            raise RuntimeError('CBT calibration failed on another rank (see that rank\'s log)')
-    if error is not None:
-        raise error
-
-
-@torch.no_grad()
-def gather_class_prob_stats(model: nn.Module,
-                            dataloader,
-                            max_batches: Optional[int] = None,
-                            progress: bool = True,
-                            sync_model: bool = True) -> ClassProbStats:
-    """Per exit, per ground-truth class sums of softmax vectors and pixel counts over a dataloader.
-
-    The exit logits are computed densely (nothing stops while calibrating) and brought to the label's size exactly
-    the way the segmentor predicts (resize to the input, remove padding, undo flip, resize to ``ori_shape``), so the
-    statistics describe the probabilities the model's predictions are made from. Runs in eval mode under
-    ``no_grad`` and restores the training mode afterwards. Sums are exact fixed-point integers, all-reduced across
-    ranks, so any split of the data over ranks gives bit-for-bit the same result. Distributed, every rank first
-    takes rank 0's parameters and buffers (``sync_model``) and a rank may receive no batch at all.
-
-    Args:
-        model (nn.Module): An :class:`EarlyExitEncoderDecoder` (possibly wrapped).
-        dataloader: Yields mmseg batches with ``gt_sem_seg``.
-        max_batches (int, optional): Stop after this many batches (per rank).
-        progress (bool): Show a progress bar on the main process.
-        sync_model (bool): Broadcast rank 0's model state first (see :func:`broadcast_model_state`).
-
-    Returns:
-        ClassProbStats: The all-reduced statistics.
-
-    Raises:
-        ValueError: An empty dataloader, ``max_batches < 1``, or no labelled pixel on any rank.
-    """
-    model = _check_early_exit(model)
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f'max_batches must be >= 1 or None, got {max_batches}')
-    dataset = getattr(dataloader, 'dataset', None)
-    size = len(dataset) if dataset is not None else (len(dataloader) if hasattr(dataloader, '__len__') else None)
-    if size == 0:  # the whole split (the same on every rank), not this rank's share
-        raise ValueError('the calibration dataloader is empty: no training pixels to compute thresholds from')
-    if sync_model:
-        broadcast_model_state(model)
-    ignore_index = getattr(model.decode_head, 'ignore_index', 255)
-    # shapes up front: a rank without a batch still takes part in the all-reduce
-    stats = ClassProbStats(model.num_exits, model.num_classes, ignore_index=ignore_index)
-    try:
-        total = len(dataloader)
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    was_training = model.training
-    model.eval()
-    bar = ProgressBar(total) if progress and is_main_process() and total else None
-    error = None
-    try:
-        for i, data in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            data = model.data_preprocessor(data, False)
-            samples = data['data_samples']
-            metas = [s.metainfo for s in samples]
-            exit_logits = model.inference_exits(data['inputs'], metas, exit_mode='dense')
-            for j, sample in enumerate(samples):
-                restored = [model.restore_logits(lg[j:j + 1], metas[j]).unsqueeze(0) for lg in exit_logits]
-                stats.update(restored, sample.gt_sem_seg.data.to(restored[0].device).long())
-            if bar is not None:
-                bar.update()
-    except Exception as e:  # raised below on every rank
-        error = e
-    finally:
-        model.train(was_training)
-    _agree_on_failure(error)
-    stats.release_buffers()
-    stats.all_reduce()
-    if int(stats.counts.sum()) == 0:
-        raise ValueError('the calibration data holds no labelled pixel (every label is ignore_index or outside '
-                         f'[0, {model.num_classes})): CBT thresholds cannot be computed')
-    return stats
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f'method must be one of {CALIBRATION_METHODS}, got {method!r}')
+    if method == PRECISION_METHOD:
+        from .precision import check_precision_options
+        check_precision_options(target, alpha, beta)
 
 
 def apply_calibration(model: nn.Module,
@@ -302,9 +88,18 @@ def apply_calibration(model: nn.Module,
     return thr
 
 
-def calibration_report(thresholds: torch.Tensor, class_mean_probs: torch.Tensor, counts: torch.Tensor, alpha: float,
-                       beta: float, class_names: Sequence[str]) -> Dict[str, Any]:
-    """A JSON-serialisable summary: per class its pixel count, margin, threshold(s) and per-exit mean softmax."""
+def calibration_report(thresholds: torch.Tensor,
+                       class_mean_probs: torch.Tensor,
+                       counts: torch.Tensor,
+                       alpha: float,
+                       beta: float,
+                       class_names: Sequence[str],
+                       method: str = 'cbt') -> Dict[str, Any]:
+    """A JSON-serialisable summary: per class its pixel count, margin, threshold(s) and per-exit mean softmax.
+
+    ``method`` (``'cbt'`` or ``'cbt-precision'``) names the report's ``method``: ``CBT`` / ``CBT-ns`` (thresholds
+    shared by the exits or per exit) for the first, ``cbt-precision`` / ``cbt-precision-ns`` for the second.
+    """
     share = thresholds.dim() == 1
     margins = class_margins(class_mean_probs.mean(dim=0))
     classes = []
@@ -320,13 +115,18 @@ def calibration_report(thresholds: torch.Tensor, class_mean_probs: torch.Tensor,
     order = sorted(
         range(len(class_names)), key=lambda k: float(thresholds[k]) if share else float(thresholds[:, k].mean()))
     return dict(
-        method='CBT' if share else 'CBT-ns',
+        method=_method_name(method, share),
         alpha=alpha,
         beta=beta,
         share_exits=share,
         num_exits=int(class_mean_probs.shape[0]),
         class_order_easy_to_hard=[class_names[k] for k in order],
         classes=classes)
+
+
+def _method_name(method: str, share: bool) -> str:
+    base = 'CBT' if method == 'cbt' else method
+    return base if share else base + '-ns'
 
 
 @dataclass
@@ -370,7 +170,8 @@ def calibration_result_from_model(model: nn.Module,
                                   class_names: Sequence[str],
                                   alpha: float,
                                   beta: float,
-                                  extra_report: Optional[Dict[str, Any]] = None) -> CalibrationResult:
+                                  extra_report: Optional[Dict[str, Any]] = None,
+                                  method: str = 'cbt') -> CalibrationResult:
     """The calibration a model already holds (its ``cbt_*`` buffers), as :func:`calibrate_and_report` returns it.
 
     Args:
@@ -379,6 +180,7 @@ def calibration_result_from_model(model: nn.Module,
         alpha (float): The range it was calibrated with (the buffers hold it in float32 only).
         beta (float): See ``alpha``.
         extra_report (dict, optional): Fields added to the report.
+        method (str): The method the thresholds were computed with (the buffers do not record it).
 
     Returns:
         CalibrationResult: Thresholds ((K,) when shared), statistics and report.
@@ -391,7 +193,7 @@ def calibration_result_from_model(model: nn.Module,
         thr = thr[0]
     mean_probs, counts = model.cbt_class_mean_probs.cpu().clone(), model.cbt_class_counts.cpu().clone()
     class_names = [str(c) for c in class_names]
-    report = calibration_report(thr, mean_probs, counts, float(alpha), float(beta), class_names)
+    report = calibration_report(thr, mean_probs, counts, float(alpha), float(beta), class_names, method)
     report.update(extra_report or {})
     return CalibrationResult(thr, mean_probs, counts, float(alpha), float(beta), class_names, report)
 
@@ -453,7 +255,10 @@ def calibrate_and_report(model: nn.Module,
                          plot_file: Optional[str] = None,
                          extra_report: Optional[Dict[str, Any]] = None,
                          extra_files: Optional[Dict[str, Callable[[str], None]]] = None,
-                         logger: Optional[str] = 'current') -> CalibrationResult:
+                         logger: Optional[str] = 'current',
+                         method: str = 'cbt',
+                         target: Optional[float] = None,
+                         num_bins: int = DEFAULT_PRECISION_BINS) -> CalibrationResult:
     """Calibrates CBT thresholds of an early-exit model and reports them: gather statistics (or take those stored
     in the model), compute thresholds, store them in the model's buffers, log them, and write JSON and chart.
 
@@ -475,12 +280,22 @@ def calibrate_and_report(model: nn.Module,
         extra_report (dict, optional): Fields added to the report (e.g. the iteration).
         extra_files (dict, optional): Further files of the set, see :func:`write_calibration_outputs`.
         logger (str, optional): mmengine logger name for the summary (None: print).
+        method (str): ``'cbt'`` (CBT's min-max map of class margins) or ``'cbt-precision'`` (per exit and class the
+            lowest threshold whose stopped training pixels reach precision ``target``, clipped into ``[alpha, beta]``;
+            its histograms are gathered in the same pass and not stored, so ``from_stats`` is refused).
+        target (float, optional): ``'cbt-precision'``: the target precision in (0, 1].
+        num_bins (int): ``'cbt-precision'``: confidence bins of the histograms (a power of two).
 
     Returns:
         CalibrationResult: Thresholds, statistics and report.
     """
     _check_alpha_beta(alpha, beta)
+    check_calibration_method(method, target, alpha, beta)
     model = _check_early_exit(model)
+    precision = method == PRECISION_METHOD
+    if precision and from_stats:
+        raise ValueError(f'method={PRECISION_METHOD!r} needs a pass over the calibration data (its confidence '
+                         'histograms are not stored in the checkpoint): drop from_stats / --from-stats')
     if from_stats:
         if not model.is_calibrated or int(model.cbt_class_counts.sum()) == 0:
             raise RuntimeError('the model holds no calibration statistics: gather them from data first '
@@ -492,14 +307,28 @@ def calibrate_and_report(model: nn.Module,
         if dataloader is None:
             raise ValueError('a calibration dataloader is needed unless from_stats=True')
         class_names = check_calibration_data(dataloader, model, class_names)
-        stats = gather_class_prob_stats(model, dataloader, max_batches, progress=progress)
+        if precision:
+            ignore_index = getattr(model.decode_head, 'ignore_index', 255)
+            stats = ClassProbStats(model.num_exits, model.num_classes, ignore_index=ignore_index)
+            hist = PrecisionStats(model.num_exits, model.num_classes, num_bins, ignore_index)
+            gather_exit_stats(model, dataloader, [stats, hist], max_batches, progress=progress)
+            if int(stats.counts.sum()) == 0:
+                raise ValueError('the calibration data holds no labelled pixel: thresholds cannot be computed')
+        else:
+            stats = gather_class_prob_stats(model, dataloader, max_batches, progress=progress)
         mean_probs, counts = stats.class_mean_probs(), stats.counts
     if class_names is None or len(class_names) != model.num_classes:
         raise ValueError(f'{model.num_classes} class names are needed, got '
                          f'{None if class_names is None else len(class_names)}')
     class_names = [str(c) for c in class_names]
-    thr = apply_calibration(model, mean_probs, counts, alpha, beta, share_exits, class_names)
-    report = calibration_report(thr, mean_probs, counts, float(alpha), float(beta), class_names)
+    if precision:
+        thr = precision_thresholds(hist, target, alpha, beta, share_exits=share_exits, class_names=class_names)
+        model.set_cbt_calibration(thr, alpha, beta, class_mean_probs=mean_probs, class_counts=counts)
+    else:
+        thr = apply_calibration(model, mean_probs, counts, alpha, beta, share_exits, class_names)
+    report = calibration_report(thr, mean_probs, counts, float(alpha), float(beta), class_names, method)
+    if precision:
+        report.update(target=float(target), precision_bins=int(num_bins))
     report.update(extra_report or {})
     result = CalibrationResult(thr, mean_probs, counts, float(alpha), float(beta), class_names, report)
     print_log('[CBT] ' + result.summary(), logger=logger)

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .exit_stats import ExactExitStats
+
 __all__ = ['ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS']
 
 #: Fractional bits of the fixed-point sums: each softmax value is stored in units of ``2**-FRAC_BITS``.
@@ -46,7 +48,7 @@ _JSON_FORMAT = 'mmseg_cbt.ClassProbStats'
 _JSON_VERSION = 1
 
 
-class ClassProbStats:
+class ClassProbStats(ExactExitStats):
     """Per exit, per ground-truth class sums of softmax vectors and pixel counts, exact and mergeable.
 
     Shapes: fixed-point sums ``(N exits, K classes, K)`` int64; counts ``(K,)`` int64 (the same pixels
@@ -67,40 +69,23 @@ class ClassProbStats:
                  num_exits: Optional[int] = None,
                  num_classes: Optional[int] = None,
                  ignore_index: int = 255) -> None:
-        self.ignore_index = int(ignore_index)
         self._sums: Optional[Tensor] = None  # (N, K, K) int64, units of 2**-FRAC_BITS
         self._counts: Optional[Tensor] = None  # (K,) int64
         self._work: Optional[Tuple[Tensor, Tensor]] = None  # scratch buffers of update()
-        if (num_exits is None) != (num_classes is None):
-            raise ValueError('give both num_exits and num_classes, or neither')
-        if num_exits is not None:
-            self._allocate(int(num_exits), int(num_classes))
+        super().__init__(num_exits, num_classes, ignore_index)
 
     # ------------------------------------------------------------------ properties
     def _allocate(self, num_exits: int, num_classes: int) -> None:
-        if num_exits < 1 or num_classes < 1:
-            raise ValueError(f'num_exits and num_classes must be >= 1, got {num_exits} and {num_classes}')
         self._sums = torch.zeros(num_exits, num_classes, num_classes, dtype=torch.int64)
         self._counts = torch.zeros(num_classes, dtype=torch.int64)
 
-    @property
-    def initialized(self) -> bool:
-        """bool: Whether the shapes are known (given up front or by a first update)."""
-        return self._sums is not None
+    def _tensors(self) -> List[Tensor]:
+        return [self._sums, self._counts]
 
-    def _require_initialized(self) -> None:
-        if not self.initialized:
-            raise RuntimeError('ClassProbStats is empty: call update() first or pass num_exits/num_classes')
-
-    @property
-    def num_exits(self) -> Optional[int]:
-        """int | None: Number of exits N (None before the first update)."""
-        return None if self._sums is None else self._sums.shape[0]
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        """int | None: Number of classes K (None before the first update)."""
-        return None if self._sums is None else self._sums.shape[1]
+    def _check_sums(self) -> None:
+        if int(self._counts.max()) >= MAX_PIXELS_PER_CLASS:
+            raise OverflowError(f'a class has more than {MAX_PIXELS_PER_CLASS} pixels: the fixed-point sums '
+                                'overflowed')
 
     @property
     def counts(self) -> Tensor:
@@ -147,48 +132,18 @@ class ClassProbStats:
                 with earlier updates.
             OverflowError: If a class would exceed :data:`MAX_PIXELS_PER_CLASS` pixels.
         """
-        if isinstance(exit_logits, Tensor) and exit_logits.ndim == 4:
-            raise ValueError('exit_logits must be a sequence of (B, K, H, W) tensors, one per exit (got a single '
-                             '4-D tensor; wrap it in a list for a single exit)')
-        exit_logits = list(exit_logits)
-        if not exit_logits:
-            raise ValueError('exit_logits is empty')
-        shape = tuple(exit_logits[0].shape)
-        if len(shape) != 4:
-            raise ValueError(f'each exit logit must be (B, K, H, W), got {shape} at exit 0')
-        for n, logit in enumerate(exit_logits):
-            if tuple(logit.shape) != shape:
-                raise ValueError(f'exit {n} logits have shape {tuple(logit.shape)}, exit 0 has {shape}')
-            if not logit.is_floating_point():
-                raise ValueError(f'exit {n} logits must be floating point, got {logit.dtype}')
-        batch, num_classes, height, width = shape
+        exit_logits, labels = self._check_batch(exit_logits, labels)
+        batch, num_classes, height, width = exit_logits[0].shape
         num_exits = len(exit_logits)
-        if self.initialized and (num_exits, num_classes) != (self.num_exits, self.num_classes):
-            raise ValueError(f'got {num_exits} exits with K={num_classes} classes, but these statistics hold '
-                             f'{self.num_exits} exits with K={self.num_classes}')
-        if not isinstance(labels, Tensor):
-            raise ValueError(f'labels must be a tensor, got {type(labels).__name__}')
-        if labels.ndim == 4 and labels.shape[1] == 1:
-            labels = labels[:, 0]  # mmseg stacks gt_sem_seg as (B, 1, H, W)
-        if tuple(labels.shape) != (batch, height, width):
-            raise ValueError(f'labels have shape {tuple(labels.shape)}, expected (B, H, W) = '
-                             f'{(batch, height, width)} to match the logits {shape}')
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f'labels must be an integer tensor, got {labels.dtype}')
-
         device = exit_logits[0].device
-        labels = labels.to(device=device, dtype=torch.int64).reshape(batch, height * width)
-        valid = (labels >= 0) & (labels < num_classes)  # also drops ignore_index whenever it is >= K (255)
-        if 0 <= self.ignore_index < num_classes:
-            valid &= labels != self.ignore_index
+        labels = labels.reshape(batch, height * width)
+        valid = self._valid_labels(labels)
         # Excluded pixels get label K: they land in an extra column K of the sums, which is dropped below.
         labels = torch.where(valid, labels, torch.full_like(labels, num_classes))
         batch_counts = torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes].cpu()
-        if self.initialized:
-            new_counts = self._counts + batch_counts
-            if int(new_counts.max()) >= MAX_PIXELS_PER_CLASS:
-                raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels, the int64 fixed-point '
-                                    f'limit at 2**-{FRAC_BITS} resolution')
+        if int((self._counts + batch_counts).max()) >= MAX_PIXELS_PER_CLASS:
+            raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels, the int64 fixed-point limit '
+                                f'at 2**-{FRAC_BITS} resolution')
 
         num_pixels = height * width
         cols = max(1, min(num_pixels, _CHUNK_ELEMENTS // num_classes))
@@ -209,73 +164,8 @@ class ClassProbStats:
                     fixed.copy_(chunk)
                     sums_t[n].index_add_(1, labels[b, start:stop], fixed)  # [channel c, true class k]
         sums = sums_t[:, :, :num_classes].transpose(1, 2)  # [exit, true class k, channel c]
-        if not self.initialized:
-            self._allocate(num_exits, num_classes)
         self._sums += sums.cpu()
         self._counts += batch_counts
-
-    def merge(self, other: 'ClassProbStats') -> 'ClassProbStats':
-        """Adds another instance's statistics into this one (in-process equivalent of :meth:`all_reduce`).
-
-        Args:
-            other (ClassProbStats): Statistics over other pixels, same N and K (or empty).
-
-        Returns:
-            ClassProbStats: ``self``, for chaining.
-
-        Raises:
-            ValueError: If N or K differ.
-        """
-        if not isinstance(other, ClassProbStats):
-            raise TypeError(f'can only merge ClassProbStats, got {type(other).__name__}')
-        if not other.initialized:
-            return self
-        if not self.initialized:
-            self._allocate(other.num_exits, other.num_classes)
-        elif (self.num_exits, self.num_classes) != (other.num_exits, other.num_classes):
-            raise ValueError(f'cannot merge statistics of {other.num_exits} exits / K={other.num_classes} into '
-                             f'{self.num_exits} exits / K={self.num_classes}')
-        if int((self._counts + other._counts).max()) >= MAX_PIXELS_PER_CLASS:
-            raise OverflowError(f'a class would exceed {MAX_PIXELS_PER_CLASS} pixels')
-        self._sums += other._sums
-        self._counts += other._counts
-        return self
-
-    def all_reduce(self) -> 'ClassProbStats':
-        """Sums the statistics over all distributed ranks, in place (no-op when not distributed).
-
-        Uses ``mmengine.dist.all_reduce(..., op='sum')`` on the int64 tensors, so the result is bit-for-bit the
-        single-process result. Every rank must call it, exactly once per gathering (a second call would count
-        everything again). All ranks must hold the same N and K; this is checked first, collectively, so a
-        mismatch raises on every rank instead of hanging.
-
-        Returns:
-            ClassProbStats: ``self``, for chaining.
-        """
-        from mmengine import dist  # lazy: the rest of this module needs only torch
-
-        if dist.get_world_size() <= 1:
-            return self
-        n, k = (self.num_exits, self.num_classes) if self.initialized else (0, 0)
-        shape = torch.tensor([n, k, -n, -k], dtype=torch.int64)
-        dist.all_reduce(shape, op='max')  # -> (max N, max K, -min N, -min K)
-        lo_hi = shape.tolist()
-        if lo_hi[0] != -lo_hi[2] or lo_hi[1] != -lo_hi[3] or not self.initialized:
-            raise RuntimeError(f'ClassProbStats.all_reduce: ranks disagree on (num_exits, num_classes) (this rank '
-                               f'{(n, k)}, max {(lo_hi[0], lo_hi[1])}, min {(-lo_hi[2], -lo_hi[3])}); '
-                               f'pass num_exits/num_classes up front if a rank may see no data')
-        dist.all_reduce(self._sums, op='sum')
-        dist.all_reduce(self._counts, op='sum')
-        if int(self._counts.max()) >= MAX_PIXELS_PER_CLASS:  # same verdict on every rank
-            raise OverflowError(f'after all_reduce a class has more than {MAX_PIXELS_PER_CLASS} pixels: the '
-                                f'fixed-point sums overflowed')
-        return self
-
-    def reset(self) -> None:
-        """Zeroes the sums and counts, keeping N and K."""
-        if self.initialized:
-            self._sums.zero_()
-            self._counts.zero_()
 
     # ------------------------------------------------------------------ results
     def class_mean_probs(self) -> Tensor:

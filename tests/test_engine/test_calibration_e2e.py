@@ -137,7 +137,8 @@ def test_hook_in_runner_then_test_with_stop_masks(toy_cfg, tiny_city, tmp_path):
     assert torch.equal(sd['cbt_thresholds'], thr.expand(4, 19).float())
     assert float(thr.min()) == pytest.approx(0.9) and float(thr.max()) == pytest.approx(0.998)
     assert report['iteration'] == ckpt['meta']['iter'] == 2
-    assert ckpt['meta']['cbt_calibration'] == dict(iteration=2, alpha=0.9, beta=0.998, share_exits=True, method='CBT')
+    assert ckpt['meta']['cbt_calibration'] == dict(
+        iteration=2, alpha=0.9, beta=0.998, share_exits=True, method='CBT', calibration_method='cbt', target=None)
     assert sorted(report['outputs']) == ['cbt_calibration.json', 'cbt_thresholds.png']
     assert osp.getsize(tmp_path / 'train' / 'cbt_thresholds.png') > 1000
     assert sd['cbt_class_counts'].tolist() == [c['count'] for c in report['classes']]
@@ -152,6 +153,24 @@ def test_hook_in_runner_then_test_with_stop_masks(toy_cfg, tiny_city, tmp_path):
     for n in range(1, 5):
         assert f'exit{n}.mIoU' in metrics
     assert metrics['mIoU'] == metrics['exit4.mIoU']
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(method='cbt-precision', alpha=0.4, beta=0.99), r'alpha must be in \[0.5, 1\]'),
+    (dict(method='cbt-precision', target=1.5, alpha=0.5, beta=0.99), r'target precision must be in \(0, 1\]'),
+    (dict(method='cbt', target=0.9), 'only used with'),
+    (dict(method='minmax'), 'method must be one of'),
+])
+def test_hook_method_options_checked_at_build(kw, match):
+    from mmseg_cbt.engine.hooks import CBTCalibrationHook
+    with pytest.raises(ValueError, match=match):
+        CBTCalibrationHook(**kw)
+    hook = CBTCalibrationHook(method='cbt-precision', alpha=0.5, beta=0.999)
+    assert hook.target == 0.99  # the documented default
+    record = dict(iteration=2, alpha=0.5, beta=0.999, share_exits=True, calibration_method='cbt', target=None)
+    assert not hook._matches(record, dict(iteration=2))  # a CBT calibration is not this hook's: recalibrate
+    record.update(calibration_method='cbt-precision', target=0.99)
+    assert hook._matches(record, dict(iteration=2))
 
 
 def test_empty_calibration_data_fails_before_training(toy_cfg, tiny_city, tmp_path):

@@ -65,12 +65,48 @@ def test_calibrate_tool_never_overwrites_and_remaps(trained, tmp_path):
         calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--from-stats'])
 
 
+def test_calibrate_tool_precision_method(trained, tmp_path):
+    """--method cbt-precision: the stored thresholds equal precision_thresholds of histograms gathered directly, and
+    the JSON names the method and target."""
+    from mmengine.config import Config
+
+    from mmseg.registry import MODELS
+
+    from mmseg_cbt.calibration import PrecisionStats, precision_thresholds
+    from mmseg_cbt.calibration.calibrate import build_calibration_dataloader
+    from mmseg_cbt.calibration.gather import gather_exit_stats
+    from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
+    calibrate = _tool('calibrate.py')
+    cfg_file, src = trained
+    out = calibrate.main([
+        cfg_file, src, '--method', 'cbt-precision', '--target', '0.6', '--alpha', '0.5', '--beta', '0.999',
+        '--no-share', '--no-plot', '--out',
+        str(tmp_path / 'p.pth')
+    ])
+    sd = torch.load(out, map_location='cpu', weights_only=False)['state_dict']
+    cfg = Config.fromfile(cfg_file)
+    model = MODELS.build(cfg.model)
+    load_checkpoint_strict(model, src, logger=None)
+    stats = PrecisionStats(model.num_exits, model.num_classes)
+    gather_exit_stats(model, build_calibration_dataloader(cfg), [stats], progress=False)
+    want = precision_thresholds(stats, 0.6, 0.5, 0.999)
+    assert torch.equal(sd['cbt_thresholds'], want)
+    assert not bool(sd['cbt_share_exits'])
+    report = json.load(open(tmp_path / 'p_calibration.json'))
+    assert report['method'] == 'cbt-precision-ns' and report['target'] == 0.6
+    assert report['classes'][0]['threshold'] == [float(t) for t in want[:, 0]]
+
+
 @pytest.mark.parametrize('args, match', [
     (['--alpha', '0.99', '--beta', '0.9'], '--alpha must be <= --beta'),
     (['--alpha', 'nan', '--beta', '0.9'], 'argument --alpha: .*outside'),
     (['--alpha', '0.9', '--beta', '2'], 'argument --beta: .*outside'),
     (['--alpha', 'abc', '--beta', '0.9'], 'argument --alpha: .*not a number'),
     (['--alpha', '0.9', '--beta', '0.99', '--max-batches', '0'], 'argument --max-batches: .*not >= 1'),
+    (['--alpha', '0.4', '--beta', '0.99', '--method', 'cbt-precision'], 'needs --alpha >= 0.5'),
+    (['--alpha', '0.9', '--beta', '0.99', '--target', '0.9'], '--target is only used with'),
+    (['--alpha', '0.9', '--beta', '0.99', '--method', 'cbt-precision', '--from-stats'], 'drop --from-stats'),
+    (['--alpha', '0.9', '--beta', '0.99', '--method', 'bogus'], 'invalid choice'),
 ])
 def test_calibrate_tool_option_errors(trained, capsys, args, match):
     import re

@@ -13,7 +13,7 @@ from mmseg.registry import HOOKS
 
 from mmseg_cbt.calibration.calibrate import (CalibrationResult, build_calibration_dataloader, calibrate_and_report,
                                              calibration_result_from_model, check_calibration_data,
-                                             write_calibration_outputs)
+                                             check_calibration_method, write_calibration_outputs)
 from mmseg_cbt.calibration.thresholds import _check_alpha_beta
 
 __all__ = ['CBTCalibrationHook']
@@ -54,6 +54,10 @@ class CBTCalibrationHook(Hook):
         alpha (float): Threshold of the easiest class, in (0, 1].
         beta (float): Threshold of the hardest class, in [alpha, 1].
         share_exits (bool): CBT (True, one threshold vector for all exits) or CBT-ns (False, one per exit).
+        method (str): ``'cbt'`` (CBT's min-max map of class margins) or ``'cbt-precision'`` (per class the lowest
+            threshold whose stopped training pixels are correct with precision ``target``, clipped into
+            ``[alpha, beta]``; alpha >= 0.5).
+        target (float, optional): The target precision of ``'cbt-precision'``, in (0, 1]. Defaults to 0.99.
         interval (int): Also calibrate every ``interval`` iterations/epochs; -1 = only at the end.
         dataloader (dict, optional): Dataloader config; default: the training split with the test pipeline.
         max_batches (int, optional): Bound on the batches read per rank (default: the whole split).
@@ -71,8 +75,18 @@ class CBTCalibrationHook(Hook):
                  dataloader: Optional[dict] = None,
                  max_batches: Optional[int] = None,
                  plot: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True,
+                 method: str = 'cbt',
+                 target: Optional[float] = None) -> None:
         _check_alpha_beta(alpha, beta)
+        if method == 'cbt-precision' and target is None:
+            target = 0.99
+        try:
+            check_calibration_method(method, target, alpha, beta)
+        except ValueError as e:
+            raise ValueError(f'CBTCalibrationHook: {e}') from None
+        if method == 'cbt' and target is not None:
+            raise ValueError(f"CBTCalibrationHook: target={target!r} is only used with method='cbt-precision'")
         if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f'CBTCalibrationHook: max_batches must be an integer >= 1 or None, got {max_batches!r}')
         if not isinstance(interval, int) or (interval < 1 and interval != -1):
@@ -81,6 +95,8 @@ class CBTCalibrationHook(Hook):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.share_exits = bool(share_exits)
+        self.method = method
+        self.target = None if target is None else float(target)
         self.interval = interval
         self.dataloader_cfg = dataloader
         self.max_batches = max_batches
@@ -112,7 +128,8 @@ class CBTCalibrationHook(Hook):
     def _matches(self, record: Optional[Dict[str, Any]], state: Dict[str, int]) -> bool:
         return (record is not None and record.get('iteration') == state['iteration']
                 and record.get('alpha') == self.alpha and record.get('beta') == self.beta
-                and record.get('share_exits') == self.share_exits)
+                and record.get('share_exits') == self.share_exits
+                and record.get('calibration_method', 'cbt') == self.method and record.get('target') == self.target)
 
     def _prepare(self, runner) -> None:
         if self._loader is None:
@@ -169,7 +186,7 @@ class CBTCalibrationHook(Hook):
             # resumed at the end: the checkpoint already holds this calibration; the JSON is rebuilt from it
             self._prepare(runner)
             self._result = calibration_result_from_model(
-                model, self._class_names, self.alpha, self.beta, extra_report=state)
+                model, self._class_names, self.alpha, self.beta, extra_report=state, method=self.method)
             self._record, self._written = dict(self._loaded), False
             print_log(
                 f'[CBTCalibrationHook] the checkpoint of iteration {state["iteration"]} already holds this '
@@ -211,10 +228,18 @@ class CBTCalibrationHook(Hook):
             self._class_names,
             self.max_batches,
             progress=self.progress,
-            extra_report=state)
+            extra_report=state,
+            method=self.method,
+            target=self.target)
         self._result, self._written = result, False
         self._record = dict(
-            state, alpha=self.alpha, beta=self.beta, share_exits=self.share_exits, method=result.report['method'])
+            state,
+            alpha=self.alpha,
+            beta=self.beta,
+            share_exits=self.share_exits,
+            method=result.report['method'],
+            calibration_method=self.method,
+            target=self.target)
         return result
 
     def _calibrate_deferring_errors(self, runner, state: Dict[str, int]) -> None:
