@@ -23,11 +23,11 @@ class PackedConv:
     """A conv prepared for masked inference: both the GEMM matrix and the dense weight.
 
     Attributes:
-        weight: ``(Cout, Cin, k, k)`` contiguous weight, used by the dense fallback.
-        wmat: ``(k*k*Cin, Cout)`` GEMM matrix, used by the sparse path.
-        bias: ``(Cout,)`` or None.
-        stride: 1 or 2.
-        padding: Zero padding.
+        weight (Tensor): ``(Cout, Cin, k, k)`` contiguous weight, used by the dense fallback.
+        wmat (Tensor): ``(k*k*Cin, Cout)`` GEMM matrix, used by the sparse path.
+        bias (Tensor, optional): ``(Cout,)``.
+        stride (int): 1 or 2.
+        padding (int): Zero padding.
     """
 
     weight: Tensor
