@@ -84,36 +84,58 @@ def default_dataset_meta(num_classes: int) -> dict:
     return dict(classes=get_classes(name), palette=get_palette(name))
 
 
-def main(argv: Optional[List[str]] = None):
-    """Runs the demo; returns the prediction (a ``SegDataSample`` with the exit outputs)."""
-    args = parse_args(argv)
-    import mmcv
+def load_model(config: str,
+               checkpoint: str,
+               device: str = 'cpu',
+               exit_mode: Optional[str] = None,
+               threshold: Optional[float] = None,
+               cfg_options: Optional[dict] = None):
+    """The early-exit model of ``config`` with ``checkpoint`` loaded strictly, in eval mode, with ``dataset_meta``.
+
+    Args:
+        config (str): Config file.
+        checkpoint (str): Checkpoint file.
+        device (str): Device.
+        exit_mode (str, optional): Overrides ``test_cfg.exit_mode``.
+        threshold (float, optional): Sets ``test_cfg.<exit_mode>_threshold``.
+        cfg_options (dict, optional): Config overrides.
+    """
     from mmengine.config import Config
 
-    from mmseg.apis import inference_model, init_model
+    from mmseg.apis import init_model
     from mmseg.utils import register_all_modules
 
     import mmseg_cbt  # noqa: F401
     from mmseg_cbt.models.segmentors.options import check_stop_options
     from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
-    from mmseg_cbt.visualization import EarlyExitSegLocalVisualizer
 
     register_all_modules()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.exit_mode is not None:
-        cfg.model.test_cfg.exit_mode = args.exit_mode
-    if args.threshold is not None:
-        cfg.model.test_cfg[f'{args.exit_mode}_threshold'] = args.threshold
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if exit_mode is not None:
+        cfg.model.test_cfg.exit_mode = exit_mode
+    if threshold is not None:
+        cfg.model.test_cfg[f'{exit_mode}_threshold'] = threshold
     check_stop_options(cfg.model.get('test_cfg', None), 'test_cfg')
-    model = init_model(cfg, None, device=args.device)
+    model = init_model(cfg, None, device=device)
     if not hasattr(model, 'num_exits'):
-        raise TypeError(f'{args.config} does not build an early-exit segmentor (EarlyExitEncoderDecoder)')
-    ckpt = load_checkpoint_strict(model, args.checkpoint, config=args.config, logger=None)
+        raise TypeError(f'{config} does not build an early-exit segmentor (EarlyExitEncoderDecoder)')
+    ckpt = load_checkpoint_strict(model, checkpoint, config=config, logger=None)
     meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
     model.dataset_meta = meta.get('dataset_meta', None) or default_dataset_meta(model.num_classes)
-    model.to(args.device).eval()
+    return model.to(device).eval()
+
+
+def main(argv: Optional[List[str]] = None):
+    """Runs the demo; returns the prediction (a ``SegDataSample`` with the exit outputs)."""
+    args = parse_args(argv)
+    import mmcv
+
+    from mmseg.apis import inference_model
+
+    from mmseg_cbt.visualization import EarlyExitSegLocalVisualizer
+    model = load_model(args.config, args.checkpoint, args.device, args.exit_mode, args.threshold, args.cfg_options)
     result = inference_model(model, args.img)
     mode = result.metainfo.get('exit_mode', '?')
     print(f'{args.img}: exit_mode={mode}, {result.exit_map.data.shape[-2]}x{result.exit_map.data.shape[-1]} pixels')

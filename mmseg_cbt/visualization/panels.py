@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ['exit_colours', 'exit_stop_fractions', 'colourise', 'draw_exit_panels']
+__all__ = ['exit_colours', 'exit_stop_fractions', 'colourise', 'draw_exit_panels', 'draw_exit_map_comparison']
 
 #: Width of one panel in inches (at ``dpi`` pixels per inch).
 _PANEL_IN = 4.0
@@ -17,7 +17,8 @@ _PANEL_IN = 4.0
 def exit_colours(num_exits: int) -> np.ndarray:
     """(num_exits, 3) RGB colours in [0, 1] of the exits, early (cheap, dark) to late (costly, yellow): viridis."""
     from matplotlib import colormaps
-    return np.asarray(colormaps['viridis'](np.linspace(0.0, 1.0, num_exits)))[:, :3]
+    rgb = np.asarray(colormaps['viridis'](np.linspace(0.0, 1.0, num_exits)))[:, :3]
+    return np.rint(rgb * 255) / 255  # on the 8-bit grid: map pixels and legend patches get the same bytes
 
 
 def exit_stop_fractions(exit_map: np.ndarray, num_exits: int) -> np.ndarray:
@@ -103,7 +104,7 @@ def draw_exit_panels(image: np.ndarray,
     if gt_map is not None:
         top.append(('ground truth', colourise(gt_map, palette, image, alpha)))
     ecol = exit_colours(num_exits)
-    top.append(('exit map (where pixels stopped)', (ecol[emap - 1] * 255).astype(np.uint8)))
+    top.append(('exit map (where pixels stopped)', np.rint(ecol[emap - 1] * 255).astype(np.uint8)))
     cols = max(num_exits, len(top) + 1)
     present = np.unique(np.concatenate([p.reshape(-1) for p in preds + ([gt_map] if gt_map is not None else [])]))
     present = [int(k) for k in present if 0 <= k < len(classes)]
@@ -151,3 +152,55 @@ def draw_exit_panels(image: np.ndarray,
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[..., :3])
+
+
+def draw_exit_map_comparison(image: np.ndarray,
+                             entries: Sequence[Tuple[str, object, Optional[Sequence[float]]]],
+                             num_exits: int,
+                             dpi: int = 100) -> np.ndarray:
+    """The image next to the exit maps of several stop rules (e.g. CBT and ADP-C at the same beta), one row.
+
+    Args:
+        image (np.ndarray): (H, W, 3) uint8 RGB.
+        entries (list): Per rule ``(title, exit_map, exit_gflops)``: the exit map ((1, h, w) or (h, w), exits
+            1..num_exits) and, optionally, the cumulative GFLOPs (2^30) of every exit (the total goes in the title).
+        num_exits (int): Number of exits (the legend's length).
+        dpi (int): Pixels per inch (a panel is 4 inches wide).
+
+    Returns:
+        np.ndarray: (H', W', 3) uint8 RGB.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    hw = image.shape[:2]
+    ecol = exit_colours(num_exits)
+    panel_h = _PANEL_IN * hw[0] / hw[1]
+    fig_h = panel_h + 0.35 + 0.3 * num_exits
+    fig = Figure(figsize=((len(entries) + 1) * _PANEL_IN, fig_h), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(entries) + 1, squeeze=False)[0]
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(image, interpolation='nearest')
+    axes[0].set_title('image', fontsize=10)
+    for ax, (title, exit_map, gflops) in zip(axes[1:], entries):
+        emap = _as_map(exit_map, hw)
+        if emap.min() < 1 or emap.max() > num_exits:
+            raise ValueError(f'exit map values must lie in 1..{num_exits}, got {emap.min()}..{emap.max()}')
+        ax.imshow(np.rint(ecol[emap - 1] * 255).astype(np.uint8), interpolation='nearest')
+        ax.set_title(title + (f': {gflops[-1]:.3f} GFLOPs (2^30)' if gflops is not None else ''), fontsize=10)
+        shares = exit_stop_fractions(emap, num_exits)
+        ax.legend(
+            handles=[
+                Patch(color=ecol[n], label=f'stopped at exit {n + 1}: {100 * shares[n]:.1f}%') for n in range(num_exits)
+            ],
+            loc='upper center',
+            bbox_to_anchor=(0.5, -0.02),
+            fontsize=9,
+            frameon=False)
+    fig.subplots_adjust(
+        left=0.005, right=0.995, bottom=(0.3 * num_exits + 0.05) / fig_h, top=1 - 0.3 / fig_h, wspace=0.03)
+    fig.canvas.draw()
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])

@@ -135,7 +135,7 @@ def test_image_demo_prints_fractions_and_gflops(calibrated, tiny_city, tmp_path,
     from mmseg.apis import init_model
     cfg = Config.fromfile(cfg_file)
     cfg.model.test_cfg.update(exit_mode='global', global_threshold=0.2)
-    tool_model = init_model(cfg, ckpt)
+    tool_model = init_model(cfg, ckpt, device='cpu')
     data = tool_model.data_preprocessor(_demo_data(tool_model, img), False)
     with torch.no_grad():
         _, actives = tool_model.forward_exits(data['inputs'], return_active=True)
@@ -143,6 +143,24 @@ def test_image_demo_prints_fractions_and_gflops(calibrated, tiny_city, tmp_path,
     assert [float(v) for v in result.exit_macs] == [float(e.macs) for e in ref.exits]
     picture = mmcv.imread(str(out_file), channel_order='rgb')
     assert picture.shape[1] == 4 * 4 * 100 and picture.shape[0] > 2 * 100
+
+
+def test_exit_map_pair_compares_cbt_and_adpc_at_the_checkpoints_beta(calibrated, tiny_city, tmp_path, capsys):
+    tool = _tool('misc/exit_map_pair.py')
+    cfg_file, ckpt = calibrated
+    img = sorted(glob.glob(osp.join(tiny_city, 'leftImg8bit', 'val', '*', '*.png')))[0]
+    out_file = tmp_path / 'pair.png'
+    assert '--beta must be in [0, 1]' in _usage_error(capsys, tool.main,
+                                                      [img, cfg_file, ckpt, '--beta', '1.5', '--out-file', 'x.png'])
+    cbt, adpc = tool.main([img, cfg_file, ckpt, '--beta', '0', '--out-file', str(out_file), '--dpi', '50'])
+    printed = capsys.readouterr().out
+    assert '== CBT [0.9, 0.998]' in printed and '== ADP-C t=0' in printed
+    assert cbt.metainfo['exit_mode'] == 'cbt' and adpc.metainfo['exit_mode'] == 'global'
+    # t=0: every max softmax is above it, so every pixel stops after exit 1
+    assert adpc.exit_computed.tolist() == [1.0, 0.0, 0.0, 0.0] and bool((adpc.exit_map.data == 1).all())
+    assert float(adpc.exit_macs[-1]) == float(adpc.exit_macs[0]) < float(cbt.exit_macs[-1])
+    picture = mmcv.imread(str(out_file), channel_order='rgb')
+    assert picture.shape[1] == 3 * 4 * 50  # image and two exit maps, 4 inches each at 50 dpi
 
 
 def _demo_data(model, img):
