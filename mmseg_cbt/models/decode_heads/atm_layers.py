@@ -76,7 +76,9 @@ class ATMDecoderLayer(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, ffn_ratio: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        # sequence first: a batch-first self-attention in eval mode takes PyTorch's fused fast path, one operator
+        # that mmengine's FLOPs counter does not see
+        self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         self.cross_attn = ATMCrossAttention(embed_dim, num_heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
@@ -91,8 +93,9 @@ class ATMDecoderLayer(nn.Module):
                 key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Updates ``queries`` (B, Q, E) from ``memory`` (B, T, E); returns them and the attention logits (B, Q, T)."""
         # mmengine's jit FLOPs check needs the bmm path of nn.MultiheadAttention, which need_weights takes
-        sa = self.self_attn(queries, queries, queries, need_weights=torch.jit.is_tracing())[0]
-        queries = self.norm1(queries + self.dropout(sa))
+        q = queries.transpose(0, 1)
+        sa = self.self_attn(q, q, q, need_weights=torch.jit.is_tracing())[0]
+        queries = self.norm1(queries + self.dropout(sa.transpose(0, 1)))
         ca, logits = self.cross_attn(queries, memory, memory, key_padding_mask=key_padding_mask)
         queries = self.norm2(queries + self.dropout(ca))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
