@@ -95,14 +95,17 @@ def randomise_bn(module, seed: int = 1) -> None:
 
 #: The tiny early-exit ViT on toy-city (patch 8, width 64, 6 blocks, exits after blocks 2 / 4 / 6).
 TOY_VIT_CONFIG = osp.join(ROOT, 'configs', 'ee_vit', 'ee-vit-tiny_1xb4-1k_toycity-256x512.py')
+#: The same tiny ViT with DToP's attention-to-mask head at every exit.
+TOY_VIT_ATM_CONFIG = osp.join(ROOT, 'configs', 'ee_vit', 'ee-vit-tiny-atm_1xb4-1k_toycity-256x512.py')
 
 
-def build_tiny_vit(seed=0, **test_cfg):
-    """The tiny ViT config's early-exit model in eval mode, deterministic init, non-trivial LayerNorms."""
+def build_tiny_vit(seed=0, config=TOY_VIT_CONFIG, **test_cfg):
+    """The tiny ViT config's (or ``config``'s) early-exit model in eval mode, deterministic init, non-trivial
+    LayerNorms."""
     from mmengine.config import Config
 
     from mmseg.registry import MODELS
-    cfg = Config.fromfile(TOY_VIT_CONFIG).model
+    cfg = Config.fromfile(config).model
     cfg.test_cfg.update(test_cfg)
     torch.manual_seed(seed)
     model = MODELS.build(cfg)
@@ -113,6 +116,19 @@ def build_tiny_vit(seed=0, **test_cfg):
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     model.eval()
     return model
+
+
+def train_tiny_vit(config, data_root, work_dir):
+    """Two training iterations of a tiny ViT config on toy-city data through mmengine's Runner (calibration hook
+    and validation at the end); returns the runner and the saved state dict."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    cfg = tiny_run_cfg(Config.fromfile(config), data_root, work_dir)
+    cfg.model.backbone.img_size = (64, 64)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    sd = torch.load(osp.join(str(work_dir), 'iter_2.pth'), map_location='cpu', weights_only=False)['state_dict']
+    return runner, sd
 
 
 #: Where the toy-city generator lives: a data tool (``toy_city_gen`` package), not part of the installed plugin.

@@ -26,6 +26,11 @@ class ExactExitStats:
 
     #: Smallest K a subclass accepts.
     min_classes = 1
+    #: Per exit, whether its outputs are per-class scores in [0, 1] already (a head declaring
+    #: ``scores_are_probs``, e.g. an attention-to-mask head) and are used as they are instead of their softmax;
+    #: None = every exit gives logits. :func:`~mmseg_cbt.calibration.gather.gather_exit_stats` sets it from the
+    #: model's exit heads.
+    scores_are_probs: Optional[Sequence[bool]] = None
 
     def __init__(self,
                  num_exits: Optional[int] = None,
@@ -50,6 +55,13 @@ class ExactExitStats:
 
     def _check_sums(self) -> None:
         """Called after every merge / all-reduce (e.g. an overflow check)."""
+
+    def exit_probs(self, n: int, logit: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Per-class scores (float32) of exit ``n``'s output ``logit`` (B, K, H, W): its softmax over K, or the
+        output itself for an exit marked in :attr:`scores_are_probs` (into ``out`` when given)."""
+        if self.scores_are_probs is not None and self.scores_are_probs[n]:
+            return logit.float() if out is None else out.copy_(logit)
+        return torch.softmax(logit.float(), dim=1, out=out)
 
     # ------------------------------------------------------------------ shapes
     def _init_shape(self, num_exits: int, num_classes: int) -> None:

@@ -235,6 +235,10 @@ def gather_exit_stats(model: nn.Module,
         total = None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
+    # exits whose heads output per-class scores in [0, 1] (scores_are_probs) are summed as they are, not softmaxed
+    probs_flags = [bool(getattr(head, 'scores_are_probs', False)) for head in model.exits]
+    for s in stats:
+        s.scores_are_probs = probs_flags
     was_training = model.training
     model.eval()
     bar = ProgressBar(total) if progress and is_main_process() and total else None

@@ -156,7 +156,7 @@ class PrecisionStats(ExactExitStats):
         cells = num_classes * 2 * self.num_bins
         for n, logit in enumerate(exit_logits):
             # the whole tensor's softmax, as the stop rule takes it
-            conf = torch.softmax(logit.float(), dim=1).amax(dim=1)[valid]
+            conf = self.exit_probs(n, logit).amax(dim=1)[valid]
             pred = logit.argmax(dim=1)[valid]
             index = (pred * 2 + (pred == labels).long()) * self.num_bins + confidence_bins(conf, self.num_bins)
             self._hist[n] += torch.bincount(index, minlength=cells).view(num_classes, 2, self.num_bins).cpu()

@@ -151,9 +151,10 @@ class ClassProbStats(ExactExitStats):
         # Column K of the transposed sums collects the excluded pixels and is dropped at the end.
         sums_t = torch.zeros(num_exits, num_classes, num_classes + 1, dtype=torch.int64, device=device)
         for n, logit in enumerate(exit_logits):
-            # Softmax of the whole tensor in float32, as the segmentor computes it (see the module docstring).
+            # Softmax of the whole tensor in float32, as the segmentor computes it (see the module docstring);
+            # the scores themselves for an exit whose head outputs probabilities (scores_are_probs)
             out = probs_buf[:batch * num_classes * num_pixels].view(batch, num_classes, height, width)
-            probs = torch.softmax(logit.float(), dim=1, out=out)
+            probs = self.exit_probs(n, logit, out=out)
             probs = probs.view(batch, num_classes, num_pixels)
             for b in range(batch):
                 for start in range(0, num_pixels, cols):

@@ -1,7 +1,7 @@
 """EarlyExitViT: mmseg checkpoint compatibility, real token removal against the simulated oracle, stop rules."""
 import pytest
 import torch
-from utils import TOY_VIT_CONFIG, build_tiny_vit, demo_batch, tiny_run_cfg
+from utils import TOY_VIT_ATM_CONFIG, TOY_VIT_CONFIG, build_tiny_vit, demo_batch, train_tiny_vit
 
 TOL = 1e-4
 # not a multiple of the patch size (8): the patch embedding pads to a 8 x 12 grid
@@ -81,15 +81,18 @@ def test_pruned_blocks_equal_dense_and_oracle():
         assert last.sparse and torch.equal(last.active, active)
 
 
+@pytest.mark.parametrize('config', [TOY_VIT_CONFIG, TOY_VIT_ATM_CONFIG], ids=['token-head', 'atm-head'])
 @pytest.mark.parametrize('mode', ['global', 'dtop'])
-def test_segmentor_sparse_equals_simulated(mode):
+def test_segmentor_sparse_equals_simulated(mode, config):
     """Every exit's scores and the stop masks of the pruned path equal the simulated oracle's (batch 2, input not
-    a multiple of the patch size); stopped tokens keep the scores of their exit; nothing stopped = dense."""
-    model = build_tiny_vit()
+    a multiple of the patch size), with per-token exits and with DToP's attention-to-mask head at every exit;
+    stopped tokens keep the scores of their exit; nothing stopped = dense."""
+    from mmseg_cbt.models.masked.vit_stop_rules import exit_scores
+    model = build_tiny_vit(config=config)
     x = torch.randn(2, 3, H, W)
     with torch.no_grad():
         dense = model.forward_exits(x, exit_mode='dense')
-        probs = torch.softmax(dense[0], dim=1).amax(1)
+        probs = exit_scores(model.exits[0], dense[0]).amax(1)
         thr = float(probs.flatten().median())
         model.test_cfg.update(global_threshold=thr, dtop_threshold=thr, dtop_topk=2)
         sparse, act_s = model.forward_exits(x, exit_mode=mode, feature_mask='sparse', return_active=True)
@@ -103,6 +106,7 @@ def test_segmentor_sparse_equals_simulated(mode):
         assert s.shape == (2, 19, 8, 12)
         assert (s - o).abs().max() <= TOL
     assert torch.equal(sparse[0], dense[0])
+    assert not torch.equal(sparse[1], dense[1]) and float(act_s[2].float().mean()) < float(act_s[1].float().mean())
     stopped = ~act_s[1].unsqueeze(1).expand_as(sparse[1])
     assert torch.equal(sparse[1][stopped], sparse[0][stopped])
     for a, b in zip(none_stopped, dense):
@@ -171,13 +175,7 @@ def test_options_checked():
 
 def test_tiny_config_trains_with_runner(tiny_city, tmp_path):
     """Two iterations of the tiny ViT config through mmengine's Runner (with calibration and validation)."""
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-    cfg = tiny_run_cfg(Config.fromfile(TOY_VIT_CONFIG), tiny_city, tmp_path)
-    cfg.model.backbone.img_size = (64, 64)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    sd = torch.load(tmp_path / 'iter_2.pth', map_location='cpu', weights_only=False)['state_dict']
+    runner, sd = train_tiny_vit(TOY_VIT_CONFIG, tiny_city, tmp_path)
     assert bool(sd['cbt_calibrated'])
     scalars = runner.message_hub.log_scalars
     assert all(f'train/exit{n}.loss_ce' in scalars and f'val/exit{n}.mIoU' in scalars for n in (1, 2, 3))

@@ -13,7 +13,7 @@ token canvas, Liu et al., ICCV 2023). Two executions of the blocks of a stage sh
 Extra tokens never stop.
 """
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    'VIT_FILL_MODES', 'ViTTokens', 'token_keep', 'block_forward', 'simulated_blocks', 'sparse_blocks', 'gather_active',
-    'scatter_active'
+    'VIT_FILL_MODES', 'ViTTokens', 'TokenSlots', 'token_keep', 'token_slots', 'block_forward', 'simulated_blocks',
+    'sparse_blocks', 'gather_active', 'scatter_active'
 ]
 
 #: Fills a ViT stage supports: ``copy`` (a stopped token keeps its features) or ``zeros`` (it holds 0). Neither
@@ -75,6 +75,38 @@ def token_keep(state: ViTTokens, active: Tensor) -> Tensor:
                          f'{tuple(active.shape)} {active.dtype}')
     extra = active.new_ones((b, state.num_extra))
     return torch.cat([extra, active.flatten(1)], dim=1)
+
+
+class TokenSlots(NamedTuple):
+    """Where the active tokens of a batch go when packed, and their slots in a padded (B, width) layout.
+
+    Attributes:
+        b_idx (Tensor): (S,) image of every active token (raster order within an image).
+        t_idx (Tensor): (S,) its position in the sequence.
+        width (int): The largest active count of the batch.
+        slot (Tensor, optional): (S,) its row in the flattened (B * width) padded layout; None when every image
+            keeps ``width`` tokens (the packed layout is then already (B, width)).
+        valid (Tensor, optional): (B, width) bool, True = a real token, False = padding; None with ``slot``.
+    """
+    b_idx: Tensor
+    t_idx: Tensor
+    width: int
+    slot: Optional[Tensor]
+    valid: Optional[Tensor]
+
+
+def token_slots(keep: Tensor) -> TokenSlots:
+    """Packing indices of the (B, N) bool mask ``keep`` (True = active), see :class:`TokenSlots`."""
+    b = keep.shape[0]
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    b_idx, t_idx = keep.nonzero(as_tuple=True)
+    if bool((counts == width).all()):
+        return TokenSlots(b_idx, t_idx, width, None, None)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(b_idx.shape[0], device=keep.device) - starts[b_idx]
+    valid = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    return TokenSlots(b_idx, t_idx, width, b_idx * width + rank, valid.view(b, width))
 
 
 def block_forward(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -168,24 +200,17 @@ def sparse_blocks(layers: Sequence[nn.Module],
         Tensor: (B, N, C): the blocks' output at active tokens, the input (``copy``) or 0 (``zeros``) elsewhere;
         equal to :func:`simulated_blocks` at active tokens.
     """
-    b, n, c = x.shape
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    b_idx, t_idx = keep.nonzero(as_tuple=True)
-    xp = x[b_idx, t_idx]
-    slot = pad_mask = None
-    if not bool((counts == width).all()):
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(xp.shape[0], device=x.device) - starts[b_idx]
-        slot = b_idx * width + rank
-        pad_mask = (torch.arange(width, device=x.device).unsqueeze(0) < counts.unsqueeze(1)).view(b, 1, 1, width)
+    b = x.shape[0]
+    slots = token_slots(keep)
+    xp = x[slots.b_idx, slots.t_idx]
+    pad_mask = None if slots.valid is None else slots.valid.view(b, 1, 1, slots.width)
     for layer in layers:
-        xp = _attention(layer, xp, b, width, slot, pad_mask)
+        xp = _attention(layer, xp, b, slots.width, slots.slot, pad_mask)
         xp = layer.ffn(layer.norm2(xp), identity=xp)
     if norm is not None:
         xp = norm(xp)
     out = x.clone() if fill == 'copy' else torch.zeros_like(x)
-    out[b_idx, t_idx] = xp
+    out[slots.b_idx, slots.t_idx] = xp
     return out
 
 
