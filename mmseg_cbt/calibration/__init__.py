@@ -3,6 +3,8 @@
 Everything here needs only torch; ``ClassProbStats.all_reduce`` imports mmengine and ``plot_thresholds``
 imports matplotlib when called.
 """
+from .class_means import (FEATURE_FRAC_BITS, MAX_ABS_FEATURE, MAX_FEATURE_PIXELS_PER_CLASS, ClassFeatureStats,
+                          backbone_exit_features, gather_class_feature_stats, labels_on_feature_map)
 from .stats import FRAC_BITS, MAX_PIXELS_PER_CLASS, ClassProbStats
 from .thresholds import (MARGIN_EQUAL_TOL, CBTCalibrationWarning, cbt_thresholds, class_margins, entropy_stop_mask,
                          global_stop_mask, stop_mask_from_probs)
@@ -11,5 +13,6 @@ from .visualization import CITYSCAPES_PALETTE, plot_thresholds
 __all__ = [
     'ClassProbStats', 'FRAC_BITS', 'MAX_PIXELS_PER_CLASS', 'cbt_thresholds', 'class_margins', 'CBTCalibrationWarning',
     'MARGIN_EQUAL_TOL', 'stop_mask_from_probs', 'global_stop_mask', 'entropy_stop_mask', 'plot_thresholds',
-    'CITYSCAPES_PALETTE'
+    'CITYSCAPES_PALETTE', 'ClassFeatureStats', 'FEATURE_FRAC_BITS', 'MAX_ABS_FEATURE', 'MAX_FEATURE_PIXELS_PER_CLASS',
+    'backbone_exit_features', 'gather_class_feature_stats', 'labels_on_feature_map'
 ]

@@ -1,4 +1,5 @@
+from .class_mean_head import EMPTY_CLASS_LOGIT, ClassMeanWarning, EarlyExitClassMeanHead
 from .rh_exit_head import EarlyExitRHHead
 from .token_exit_head import EarlyExitTokenHead
 
-__all__ = ['EarlyExitRHHead', 'EarlyExitTokenHead']
+__all__ = ['EarlyExitRHHead', 'EarlyExitTokenHead', 'EarlyExitClassMeanHead', 'ClassMeanWarning', 'EMPTY_CLASS_LOGIT']
