@@ -37,14 +37,13 @@ def demo_batch(num_classes, n=2, h=64, w=96, seed=0):
     return imgs, samples
 
 
-def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
-    """The toy config shrunk for a test run: tiny data, a few iterations, no worker processes."""
-    cfg = copy.deepcopy(toy_cfg)
+def shrink_run_cfg(cfg, data_root, work_dir, max_iters=2):
+    """A copy of a toy-city config shrunk for a test run: tiny data, a few iterations, no worker processes, no
+    custom hooks."""
+    cfg = copy.deepcopy(cfg)
     cfg.work_dir = str(work_dir)
-    cfg.train_dataloader.dataset.data_root = data_root
-    cfg.val_dataloader.dataset.data_root = data_root
-    cfg.test_dataloader.dataset.data_root = data_root
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.data_root = data_root
         loader.num_workers = 0
         loader.persistent_workers = False
     cfg.train_dataloader.batch_size = 2
@@ -58,8 +57,15 @@ def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.default_hooks.logger.interval = 1
     cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=max_iters)]
-    cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
+    cfg.custom_hooks = []
     cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
+    return cfg
+
+
+def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
+    """The toy config shrunk for a test run (:func:`shrink_run_cfg`) with the CBT calibration hook."""
+    cfg = shrink_run_cfg(toy_cfg, data_root, work_dir, max_iters)
+    cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
     return cfg
 
 

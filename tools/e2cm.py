@@ -16,7 +16,6 @@ Examples:
 import argparse
 import os.path as osp
 import sys
-import time
 
 import torch
 from mmengine.config import Config, DictAction
@@ -85,11 +84,9 @@ def main(argv=None):
     from mmseg.utils import register_all_modules
 
     import mmseg_cbt  # noqa: F401  (registers the modules)
-    from mmseg_cbt.calibration.calibrate import build_calibration_dataloader, check_calibration_data
-    from mmseg_cbt.calibration.e2cm import (check_plain_segmentor_cfg, e2cm_config, fit_class_mean_exits,
-                                            load_plain_weights)
+    from mmseg_cbt.calibration.calibrate import build_calibration_dataloader
+    from mmseg_cbt.calibration.e2cm import check_plain_segmentor_cfg, convert_plain_segmentor, save_e2cm
     from mmseg_cbt.utils.checkpoint import load_checkpoint_strict, read_checkpoint
-    from mmseg_cbt.utils.io import atomic_file_set
 
     register_all_modules(init_default_scope=False)
     cfg = Config.fromfile(args.config)
@@ -107,42 +104,25 @@ def main(argv=None):
     cfg.model.pretrained = None
     plain = MODELS.build(cfg.model)
     load_checkpoint_strict(plain, args.checkpoint, config=args.config, logger=None)
-    new_cfg = e2cm_config(cfg, args.exits)
-    model = MODELS.build(new_cfg.model)
-    load_plain_weights(model, plain.state_dict(), source=args.checkpoint)
-    del plain
-    model.to(args.device).eval()
     loader = build_calibration_dataloader(cfg)
-    class_names = check_calibration_data(loader, model)
-
-    start = time.perf_counter()
-    fit = fit_class_mean_exits(
-        model,
+    model, new_cfg, record = convert_plain_segmentor(
+        cfg,
+        plain.state_dict(),
         loader,
-        temperature=args.temperature,
-        class_names=class_names,
-        max_batches=args.max_batches,
-        progress=not args.no_progress)
-    seconds = time.perf_counter() - start
-    record = dict(
-        source_config=osp.abspath(args.config),
-        source_checkpoint=osp.abspath(args.checkpoint),
-        exits=fit['exits'],
-        stop_exits=[i + 1 for i, h in enumerate(model.exit_heads) if h.stop_pixels],
-        temperatures=fit['temperatures'],
-        temperature_mode='fit' if args.temperature == 'fit' else 'set',
-        images=len(loader.dataset) if args.max_batches is None else min(len(loader.dataset), args.max_batches),
-        seconds=round(seconds, 3))
+        args.exits,
+        args.temperature,
+        args.max_batches,
+        progress=not args.no_progress,
+        source=args.checkpoint,
+        device=args.device)
+    del plain
+    record.update(source_config=osp.abspath(args.config), source_checkpoint=osp.abspath(args.checkpoint))
     meta = dict(ckpt.get('meta') or {})
-    meta.setdefault('dataset_meta', dict(classes=tuple(class_names)))
+    meta.setdefault('dataset_meta', dict(classes=tuple(record['classes'])))
     meta['e2cm'] = record
-    new_ckpt = dict(meta=meta, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
-    with atomic_file_set([args.out, args.out_config]) as tmp:
-        torch.save(new_ckpt, tmp[args.out])
-        with open(tmp[args.out_config], 'w', encoding='utf-8') as f:
-            f.write(new_cfg.pretty_text)
-    print(f'E2CM exits after stages {fit["exits"]} (temperatures {[round(t, 4) for t in fit["temperatures"]]}) '
-          f'from {record["images"]} training images in {seconds:.1f} s\ncheckpoint: {args.out}\n'
+    save_e2cm(model, new_cfg, meta, args.out, args.out_config)
+    print(f'E2CM exits after stages {record["exits"]} (temperatures {[round(t, 4) for t in record["temperatures"]]}) '
+          f'from {record["images"]} training images in {record["seconds"]:.1f} s\ncheckpoint: {args.out}\n'
           f'config: {args.out_config}')
     return args.out, args.out_config
 

@@ -13,6 +13,7 @@ One algorithm shared by ``tools/e2cm.py`` and :class:`~mmseg_cbt.engine.hooks.E2
    of the features each class-mean exit reads, and the temperature.
 """
 import copy
+import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -22,7 +23,7 @@ from .class_means import ClassFeatureStats, backbone_exit_features, gather_class
 
 __all__ = [
     'SUPPORTED_BACKBONES', 'check_plain_segmentor_cfg', 'e2cm_config', 'load_plain_weights', 'class_mean_exits',
-    'fit_class_mean_exits'
+    'fit_class_mean_exits', 'build_e2cm_model', 'save_e2cm', 'convert_plain_segmentor'
 ]
 
 #: Plain mmseg backbone type -> its early-exit counterpart (same state dict).
@@ -190,3 +191,84 @@ def fit_class_mean_exits(model: nn.Module,
             stats.class_means(p), stats.counts[p], t, class_names=class_names, where=f'E2CM exit {i + 1}')
         temps.append(float(model.exits[i].temperature))
     return dict(exits=[i + 1 for i in idx], temperatures=temps, pixels=stats.counts.tolist(), stats=stats)
+
+
+def build_e2cm_model(cfg,
+                     state: Dict[str, torch.Tensor],
+                     exits: Optional[Sequence[int]] = None,
+                     source: str = 'the checkpoint'):
+    """The E2CM model of a plain config with the plain model's weights (exits not fitted yet).
+
+    Args:
+        cfg (Config): The plain config.
+        state (dict): The plain segmentor's state dict.
+        exits (Sequence[int], optional): See :func:`e2cm_config`.
+        source (str): Names the weights in errors.
+
+    Returns:
+        tuple: ``(model, new_cfg)``.
+    """
+    from mmseg.registry import MODELS
+    new_cfg = e2cm_config(cfg, exits)
+    model = MODELS.build(new_cfg.model)
+    load_plain_weights(model, state, source=source)
+    return model, new_cfg
+
+
+def save_e2cm(model: nn.Module, new_cfg, meta: Dict[str, Any], out: str, out_config: str) -> None:
+    """Writes the E2CM checkpoint (``meta`` + state dict) and its config as one set (main process only)."""
+    from mmengine.dist import is_main_process
+
+    from ..utils.io import atomic_file_set
+    if not is_main_process():
+        return
+    ckpt = dict(meta=meta, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    with atomic_file_set([out, out_config]) as tmp:
+        torch.save(ckpt, tmp[out])
+        with open(tmp[out_config], 'w', encoding='utf-8') as f:
+            f.write(new_cfg.pretty_text)
+
+
+def convert_plain_segmentor(cfg,
+                            state: Dict[str, torch.Tensor],
+                            dataloader,
+                            exits: Optional[Sequence[int]] = None,
+                            temperature: Union[str, float] = 'fit',
+                            max_batches: Optional[int] = None,
+                            progress: bool = True,
+                            source: str = 'the checkpoint',
+                            device: Optional[Union[str, torch.device]] = None):
+    """The whole conversion shared by ``tools/e2cm.py`` and the hook: build the E2CM model with the plain weights,
+    check the data against it, fit the class-mean exits in one pass (timed).
+
+    Args:
+        cfg (Config): The plain config.
+        state (dict): The plain segmentor's state dict.
+        dataloader: The training split read with the test pipeline.
+        exits, temperature, max_batches, progress: See :func:`e2cm_config` and :func:`fit_class_mean_exits`.
+        source (str): Names the weights in errors.
+        device (str, optional): Where to run the pass (default: where the weights are).
+
+    Returns:
+        tuple: ``(model, new_cfg, record)``; ``record`` (for the checkpoint's ``meta['e2cm']``) holds the exits,
+        the exits that may stop pixels, the temperatures, the number of images and the seconds of the pass.
+    """
+    from .calibrate import check_calibration_data
+    model, new_cfg = build_e2cm_model(cfg, state, exits, source=source)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    class_names = check_calibration_data(dataloader, model)
+    start = time.perf_counter()
+    fit = fit_class_mean_exits(
+        model, dataloader, temperature, class_names=class_names, max_batches=max_batches, progress=progress)
+    images = len(dataloader.dataset)
+    record = dict(
+        exits=fit['exits'],
+        stop_exits=[i + 1 for i, h in enumerate(model.exit_heads) if getattr(h, 'stop_pixels', True)],
+        temperatures=fit['temperatures'],
+        temperature_mode='fit' if temperature == 'fit' else 'set',
+        images=images if max_batches is None else min(images, max_batches * (dataloader.batch_size or 1)),
+        seconds=round(time.perf_counter() - start, 3),
+        classes=list(class_names))
+    return model, new_cfg, record

@@ -8,21 +8,7 @@ import sys
 
 import pytest
 import torch
-from utils import PLAIN_TOY_CONFIG, load_tool, randomise_bn
-
-
-def _plain_cfg(data_root, work_dir):
-    """The plain tiny config on the tiny toy-city set: small test images, no worker processes."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(PLAIN_TOY_CONFIG)
-    cfg.work_dir = str(work_dir)
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        loader.dataset.data_root = data_root
-        loader.num_workers = 0
-        loader.persistent_workers = False
-    for loader in (cfg.val_dataloader, cfg.test_dataloader):
-        loader.dataset.pipeline[1].scale = (128, 64)
-    return cfg
+from utils import PLAIN_TOY_CONFIG, load_tool, randomise_bn, shrink_run_cfg
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +16,8 @@ def plain(tiny_city, tmp_path_factory):
     """A plain mmseg EncoderDecoder checkpoint (random weights, non-trivial BN) and its config file."""
     from mmseg.registry import MODELS
     root = tmp_path_factory.mktemp('plain')
-    cfg = _plain_cfg(tiny_city, root)
+    from mmengine.config import Config
+    cfg = shrink_run_cfg(Config.fromfile(PLAIN_TOY_CONFIG), tiny_city, root)
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     randomise_bn(model)
