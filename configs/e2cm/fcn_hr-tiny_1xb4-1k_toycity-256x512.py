@@ -1,6 +1,7 @@
-# A PLAIN mmseg model (no exits; the plugin is imported only for the toy-city base config's sake): mmseg's own HRNetV2 FCN config (`fcn_hr18.py` from the
+# A PLAIN mmseg model (an EncoderDecoder without exits): mmseg's own HRNetV2 FCN config (`fcn_hr18.py` from the
 # installed wheel) with tiny widths (8/16/32/64, one block per branch), trained on the built-in toy-city data with
-# mmseg's tools/train.py. tools/e2cm.py turns its checkpoint into an early-exit model with class-mean exits.
+# mmseg's tools/train.py. tools/e2cm.py turns its checkpoint into an early-exit model with class-mean exits. (The
+# plugin is imported for the rules of the repository's configs; the model uses nothing from it.)
 _base_ = ['mmseg::_base_/models/fcn_hr18.py', '../_base_/datasets/toy_city.py', 'mmseg::_base_/default_runtime.py']
 custom_imports = dict(imports=['mmseg_cbt'], allow_failed_imports=False)
 norm_cfg = dict(type='BN', requires_grad=True)
