@@ -37,14 +37,13 @@ def demo_batch(num_classes, n=2, h=64, w=96, seed=0):
     return imgs, samples
 
 
-def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
-    """The toy config shrunk for a test run: tiny data, a few iterations, no worker processes."""
-    cfg = copy.deepcopy(toy_cfg)
+def shrink_run_cfg(cfg, data_root, work_dir, max_iters=2):
+    """A copy of a toy-city config shrunk for a test run: tiny data, a few iterations, no worker processes, no
+    custom hooks."""
+    cfg = copy.deepcopy(cfg)
     cfg.work_dir = str(work_dir)
-    cfg.train_dataloader.dataset.data_root = data_root
-    cfg.val_dataloader.dataset.data_root = data_root
-    cfg.test_dataloader.dataset.data_root = data_root
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.data_root = data_root
         loader.num_workers = 0
         loader.persistent_workers = False
     cfg.train_dataloader.batch_size = 2
@@ -58,8 +57,15 @@ def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.default_hooks.logger.interval = 1
     cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=max_iters)]
-    cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
+    cfg.custom_hooks = []
     cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
+    return cfg
+
+
+def tiny_run_cfg(toy_cfg, data_root, work_dir, max_iters=2, **hook_kw):
+    """The toy config shrunk for a test run (:func:`shrink_run_cfg`) with the CBT calibration hook."""
+    cfg = shrink_run_cfg(toy_cfg, data_root, work_dir, max_iters)
+    cfg.custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, progress=False, **hook_kw)]
     return cfg
 
 
@@ -209,3 +215,123 @@ def assert_active_close(y: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, 
 def mask_where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` at the active positions of ``mask`` (N, H, W), ``old`` elsewhere."""
     return torch.where(mask[:, None], new, old)
+
+
+def class_mean_loader_cfg(toy_cfg, data_root, num_images):
+    """The calibration dataloader config of the class-mean tests: the first ``num_images`` tiny toy-city training
+    images read with the (shrunk) test pipeline, one per batch, no worker processes."""
+    cfg = tiny_run_cfg(toy_cfg, data_root, '/tmp')
+    dataset = copy.deepcopy(cfg.train_dataloader.dataset)
+    dataset.pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    dataset.indices = num_images
+    return dict(
+        batch_size=1,
+        num_workers=0,
+        persistent_workers=False,
+        sampler=dict(type='DefaultSampler', shuffle=False),
+        dataset=dataset)
+
+
+#: A plain mmseg HRNet FCN (no exits) with the tiny widths, on toy-city: the input of tools/e2cm.py.
+PLAIN_TOY_CONFIG = osp.join(ROOT, 'configs', 'e2cm', 'fcn_hr-tiny_1xb4-1k_toycity-256x512.py')
+
+
+def build_tiny_e2cm(seed=0, exits=None, **test_cfg):
+    """The E2CM model of the plain tiny config in eval mode: non-trivial BN, random class means (every class
+    present), counts and temperatures, as a fitted model would hold."""
+    from mmengine.config import Config
+
+    from mmseg.registry import MODELS
+
+    from mmseg_cbt.calibration.e2cm import e2cm_config
+    cfg = e2cm_config(Config.fromfile(PLAIN_TOY_CONFIG), exits)
+    cfg.model.test_cfg.update(test_cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    randomise_bn(model, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    for head in model.exit_heads:
+        k, c = head.class_means.shape
+        head.set_class_means(torch.rand(k, c, generator=g), torch.randint(1, 100, (k, ), generator=g), 0.5 * c)
+    return model.eval()
+
+
+def load_tool(rel_path: str):
+    """Imports a script under tools/ as a module of its own name (tools are not a package)."""
+    import importlib.util
+    name = 'tool_' + osp.splitext(osp.basename(rel_path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', rel_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_ranks(worker: str, args, world_size: int = 2, timeout_s: float = 110) -> None:
+    """Runs ``world_size`` processes of ``worker`` (``--rank r --world-size n --port p`` + ``args``) on one free
+    port and fails with a rank's log when it does not exit cleanly within ``timeout_s``."""
+    import subprocess
+    import sys
+    import time
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, '--rank',
+             str(rank), '--world-size',
+             str(world_size), '--port',
+             str(port), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True) for rank in range(world_size)
+    ]
+    deadline = time.monotonic() + timeout_s
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f'rank {rank} exited with {proc.returncode}:\n{log[-6000:]}'
+        assert 'terminate called' not in log, f'rank {rank} aborted at exit:\n{log[-3000:]}'
+
+
+def start_rank(add_arguments, argv=None):
+    """Starts one process of a distributed test worker: parses ``--rank``, ``--world-size``, ``--port``,
+    ``--data-root``, ``--out`` and the worker's own options (``add_arguments(parser)``), joins the gloo process
+    group on 127.0.0.1 with one thread, and registers mmseg's and the plugin's modules. The caller destroys the
+    group (``torch.distributed.destroy_process_group``) when done.
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    import argparse
+    import datetime
+
+    import torch.distributed as torch_dist
+    p = argparse.ArgumentParser()
+    p.add_argument('--rank', type=int, required=True)
+    p.add_argument('--world-size', type=int, required=True)
+    p.add_argument('--port', type=int, required=True)
+    p.add_argument('--data-root', required=True)
+    p.add_argument('--out', required=True)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    os.environ.update(
+        RANK=str(args.rank),
+        LOCAL_RANK=str(args.rank),
+        WORLD_SIZE=str(args.world_size),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(args.port))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group(
+        'gloo', rank=args.rank, world_size=args.world_size, timeout=datetime.timedelta(seconds=90))
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    import mmseg_cbt  # noqa: F401
+    return args

@@ -8,9 +8,6 @@ CPU-only torch and mmengine 0.10's pytorch launcher: the launcher would call ``t
 get ``device_ids=[LOCAL_RANK]``. Here the process group is initialised first (so the Runner skips ``init_dist``)
 and the wrapper is given ``device_ids=None``; nothing in the product is patched.
 """
-import argparse
-import datetime
-import os
 import os.path as osp
 import sys
 
@@ -18,37 +15,17 @@ import torch
 import torch.distributed as torch_dist
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # tests/, for utils
-from utils import TOY_CONFIG, dist_scenario_cfg  # noqa: E402
+from utils import TOY_CONFIG, dist_scenario_cfg, start_rank  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument('--rank', type=int, required=True)
-    p.add_argument('--world-size', type=int, required=True)
-    p.add_argument('--port', type=int, required=True)
-    p.add_argument('--data-root', required=True)
-    p.add_argument('--out', required=True)
-    p.add_argument('--scenarios', nargs='+', required=True)
-    args = p.parse_args()
-    os.environ.update(
-        RANK=str(args.rank),
-        LOCAL_RANK=str(args.rank),
-        WORLD_SIZE=str(args.world_size),
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(args.port))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group(
-        'gloo', rank=args.rank, world_size=args.world_size, timeout=datetime.timedelta(seconds=90))
+    args = start_rank(lambda p: p.add_argument('--scenarios', nargs='+', required=True))
     try:
         from mmengine.config import Config
         from mmengine.hooks import Hook
         from mmengine.runner import Runner
 
         from mmseg.registry import HOOKS
-        from mmseg.utils import register_all_modules
-
-        register_all_modules(init_default_scope=True)
-        import mmseg_cbt  # noqa: F401
 
         @HOOKS.register_module(force=True)
         class BNProbeHook(Hook):

@@ -3,49 +3,14 @@ and the hook on; the checkpoint's statistics and thresholds must equal, bit for 
 re-calibration of that checkpoint. Scenarios (tests/utils.py ``DIST_SCENARIOS``): 3 calibration images split 2/1,
 and masked training with 1 calibration image, so that rank 1 receives no batch."""
 import json
-import os
 import os.path as osp
-import subprocess
-import sys
-import time
 
 import torch
-from utils import DIST_SCENARIOS, ROOT, dist_scenario_cfg, free_port
+from utils import DIST_SCENARIOS, dist_scenario_cfg, run_ranks
 
 WORKER = osp.join(osp.dirname(osp.abspath(__file__)), 'dist_calibration_worker.py')
 WORLD_SIZE = 2
 TIMEOUT_S = 110
-
-
-def _run_ranks(data_root: str, out: str) -> None:
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    procs = [
-        subprocess.Popen([
-            sys.executable, WORKER, '--rank',
-            str(rank), '--world-size',
-            str(WORLD_SIZE), '--port',
-            str(port), '--data-root', data_root, '--out', out, '--scenarios', *DIST_SCENARIOS
-        ],
-                         cwd=ROOT,
-                         env=env,
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT,
-                         text=True) for rank in range(WORLD_SIZE)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f'rank {rank} exited with {proc.returncode}:\n{log[-6000:]}'
-        assert 'terminate called' not in log, f'rank {rank} aborted at exit:\n{log[-3000:]}'
 
 
 def _recalibrate(toy_cfg, data_root, work_dir, scenario, ckpt_file):
@@ -69,7 +34,8 @@ def _recalibrate(toy_cfg, data_root, work_dir, scenario, ckpt_file):
 
 
 def test_two_process_calibration_matches_single_process(toy_cfg, tiny_city, tmp_path):
-    _run_ranks(tiny_city, str(tmp_path))
+    run_ranks(WORKER, ['--data-root', tiny_city, '--out',
+                       str(tmp_path), '--scenarios', *DIST_SCENARIOS], WORLD_SIZE, TIMEOUT_S)
     for scenario in DIST_SCENARIOS:
         work = tmp_path / scenario
         pre = [torch.load(work / f'pre_rank{r}.pth') for r in range(WORLD_SIZE)]

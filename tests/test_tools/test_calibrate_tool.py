@@ -1,22 +1,12 @@
 """tools/calibrate.py, tools/analysis_tools/miou_vs_gflops.py, get_flops.py and tools/test.py: options rejected at
 parse time, checkpoints loaded strictly, result files replaced as a set."""
-import importlib.util
 import json
 import os
 import os.path as osp
 
 import pytest
 import torch
-from utils import ROOT, build_tiny_model, tiny_run_cfg
-
-
-def _tool(rel_path: str):
-    """Imports a tool script as a module of its own name (tools are not a package)."""
-    name = 'tool_' + osp.splitext(osp.basename(rel_path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', rel_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from utils import ROOT, build_tiny_model, load_tool, tiny_run_cfg
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +34,7 @@ def _usage_error(capsys, func, argv):
 def test_calibrate_tool_never_overwrites_and_remaps(trained, tmp_path):
     """A new file is written, the input untouched; --from-stats re-maps without data; the JSON equals the buffers."""
     from mmseg_cbt.calibration.thresholds import cbt_thresholds
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     before = open(src, 'rb').read()
     out = calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', str(tmp_path / 'c.pth')])
@@ -76,7 +66,7 @@ def test_calibrate_tool_precision_method(trained, tmp_path):
     from mmseg_cbt.calibration.calibrate import build_calibration_dataloader
     from mmseg_cbt.calibration.gather import gather_exit_stats
     from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     out = calibrate.main([
         cfg_file, src, '--method', 'cbt-precision', '--target', '0.6', '--alpha', '0.5', '--beta', '0.999',
@@ -110,13 +100,13 @@ def test_calibrate_tool_precision_method(trained, tmp_path):
 ])
 def test_calibrate_tool_option_errors(trained, capsys, args, match):
     import re
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     assert re.search(match, _usage_error(capsys, calibrate.main, [cfg_file, src] + args))
 
 
 def test_calibrate_tool_refuses_its_input_and_missing_files(trained, capsys, tmp_path):
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     before = open(src, 'rb').read()
     assert 'never overwritten' in _usage_error(capsys, calibrate.main,
@@ -131,7 +121,7 @@ def test_calibrate_tool_rejects_checkpoints_of_other_models(toy_cfg, trained, tm
     """10 classes, no exits, a config override: errors naming the keys and the config, before any data pass; an
     old checkpoint without the calibration buffers loads as uncalibrated and is calibrated."""
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     ten = tmp_path / 'ten.pth'
     torch.save(dict(state_dict=build_tiny_model(toy_cfg, num_classes=10).state_dict(), meta={}), ten)
@@ -163,7 +153,7 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
     """An interrupt while writing leaves the previous set; a run without a chart removes the previous run's chart
     (which that run listed as its own) and nothing else."""
     from mmseg_cbt.calibration import visualization
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     out = str(tmp_path / 'c.pth')
     argv = [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', out, '--max-batches', '2']
@@ -195,7 +185,7 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
 ])
 def test_miou_vs_gflops_rejects_settings_before_any_work(trained, capsys, tmp_path, settings, match):
     import re
-    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    tool = load_tool('analysis_tools/miou_vs_gflops.py')
     cfg_file, src = trained
     err = _usage_error(capsys, tool.main, [cfg_file, src, '--out-dir', str(tmp_path / 'r'), '--settings'] + settings)
     assert 'argument --settings' in err and re.search(match, err)
@@ -203,7 +193,7 @@ def test_miou_vs_gflops_rejects_settings_before_any_work(trained, capsys, tmp_pa
 
 
 def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, tmp_path, monkeypatch):
-    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    tool = load_tool('analysis_tools/miou_vs_gflops.py')
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
     cfg_file, src = trained
     out_dir = tmp_path / 'report'
@@ -236,7 +226,7 @@ def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, 
 
 # ----------------------------------------------------------------------------------- get_flops.py and test.py
 def test_get_flops_shape_checks(capsys):
-    tool = _tool('analysis_tools/get_flops.py')
+    tool = load_tool('analysis_tools/get_flops.py')
     config = osp.join(ROOT, 'configs', 'ee_hrnet', 'ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py')
     assert '--shape must be positive' in _usage_error(capsys, tool.main, [config, '--shape', '0', '0'])
     assert '--reference values must be positive' in _usage_error(capsys, tool.main, [config, '--reference', '0'])
@@ -246,7 +236,7 @@ def test_get_flops_shape_checks(capsys):
 
 def test_test_tool_checks_the_checkpoint_strictly(toy_cfg, trained, tmp_path):
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
-    tool = _tool('test.py')
+    tool = load_tool('test.py')
     cfg_file, src = trained
     tool.check_checkpoint([cfg_file, src, '--work-dir', str(tmp_path)])  # the right one passes
     ten = tmp_path / 'ten.pth'
@@ -259,8 +249,8 @@ def test_test_tool_checks_the_checkpoint_strictly(toy_cfg, trained, tmp_path):
 def test_sweep_tool_end_to_end(trained, tmp_path, capsys):
     """The sweep tool on a calibrated checkpoint: every family's rows, the dense row, one file set; options are
     checked before any work."""
-    calibrate = _tool('calibrate.py')
-    sweep = _tool('analysis_tools/sweep_stop_rules.py')
+    calibrate = load_tool('calibrate.py')
+    sweep = load_tool('analysis_tools/sweep_stop_rules.py')
     cfg_file, src = trained
     ckpt = calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', str(tmp_path / 'c.pth')])
     out_dir = tmp_path / 'sweep'

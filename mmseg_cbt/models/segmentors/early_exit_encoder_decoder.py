@@ -483,6 +483,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
     def _stop_mask_with(self, logits: Tensor, exit_idx: int, cfg: dict, active: Optional[Tensor] = None) -> Tensor:
         """Stop mask by the rule and thresholds of ``cfg`` (falls back to ``test_cfg`` for missing keys)."""
         mode = self._resolve_exit_mode(cfg['exit_mode'])
+        if not getattr(self.exits[exit_idx], 'stop_pixels', True):
+            # an exit that only reports (e.g. an E2CM exit at a stage not chosen for stopping): nothing stops
+            return logits.new_zeros((logits.shape[0], ) + tuple(logits.shape[2:]), dtype=torch.bool)
         probs = exit_scores(self.exits[exit_idx], logits)
         if mode == 'cbt':
             return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
