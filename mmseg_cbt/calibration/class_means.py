@@ -312,7 +312,7 @@ def gather_class_feature_stats(model,
     from mmengine.model import is_model_wrapper
     from mmengine.utils import ProgressBar
 
-    from .calibrate import _agree_on_failure, broadcast_model_state
+    from .gather import _agree_on_failure, broadcast_model_state
     model = model.module if is_model_wrapper(model) else model
     if max_batches is not None and max_batches < 1:
         raise ValueError(f'max_batches must be >= 1 or None, got {max_batches}')

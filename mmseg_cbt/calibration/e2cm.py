@@ -253,7 +253,7 @@ def convert_plain_segmentor(cfg,
         tuple: ``(model, new_cfg, record)``; ``record`` (for the checkpoint's ``meta['e2cm']``) holds the exits,
         the exits that may stop pixels, the temperatures, the number of images and the seconds of the pass.
     """
-    from .calibrate import check_calibration_data
+    from .gather import check_calibration_data
     model, new_cfg = build_e2cm_model(cfg, state, exits, source=source)
     if device is not None:
         model.to(device)
