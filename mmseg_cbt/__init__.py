@@ -21,12 +21,14 @@ else:
 
     # mmengine 0.10 + torch >= 2.6: let tools/test.py, load_from and resume read mmengine's own checkpoints
     allow_mmengine_checkpoints()
-    from . import analysis, calibration, engine, evaluation, models, ops, utils  # noqa: F401,E402
+    from . import analysis, calibration, engine, evaluation, models, ops, utils, visualization  # noqa: F401,E402
     from .engine import CBTCalibrationHook
     from .evaluation import EarlyExitIoUMetric
     from .models import EarlyExitEncoderDecoder, EarlyExitHRNet, EarlyExitRHHead
+    from .visualization import EarlyExitSegLocalVisualizer
 
     __all__ = [
-        '__version__', 'analysis', 'calibration', 'engine', 'evaluation', 'models', 'ops', 'utils',
-        'CBTCalibrationHook', 'EarlyExitIoUMetric', 'EarlyExitEncoderDecoder', 'EarlyExitHRNet', 'EarlyExitRHHead'
+        '__version__', 'analysis', 'calibration', 'engine', 'evaluation', 'models', 'ops', 'utils', 'visualization',
+        'CBTCalibrationHook', 'EarlyExitIoUMetric', 'EarlyExitEncoderDecoder', 'EarlyExitHRNet', 'EarlyExitRHHead',
+        'EarlyExitSegLocalVisualizer'
     ]

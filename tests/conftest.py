@@ -14,7 +14,7 @@ def _register():
     try:
         from mmseg.utils import register_all_modules
     except ImportError:
-        # a machine with torch only (e.g. a GPU box for the kernel tests): tests/test_sparse_conv.py still runs
+        # a machine with torch only (e.g. a GPU box for the kernel tests): tests/test_ops still runs
         return
     register_all_modules(init_default_scope=True)
     import mmseg_cbt  # noqa: F401

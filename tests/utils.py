@@ -70,7 +70,7 @@ def require_cpu_ext():
     PyTorch path be tested against itself. Elsewhere (e.g. a GPU machine without ninja) the kernel's tests skip with
     the reason; ``MMSEG_CBT_CPU_EXT=0`` skips them too.
     """
-    from mmseg_cbt.ops import cpu_ext_enabled, load_cpu_ext
+    from mmseg_cbt.ops.ext_loader import cpu_ext_enabled, load_cpu_ext
     if not cpu_ext_enabled():
         pytest.skip('MMSEG_CBT_CPU_EXT=0')
     ext = load_cpu_ext()
@@ -175,3 +175,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+#: Tolerance of the masked-conv parity tests (float32, summation order differs from F.conv2d's).
+SPARSE_ATOL = 1e-4
+
+
+def blob_mask(n: int, h: int, w: int, active: float, seed: int) -> torch.Tensor:
+    """Blob-shaped mask (thresholded smoothed noise) with about ``active`` fraction True per image."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, 1, h, w, generator=g)
+    noise = F.avg_pool2d(noise, 5, stride=1, padding=2, count_include_pad=False)
+    flat = noise.view(n, -1)
+    q = torch.quantile(flat, 1.0 - active, dim=1, keepdim=True) if active > 0 else flat.max(1, True)[0] + 1
+    return (flat > q).view(n, h, w) if active < 1 else torch.ones(n, h, w, dtype=torch.bool)
+
+
+def two_masks(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Masks for a batch whose images differ: image 0 a blob mask, the others random (35 % active)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(n, h, w, generator=g) < 0.35
+    m[0] = blob_mask(1, h, w, 0.3, seed)[0]
+    return m
+
+
+def assert_active_close(y: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, atol: float = SPARSE_ATOL) -> None:
+    """``y`` equals ``ref`` within ``atol`` at the active positions of ``mask`` (N, H, W)."""
+    keep = mask[:, None].expand_as(ref)
+    assert torch.allclose(y[keep], ref[keep], atol=atol, rtol=0), (y[keep] - ref[keep]).abs().max()
+
+
+def mask_where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` at the active positions of ``mask`` (N, H, W), ``old`` elsewhere."""
+    return torch.where(mask[:, None], new, old)

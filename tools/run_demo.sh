@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main-job command: set-up, the built-in toy-city data, training of the tiny early-exit HRNet with
 # mmseg's tools/train.py (CBT calibration hook on), mmseg's tools/test.py with per-exit mIoU (dense and CBT), and the
-# mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot.
+# mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot, and exit-map pictures of a few val images.
 #   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
 #   WORK_DIR=work_dirs/x MAX_ITERS=300 bash tools/run_demo.sh
 #   FINETUNE=1 bash tools/run_demo.sh       # plus 300 iterations of fine-tuning with the stop masks on (~4 min)
@@ -56,10 +56,10 @@ CONFIG=configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py
 WORK_DIR="${WORK_DIR:-work_dirs/toycity_demo}"
 MAX_ITERS="${MAX_ITERS:-1000}"
 
-echo "== 1/4 toy-city data (data/toy_city)"
+echo "== 1/5 toy-city data (data/toy_city)"
 $PY tools/dataset_converters/toy_city.py --out data/toy_city
 
-echo "== 2/4 train ($MAX_ITERS iterations, mmseg tools/train.py)"
+echo "== 2/5 train ($MAX_ITERS iterations, mmseg tools/train.py)"
 start=$(date +%s)
 $PY tools/train.py "$CONFIG" --work-dir "$WORK_DIR" \
   --cfg-options train_cfg.max_iters="$MAX_ITERS" train_cfg.val_interval="$MAX_ITERS" \
@@ -67,17 +67,24 @@ $PY tools/train.py "$CONFIG" --work-dir "$WORK_DIR" \
 echo "training wall time: $(( $(date +%s) - start )) s"
 CKPT="$WORK_DIR/iter_${MAX_ITERS}.pth"
 
-echo "== 3/4 test the saved checkpoint (mmseg tools/test.py): dense exits, then CBT stop masks"
+echo "== 3/5 test the saved checkpoint (mmseg tools/test.py): dense exits, then CBT stop masks"
 $PY tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test_dense"
 $PY tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test_cbt" --cfg-options model.test_cfg.exit_mode=cbt
 
-echo "== 4/4 mIoU versus GFLOPs per exit"
+echo "== 4/5 mIoU versus GFLOPs per exit"
 # (a) the papers' convention: features stay dense, stopped pixels keep the logits of their exit (CBT is post hoc)
 $PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$CKPT" --out-dir "$WORK_DIR/report" --feature-mask none \
   --settings dense adpc:0.998 adpc:0.95 cbt:0.9,0.998 cbtns:0.9,0.998
 # (b) real skipping: stages and exits after an exit computed at the active pixels only (sparse convs), wall time
 $PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$CKPT" --out-dir "$WORK_DIR/report_sparse" \
   --feature-mask sparse --settings dense adpc:0.998 adpc:0.95 cbt:0.9,0.998
+echo "== 5/5 exit maps (where pixels stop): CBT, and CBT next to ADP-C at the same beta, on three val images"
+mkdir -p "$WORK_DIR/exit_maps"
+for IMG in $(ls data/toy_city/leftImg8bit/val/*/*_leftImg8bit.png | head -3); do
+  NAME=$(basename "$IMG" _leftImg8bit.png)
+  $PY tools/image_demo.py "$IMG" "$CONFIG" "$CKPT" --exit-mode cbt --out-file "$WORK_DIR/exit_maps/${NAME}_cbt.png"
+  $PY tools/misc/exit_map_pair.py "$IMG" "$CONFIG" "$CKPT" --out-file "$WORK_DIR/exit_maps/${NAME}_cbt_vs_adpc.png"
+done
 if [[ "${FINETUNE:-0}" == "1" ]]; then
   echo "== extra: fine-tuning with the stop masks active (train_cfg.masked_training), then its report"
   $PY tools/train.py configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-300i-ft-masked_toycity-256x512.py \
@@ -90,4 +97,5 @@ echo "checkpoint (with CBT thresholds): $CKPT"
 echo "CBT thresholds: $WORK_DIR/cbt_calibration.json, chart: $WORK_DIR/cbt_thresholds.png"
 echo "reports: $WORK_DIR/report/miou_vs_gflops.{txt,json,csv,png} (dense features, papers' convention)"
 echo "         $WORK_DIR/report_sparse/miou_vs_gflops.{txt,json,csv,png} (sparse masked inference, real wall time)"
+echo "exit maps: $WORK_DIR/exit_maps/*_cbt.png (every exit), *_cbt_vs_adpc.png (CBT and ADP-C side by side)"
 echo "demo wall time: $(( $(date +%s) - demo_start )) s"

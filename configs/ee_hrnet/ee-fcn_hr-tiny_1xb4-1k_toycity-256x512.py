@@ -46,7 +46,8 @@ default_hooks = dict(
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
+    # draws nothing unless tools/test.py gets --show-dir / --show; then every test image (mmseg's default: every 50th)
+    visualization=dict(type='SegVisualizationHook', interval=1))
 # CBT calibration on the training split (test pipeline), thresholds mapped into [0.9, 0.998] for this small model
 custom_hooks = [dict(type='CBTCalibrationHook', alpha=0.9, beta=0.998, share_exits=True)]
 randomness = dict(seed=0)

@@ -1,43 +1,44 @@
-"""Operators for masked (early-exit) inference. Importing needs only torch; triton is optional, and the compiled
-CPU kernel is built on first use (a C++ compiler and ninja; the PyTorch path otherwise)."""
-from .policy import CPU_ALGORITHMS, cpu_algorithm, default_max_active, get_cpu_algorithm, set_cpu_algorithm
-from .sparse_conv import (PackedConv, SegmentTables, SparseIndex, add_weighted_rows_, choose_method, conv_output_size,
-                          conv_weight_matrix, cpu_kernel_direct, dense_conv_buffer, dense_crossover, fold_bn,
-                          gather_rows, new_padded_buffer, padded_interior, padded_row_index, scatter_rows,
-                          sparse_conv2d, sparse_conv_buffer, sparse_conv_rows, to_padded_nhwc)
-from .sparse_conv_cpu import cpu_ext_available, cpu_ext_enabled, load_cpu_ext
-from .sparse_conv_module import SparseConv2d
-from .sparse_conv_triton import HAS_TRITON
+"""Operators for masked (early-exit) inference: the masked convolution and the policy that decides when to use it.
+
+Importing needs only torch; triton is optional (the CUDA kernel), and the compiled CPU kernel is built on first use
+(a C++ compiler and ninja; the PyTorch path otherwise).
+"""
+from .ext_loader import cpu_ext_available, cpu_ext_enabled
+from .policy import (CPU_ALGORITHMS, DIRECT_MAX_COUT, cpu_algorithm, cpu_kernel_direct, default_max_active,
+                     dense_crossover, get_cpu_algorithm, set_cpu_algorithm)
+from .sparse_conv import (HAS_TRITON, PackedConv, SparseConv2d, SparseIndex, add_weighted_rows_, conv_weight_matrix,
+                          dense_conv_buffer, fold_bn, gather_rows, new_padded_buffer, padded_interior, padded_row_index,
+                          scatter_rows, sparse_conv2d, sparse_conv_buffer, sparse_conv_rows, to_padded_nhwc)
 
 __all__ = [
+    # the op and its module
+    'sparse_conv2d',
+    'SparseConv2d',
+    # the stage API
+    'SparseIndex',
+    'PackedConv',
+    'sparse_conv_rows',
+    'sparse_conv_buffer',
+    'dense_conv_buffer',
+    'to_padded_nhwc',
+    'padded_interior',
+    'new_padded_buffer',
+    'padded_row_index',
+    'gather_rows',
+    'scatter_rows',
+    'add_weighted_rows_',
+    'conv_weight_matrix',
+    'fold_bn',
+    # policy and backends
     'CPU_ALGORITHMS',
+    'DIRECT_MAX_COUT',
     'cpu_algorithm',
+    'cpu_kernel_direct',
     'default_max_active',
+    'dense_crossover',
     'get_cpu_algorithm',
     'set_cpu_algorithm',
-    'HAS_TRITON',
-    'PackedConv',
-    'SegmentTables',
-    'SparseConv2d',
-    'SparseIndex',
-    'add_weighted_rows_',
-    'choose_method',
-    'conv_output_size',
-    'conv_weight_matrix',
     'cpu_ext_available',
     'cpu_ext_enabled',
-    'cpu_kernel_direct',
-    'dense_conv_buffer',
-    'dense_crossover',
-    'fold_bn',
-    'gather_rows',
-    'load_cpu_ext',
-    'new_padded_buffer',
-    'padded_interior',
-    'padded_row_index',
-    'scatter_rows',
-    'sparse_conv2d',
-    'sparse_conv_buffer',
-    'sparse_conv_rows',
-    'to_padded_nhwc',
+    'HAS_TRITON',
 ]

@@ -1,25 +1,41 @@
-"""When the sparse path is worth it: the one place that decides, for single convs and for whole masked stages.
+"""When the sparse path is worth it, and which CPU algorithm runs: the one place that decides.
 
-* Per conv, :func:`~mmseg_cbt.ops.dense_crossover` gives the active fraction above which the dense conv is faster
-  (measured tables of the CPU paths; docs/masked_inference.md names the runs).
+* Per conv, :func:`dense_crossover` gives the active fraction above which the dense conv (plus restoring the stopped
+  positions) is faster than the sparse path; :func:`dense_threshold` applies it to one call (Triton, the compiled
+  CPU kernel or the PyTorch ops).
 * Per stage or exit, :func:`default_max_active` is the default of ``test_cfg.sparse_max_active``: above that active
   fraction the segmentor takes the simulated path (dense, then masked), which is as fast or faster there.
-* Which of the compiled CPU kernel's float32 algorithms runs: :func:`set_cpu_algorithm` / :func:`cpu_algorithm`,
-  or the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``) read at import.
+* Which of the compiled CPU kernel's float32 algorithms runs: :func:`set_cpu_algorithm` / :func:`cpu_algorithm`, or
+  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``) read at import. ``auto`` takes the
+  direct algorithm for convs of at most :data:`DIRECT_MAX_COUT` output channels where the kernel has it (an AVX-512
+  build), the gather + GEMM otherwise; the kernel runs what this module tells it.
+
+The numbers below are measured on the 2-core CPU machines; the runs, their commands and their resource files are in
+``docs/benchmarks.md``.
 """
 import contextlib
+import math
 import os
-from typing import Iterator
+from types import ModuleType
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import sparse_conv as _sc
-from .sparse_conv_cpu import cpu_ext_available
+from .ext_loader import load_cpu_ext
 
-__all__ = ['CPU_ALGORITHMS', 'cpu_algorithm', 'default_max_active', 'get_cpu_algorithm', 'set_cpu_algorithm']
+__all__ = [
+    'CPU_ALGORITHMS', 'DIRECT_MAX_COUT', 'cpu_algorithm', 'cpu_kernel_direct', 'default_max_active', 'dense_crossover',
+    'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm'
+]
 
-#: ``auto``: the kernel chooses (direct algorithm for thin float32 convs where built, gather + GEMM otherwise).
-CPU_ALGORITHMS = {'auto': -1, 'gemm': 0, 'direct': 1}
+#: ``auto``: the direct algorithm for thin float32 convs where the kernel has it, the gather + GEMM otherwise.
+CPU_ALGORITHMS = ('auto', 'gemm', 'direct')
+
+#: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm: beyond it MKL's GEMM blocks
+#: the weights better than the direct algorithm's per-block window re-reads (measured 1.04-3x slower at 144-384).
+DIRECT_MAX_COUT = 100
+
+_STATE = {'algorithm': 'auto'}
 
 
 def set_cpu_algorithm(name: str) -> None:
@@ -29,13 +45,13 @@ def set_cpu_algorithm(name: str) -> None:
         name (str): One of :data:`CPU_ALGORITHMS`.
     """
     if name not in CPU_ALGORITHMS:
-        raise ValueError(f'CPU algorithm must be one of {tuple(CPU_ALGORITHMS)}, got {name!r}')
-    _sc._CPU_DIRECT = CPU_ALGORITHMS[name]
+        raise ValueError(f'CPU algorithm must be one of {CPU_ALGORITHMS}, got {name!r}')
+    _STATE['algorithm'] = name
 
 
 def get_cpu_algorithm() -> str:
     """The algorithm selected by :func:`set_cpu_algorithm` (``auto`` by default)."""
-    return {v: k for k, v in CPU_ALGORITHMS.items()}[_sc._CPU_DIRECT]
+    return _STATE['algorithm']
 
 
 @contextlib.contextmanager
@@ -49,12 +65,115 @@ def cpu_algorithm(name: str) -> Iterator[None]:
         set_cpu_algorithm(old)
 
 
+def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bool:
+    if ext is None or dtype != torch.float32 or not ext.has_direct():
+        return False
+    algo = get_cpu_algorithm()
+    return algo == 'direct' or (algo == 'auto' and cout <= DIRECT_MAX_COUT)
+
+
+def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
+    """The kernel's ``direct`` argument for one conv: 1 runs the direct algorithm, 0 the gather + GEMM.
+
+    A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no AVX-512): the kernel
+    then refuses with its message instead of silently running the GEMM.
+    """
+    if get_cpu_algorithm() == 'direct':
+        return 1
+    return int(_runs_direct(ext, cout, dtype))
+
+
+def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether masked convs with ``cout`` output channels run the compiled CPU kernel's direct algorithm.
+
+    Args:
+        cout (int): Output channels.
+        dtype (torch.dtype): Tensor dtype.
+
+    Returns:
+        bool: True if the kernel is available and runs (chosen or forced) its direct algorithm for this conv.
+    """
+    return _runs_direct(load_cpu_ext(), cout, dtype)
+
+
+# Active fraction above which the dense fallback beats gather + GEMM + scatter, against log2 of the conv's MACs per
+# output position (k*k*Cin*Cout): the sparse path's gather / scatter is a fixed cost per position, so thin convs
+# cross over earlier, and the fallback itself costs 1.1-3x the bare dense conv (it must keep the stopped positions).
+# Points: the 2-thread runs of ``benchmark_masked.py --sections crossover``, rounded down.
+_Table = Dict[int, Tuple[Tuple[int, float], ...]]
+#: The PyTorch ops.
+_CROSSOVER_TORCH: _Table = {
+    3: ((1458, 0.62), (20736, 0.66), (82944, 0.66), (331776, 0.75)),
+    1: ((324, 0.55), (2304, 0.58), (5184, 0.65), (36864, 0.72), (147456, 0.75)),
+}
+#: The compiled kernel's gather + GEMM (float64, wide convs, CPUs without AVX-512).
+_CROSSOVER_KERNEL: _Table = {
+    3: ((1458, 0.72), (20736, 0.76), (46656, 0.9)),
+    1: ((324, 0.72), (2304, 0.8), (20736, 0.85), (36864, 0.9)),
+}
+#: The compiled kernel's direct algorithm (float32, at most DIRECT_MAX_COUT output channels, AVX-512).
+_CROSSOVER_DIRECT: _Table = {
+    3: ((1458, 0.9), ),
+    1: ((324, 0.8), (1296, 0.8), (2304, 0.9)),
+}
+
+#: Triton (GPU) default: only a full mask goes to the dense conv, as the GPU crossover is not measured yet.
+TRITON_DENSE_THRESHOLD = 1.0 - 1e-9
+
+
+def dense_crossover(kernel_size: int, cin: int, cout: int, compiled: bool = False, direct: bool = False) -> float:
+    """Measured active fraction above which the dense conv beats the sparse path on CPU.
+
+    Piecewise-linear in log2(MACs per output position) between the measured points, clamped at the ends.
+
+    Args:
+        kernel_size (int): 1 or 3.
+        cin (int): Input channels.
+        cout (int): Output channels.
+        compiled (bool): The sparse path is the compiled CPU kernel (its table) rather than the PyTorch ops.
+        direct (bool): With ``compiled``: the kernel runs its direct algorithm for this conv.
+
+    Returns:
+        float: Threshold in [0, 1].
+    """
+    table = (_CROSSOVER_DIRECT if direct else _CROSSOVER_KERNEL) if compiled else _CROSSOVER_TORCH
+    pts = table[3 if kernel_size != 1 else 1]
+    x = math.log2(max(1, kernel_size * kernel_size * cin * cout))
+    if x <= math.log2(pts[0][0]):
+        return pts[0][1]
+    for (m0, f0), (m1, f1) in zip(pts, pts[1:]):
+        x0, x1 = math.log2(m0), math.log2(m1)
+        if x <= x1:
+            return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def dense_threshold(kernel_size: int, cin: int, cout: int, dtype: torch.dtype, *, triton: bool,
+                    ext: Optional[ModuleType]) -> float:
+    """Default active fraction above which one masked conv call runs densely.
+
+    Args:
+        kernel_size (int): 1 or 3.
+        cin (int): Input channels.
+        cout (int): Output channels.
+        dtype (torch.dtype): Tensor dtype.
+        triton (bool): The call runs the Triton kernel.
+        ext (module, optional): The compiled CPU kernel the call runs, or None for the PyTorch ops.
+
+    Returns:
+        float: :data:`TRITON_DENSE_THRESHOLD` for Triton, else :func:`dense_crossover` of the CPU path.
+    """
+    if triton:
+        return TRITON_DENSE_THRESHOLD
+    return dense_crossover(kernel_size, cin, cout, ext is not None, _runs_direct(ext, cout, dtype))
+
+
 def default_max_active(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Default ``test_cfg.sparse_max_active``: the active fraction up to which whole masked stages run sparse.
 
-    Measured crossovers of the whole stages 2-4 (``benchmark_masked.py --sections paths``): 0.9 with the compiled
-    CPU kernel's direct algorithm, 0.8 with its GEMM algorithm only, 0.6 with the PyTorch path and on CUDA (not yet
-    measured on a GPU).
+    Measured crossovers of whole HRNet stages 2-4 (``benchmark_masked.py --sections paths``): 0.9 where the
+    thinnest branch (18 channels) runs the compiled kernel's direct algorithm, 0.8 with its GEMM algorithm only,
+    0.6 with the PyTorch path and on CUDA (not yet measured on a GPU).
 
     Args:
         device (torch.device): Where the features live.
@@ -63,12 +182,13 @@ def default_max_active(device: torch.device, dtype: torch.dtype = torch.float32)
     Returns:
         float: The fraction in [0, 1].
     """
-    if torch.device(device).type != 'cpu' or not cpu_ext_available():
+    ext = load_cpu_ext() if torch.device(device).type == 'cpu' else None
+    if ext is None:
         return 0.6
-    return 0.9 if _sc.cpu_kernel_direct(18, dtype) else 0.8
+    return 0.9 if _runs_direct(ext, 18, dtype) else 0.8
 
 
 _env = os.environ.get('MMSEG_CBT_CPU_ALGO', 'auto')
 if _env not in CPU_ALGORITHMS:
-    raise ValueError(f'MMSEG_CBT_CPU_ALGO must be one of {tuple(CPU_ALGORITHMS)}, got {_env!r}')
+    raise ValueError(f'MMSEG_CBT_CPU_ALGO must be one of {CPU_ALGORITHMS}, got {_env!r}')
 set_cpu_algorithm(_env)

@@ -264,3 +264,33 @@ def test_test_tool_checks_the_checkpoint_strictly(toy_cfg, trained, tmp_path):
     torch.save(dict(state_dict=build_tiny_model(toy_cfg, num_classes=10).state_dict()), ten)
     with pytest.raises(CheckpointMismatchError, match='keys of another shape'):
         tool.check_checkpoint([cfg_file, str(ten)])
+
+
+# ------------------------------------------------------------------------------------------------ sweep_stop_rules.py
+def test_sweep_tool_end_to_end(trained, tmp_path, capsys):
+    """The sweep tool on a calibrated checkpoint: every family's rows, the dense row, one file set; options are
+    checked before any work."""
+    calibrate = _tool('calibrate.py')
+    sweep = _tool('analysis_tools/sweep_stop_rules.py')
+    cfg_file, src = trained
+    ckpt = calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', str(tmp_path / 'c.pth')])
+    out_dir = tmp_path / 'sweep'
+    report = sweep.main([
+        cfg_file, ckpt, '--out-dir',
+        str(out_dir), '--sweep', 'adpc:0.3,0.6', 'cbt-alpha:0.5,0.9@beta=0.998', 'precision:0.6@alpha=0.5,beta=0.99',
+        '--train-images', '2', '--precision-bins', '64', '--match-adpc', '0.6'
+    ])
+    assert [r['setting'] for r in report['rows']] == [
+        'ADP-C t=0.3', 'ADP-C t=0.6', 'CBT [0.5, 0.998]', 'CBT [0.9, 0.998]', 'cbt-precision p=0.6 [0.5, 0.99]'
+    ]
+    dense = report['dense']['gflops_2_30']
+    assert all(r['gflops_2_30'] <= dense + 1e-12 for r in report['rows'])
+    assert sorted(os.listdir(out_dir)) == sorted([
+        'stop_rule_sweep.json', 'stop_rule_sweep.csv', 'stop_rule_sweep.txt', 'stop_rule_sweep.png',
+        'stop_rule_sweep_precision_stats.pth'
+    ])
+    saved = json.load(open(out_dir / 'stop_rule_sweep.json'))
+    assert saved['rows'][0]['confusion_final'] == report['rows'][0]['confusion_final']
+    # a bad family is a usage error before the model is even built
+    err = _usage_error(capsys, sweep.main, [cfg_file, ckpt, '--sweep', 'adpc:1.5'])
+    assert 'must be in [0, 1]' in err

@@ -13,19 +13,20 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
     ``mmseg_cbt.ops.dense_crossover``.
 (b) ``bench_backbones`` (in ``benchmark_masked_backbone.py``): the whole W18-small and W48 early-exit
     backbones, dense (as built, and BN-folded channels-last) versus masked stages 2-4, wall ratio next to
-    the MAC ratio.
-(paths) ``bench_paths`` (same file): stages 2-4 timed as dense, simulated, sparse (GEMM), sparse with every
-    3x3 conv through ``method='segments'``, and sparse with the rbf fill.
+    the MAC ratio (counted by ``mmseg_cbt.analysis``).
+(paths) ``bench_paths`` (same file): stages 2-4 timed as dense, simulated, sparse (copy fill) and sparse
+    with the rbf fill.
 
 Before anything is timed, ``mmseg_cbt.utils.tune_malloc()`` is applied (process-wide, so to the dense and
 the masked side alike; ``--no-tune-malloc`` keeps glibc's defaults): without it every call re-faults the
-pages of large fresh tensors on these VMs. ``--method`` selects the CPU sparse algorithm of section (a).
+pages of large fresh tensors on these VMs.
 
 Timing: all variants of one configuration are timed interleaved in one process (round-robin, best of
 ``--repeats`` rounds), because the 2 CPU cores are shared and absolute times drift. Ratios are what to
 read. The CPU time other processes used during each row is measured (``bg%``: share of all cores); a
 row is re-measured while it exceeds ``--max-foreign`` (2-thread timings collapse when another job
-takes a core: OpenMP regions wait for the descheduled thread).
+takes a core: OpenMP regions wait for the descheduled thread). ``--clock`` chooses the clock of every
+section (``mmseg_cbt.utils.benchmark.Timer``, passed to each). Results and how to read them: docs/benchmarks.md.
 
 Examples::
 
@@ -40,18 +41,14 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import mmseg_cbt.ops as ops
-except ImportError:  # running from a checkout without installation
-    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
-    import mmseg_cbt.ops as ops
+import mmseg_cbt.ops as ops
+from mmseg_cbt.utils.benchmark import CLOCKS, Timer, blob_mask, timed_quiet
 
 # Branch widths and the 1/4-resolution size for a 512x1024 input (each branch halves the size).
 MODELS: Dict[str, Tuple[int, ...]] = {
@@ -65,128 +62,9 @@ TARGETS: Dict[float, float] = {1.0: 1.10, 0.5: 0.75, 0.25: 0.40, 0.1: 0.20}
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def blob_mask(n: int, h: int, w: int, active: float, seed: int = 0, blob: int = 16) -> torch.Tensor:
-    """Realistic stop mask: thresholded smoothed noise (connected blobs, not salt-and-pepper).
-
-    Args:
-        n: Batch size.
-        h: Height.
-        w: Width.
-        active: Target fraction of True (active, still computing) positions.
-        seed: RNG seed.
-        blob: Typical blob size in pixels (noise is drawn at ``1/blob`` resolution and upsampled).
-
-    Returns:
-        Bool ``(n, h, w)`` with ``round(active * h * w)`` True positions per image (ties aside).
-    """
-    if active >= 1.0:
-        return torch.ones(n, h, w, dtype=torch.bool)
-    if active <= 0.0:
-        return torch.zeros(n, h, w, dtype=torch.bool)
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 1, max(2, h // blob), max(2, w // blob), generator=g)
-    noise = F.interpolate(low, size=(h, w), mode='bicubic', align_corners=False)
-    noise = noise + 1e-3 * torch.rand(n, 1, h, w, generator=g)  # break ties
-    flat = noise.view(n, -1)
-    k = max(1, int(round(active * h * w)))
-    thr = flat.topk(k, dim=1).values[:, -1:]
-    return (flat >= thr).view(n, h, w)
-
-
-CLOCK: Callable[[], float] = time.perf_counter
-# Waits for queued device work before the clock is read (torch.cuda.synchronize with --device cuda).
-SYNC: Callable[[], None] = lambda: None
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]],
-                     repeats: int,
-                     min_sample_s: float = 0.01) -> Dict[str, float]:
-    """Best-of-``repeats`` time in ms of each function, the functions timed round-robin.
-
-    Each sample runs a function ``inner`` times (calibrated so one sample takes ``min_sample_s``), so that
-    sub-millisecond ops are not dominated by timer and scheduler noise.
-
-    Args:
-        fns: Name -> zero-argument callable.
-        repeats: Rounds.
-        min_sample_s: Minimum duration of one sample.
-
-    Returns:
-        Name -> best time per call in ms.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm-up (allocator, oneDNN primitive cache)
-        SYNC()
-        t0 = CLOCK()
-        fn()
-        SYNC()
-        dt = CLOCK() - t0
-        inner[name] = max(1, int(math.ceil(min_sample_s / max(dt, 1e-7))))
-    best = {name: float('inf') for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            SYNC()
-            t0 = CLOCK()
-            for _ in range(inner[name]):
-                fn()
-            SYNC()
-            best[name] = min(best[name], (CLOCK() - t0) / inner[name])
-    return {name: 1e3 * t for name, t in best.items()}
-
-
-class ForeignLoad:
-    """Measures the CPU time other processes used while a block ran (Linux ``/proc/stat``).
-
-    ``fraction`` = (busy CPU time of the whole machine - this process's CPU time) / (wall x cores), so
-    0.0 means the cores were ours alone and 0.5 means other jobs took half of them: such timings are
-    not comparable and are re-measured (``--max-foreign``).
-    """
-
-    def __init__(self) -> None:
-        self.fraction: float = float('nan')
-
-    @staticmethod
-    def _machine_busy_s() -> float:
-        with open('/proc/stat') as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-        return busy / os.sysconf('SC_CLK_TCK')
-
-    def __enter__(self) -> 'ForeignLoad':
-        try:
-            self._m0 = self._machine_busy_s()
-        except (OSError, ValueError, IndexError):
-            self._m0 = None
-        self._p0, self._w0 = sum(os.times()[:2]), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._m0 is None:
-            return
-        wall = time.perf_counter() - self._w0
-        other = (self._machine_busy_s() - self._m0) - (sum(os.times()[:2]) - self._p0)
-        self.fraction = max(0.0, other / max(wall * (os.cpu_count() or 1), 1e-9))
-
-
-def timed_quiet(fns: Dict[str, Callable[[], object]], args: argparse.Namespace) -> Tuple[Dict[str, float], float]:
-    """:func:`time_interleaved`, repeated (up to ``args.retries`` times, keeping the per-function best)
-    while other processes used more than ``args.max_foreign`` of the cores.
-
-    Returns:
-        ``(times in ms, foreign load fraction of the last attempt)``.
-    """
-    best: Dict[str, float] = {}
-    load = float('nan')
-    for _ in range(1 + max(0, args.retries)):
-        with ForeignLoad() as fl:
-            t = time_interleaved(fns, args.repeats)
-        load = fl.fraction
-        best = {k: min(v, best.get(k, float('inf'))) for k, v in t.items()}
-        if not load > args.max_foreign:  # also stops when unknown (nan)
-            break
-        time.sleep(args.retry_wait)
-    return best, load
+def _timed(fns: Dict[str, Callable[[], object]], args: argparse.Namespace) -> Tuple[Dict[str, float], float]:
+    """:func:`mmseg_cbt.utils.benchmark.timed_quiet` with the command line's clock, rounds and retry settings."""
+    return timed_quiet(fns, args.repeats, args.timer, args.max_foreign, args.retries, args.retry_wait)
 
 
 def branch_shapes(models: Sequence[str], input_hw: Tuple[int, int]) -> List[Tuple[str, int, int, int]]:
@@ -218,9 +96,9 @@ def _masked_runner(x: torch.Tensor,
                    weight: torch.Tensor,
                    bias: torch.Tensor,
                    mask: torch.Tensor,
+                   timer: Timer,
                    stride: int = 1,
                    dense_threshold: float = None,
-                   method: str = 'auto',
                    backend: str = 'auto') -> Tuple[Callable[[], object], float, str]:
     """Prepares the stage-API call for one conv; returns (callable, index build ms, path).
 
@@ -234,12 +112,12 @@ def _masked_runner(x: torch.Tensor,
     conv = ops.PackedConv.from_weight(weight, bias, stride=stride)
     build_ms = float('inf')
     for _ in range(3):  # best of 3 fresh builds (tables for this conv's geometry included)
-        t0 = time.perf_counter()
+        t0 = timer.now()
         idx = ops.SparseIndex.build(mask)
         idx.windows((h_in, w_in), k, stride, k // 2)
         idx.rows(1)
-        build_ms = min(build_ms, 1e3 * (time.perf_counter() - t0))
-    compiled = x.device.type == 'cpu' and backend != 'torch' and method != 'segments' and ops.cpu_ext_available()
+        build_ms = min(build_ms, 1e3 * (timer.now() - t0))
+    compiled = x.device.type == 'cpu' and backend != 'torch' and ops.cpu_ext_available()
     direct = compiled and ops.cpu_kernel_direct(weight.shape[0], x.dtype)
     thr = (
         ops.dense_crossover(k, weight.shape[1], weight.shape[0], compiled, direct)
@@ -249,7 +127,7 @@ def _masked_runner(x: torch.Tensor,
     if not bool(mask.all()):
 
         def run() -> object:
-            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, method=method, backend=backend)
+            return conv.apply(buf, idx, out_buf, dense_threshold=dense_threshold, backend=backend)
     else:
         # nothing stopped: what the library does then (sparse_conv2d's full-mask path, the masked HRNet's dense
         # stage) is the plain dense conv, not a dense conv written into a stage buffer. The input comes in the
@@ -258,10 +136,7 @@ def _masked_runner(x: torch.Tensor,
         best_t, x_full = float('inf'), candidates[0]
         for cand in candidates:
             ops.sparse_conv2d(cand, weight, bias, mask, stride=stride, padding=k // 2)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                ops.sparse_conv2d(cand, weight, bias, mask, stride=stride, padding=k // 2)
-            dt = time.perf_counter() - t0
+            dt = timer.time_ms(lambda: ops.sparse_conv2d(cand, weight, bias, mask, stride=stride, padding=k // 2), 3)
             if dt < best_t:
                 best_t, x_full = dt, cand
 
@@ -301,8 +176,7 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     rows = []
     cpu_kernel = args.device == 'cpu' and ops.cpu_ext_available()
     print(f'\n(a) single 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads, '
-          f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover; '
-          f'method {args.method}')
+          f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover')
     if cpu_kernel:
         print('masked = the default CPU path (the compiled kernel); "torch" = the same algorithm as pure-PyTorch ops')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
@@ -316,11 +190,11 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
         for stopped in args.stopped:
             active = 1.0 - stopped / 100.0
             mask = blob_mask(1, h, w, active, seed=c + int(stopped)).to(args.device)
-            run, build_ms, path = _masked_runner(x, weight, bias, mask, method=args.method)
+            run, build_ms, path = _masked_runner(x, weight, bias, mask, args.timer)
             fns = {**dense, 'masked': run}
-            if cpu_kernel and path == 'sparse' and args.method != 'segments':
-                fns['masked_torch'] = _masked_runner(x, weight, bias, mask, method=args.method, backend='torch')[0]
-            t, foreign = timed_quiet(fns, args)
+            if cpu_kernel and path == 'sparse':
+                fns['masked_torch'] = _masked_runner(x, weight, bias, mask, args.timer, backend='torch')[0]
+            t, foreign = _timed(fns, args)
             fmt = min(dense, key=lambda k: t[k])
             d_ms = t[fmt]
             act = float(mask.float().mean())
@@ -395,9 +269,9 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
             sp, fb = [], []
             for a in actives:
                 mask = blob_mask(1, h, w, a, seed=c)
-                run_sp, _, _ = _masked_runner(x, weight, bias, mask, stride, dense_threshold=float('inf'))
-                run_fb, _, _ = _masked_runner(x, weight, bias, mask, stride, dense_threshold=-1.0)
-                t, _ = timed_quiet({**dense, 'sparse': run_sp, 'fallback': run_fb}, args)
+                run_sp, _, _ = _masked_runner(x, weight, bias, mask, args.timer, stride, dense_threshold=float('inf'))
+                run_fb, _, _ = _masked_runner(x, weight, bias, mask, args.timer, stride, dense_threshold=-1.0)
+                t, _ = _timed({**dense, 'sparse': run_sp, 'fallback': run_fb}, args)
                 d = min(t['dense_nchw'], t['dense_cl'])
                 sp.append(t['sparse'] / d)
                 fb.append(t['fallback'] / d)
@@ -432,10 +306,10 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
 
 
 def _backbone_section(name: str) -> Callable[[argparse.Namespace], List[dict]]:
-    """A section implemented in ``benchmark_masked_backbone.py`` (imported lazily: it needs mmseg)."""
+    """A section implemented in ``benchmark_masked_backbone.py``, next to this script (imported when it runs: it
+    needs mmseg; both import their helpers from ``mmseg_cbt.utils.benchmark``, never each other's)."""
 
     def run(args: argparse.Namespace) -> List[dict]:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import benchmark_masked_backbone
         return getattr(benchmark_masked_backbone, name)(args)
 
@@ -552,7 +426,7 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     p.add_argument(
         '--clock',
-        choices=['wall', 'thread'],
+        choices=list(CLOCKS),
         default='wall',
         help="'thread': CPU time of the calling thread (only meaningful with --threads 1; "
         "robust against other processes on a shared machine). Default: wall time")
@@ -570,11 +444,6 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
         default='cpu',
         choices=['cpu', 'cuda'],
         help="'cuda': section a on the GPU (the Triton kernel when triton is importable)")
-    p.add_argument(
-        '--method',
-        default='auto',
-        choices=['auto', 'gemm', 'segments'],
-        help="CPU sparse algorithm of section a (ops.sparse_conv_buffer's method; default auto = gemm)")
     p.add_argument(
         '--no-tune-malloc',
         action='store_true',
@@ -617,14 +486,9 @@ def main(argv: Sequence[str] = None) -> List[dict]:
         return rows
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == 'cuda':
-        global SYNC
-        SYNC = torch.cuda.synchronize
-    if args.clock == 'thread':
-        if torch.get_num_threads() != 1:
-            raise SystemExit('--clock thread needs --threads 1')
-        global CLOCK
-        CLOCK = time.thread_time
+    if args.clock == 'thread' and torch.get_num_threads() != 1:
+        raise SystemExit('--clock thread needs --threads 1')
+    args.timer = Timer.from_name(args.clock, args.device)
     tuned = False
     if not args.no_tune_malloc:
         from mmseg_cbt.utils.inference import tune_malloc
@@ -646,7 +510,10 @@ def main(argv: Sequence[str] = None) -> List[dict]:
             loadavg_start=load,
             loadavg_end=os.getloadavg() if hasattr(os, 'getloadavg') else None,
             clock=args.clock,
-            args=vars(args),
+            args={
+                k: v
+                for k, v in vars(args).items() if k != 'timer'
+            },
             time=time.strftime('%Y-%m-%d %H:%M:%S'))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:

@@ -4,17 +4,18 @@ For each model (W18-small, W48 early-exit configs) at the given input size and e
 stop mask is applied after exit 1 (stem and stage 1 dense, as in ADP-C); the dense passes run all four stages (mmseg's
 module as built, and the same after ``optimize_for_inference``), the masked pass runs stem and stage 1 densely on the
 optimized backbone and stages 2-4 through the sparse path (``forward_stage_masked(sparse=True)``). All are timed
-interleaved in one process (best of ``--e2e-repeats``); ratios are against the faster dense pass. The MAC ratio
-counts every conv of the backbone at the positions it computes (its output positions that are active under the
-nearest-resized mask).
+interleaved in one process (best of ``--e2e-repeats``, with the command line's clock); ratios are against the
+faster dense pass. The MAC ratio is ``mmseg_cbt.analysis``'s count of the backbone's convs with the mask applied
+to stages 2-4 (every conv at its output positions that are active under the nearest-resized mask).
 """
 import logging
 import os.path as osp
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from mmseg_cbt.utils.benchmark import blob_mask, time_interleaved
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = {
@@ -23,8 +24,8 @@ CONFIGS = {
 }
 
 
-def build_backbone(name: str) -> nn.Module:
-    """The early-exit model's backbone in eval mode, BN with non-trivial statistics, SyncBN reverted."""
+def build_model(name: str) -> nn.Module:
+    """The early-exit model in eval mode, BN with non-trivial statistics, SyncBN reverted."""
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
 
@@ -51,42 +52,22 @@ def build_backbone(name: str) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)
             m.running_mean.normal_(0, 0.1)
-    bb = model.backbone
-    bb.eval()  # (mmseg's HRNet.train returns None: no chaining)
-    return bb
+    model.eval()
+    return model
 
 
-def conv_macs(bb: nn.Module, x: torch.Tensor) -> List[tuple]:
-    """(module name, output (h, w), dense MACs) of every conv call of one dense forward."""
-    rec = []
-    hooks = []
-    for name, m in bb.named_modules():
-        if isinstance(m, nn.Conv2d):
+def mac_ratios(model: nn.Module, x: torch.Tensor, active: torch.Tensor) -> Tuple[float, float]:
+    """Masked / dense backbone MACs with ``active`` (1/4 resolution) applied after exit 1, as counted by
+    :func:`mmseg_cbt.analysis.count_flops`: (whole backbone, stages 2-4 only)."""
+    from mmseg_cbt.analysis import count_flops
+    n = model.num_exits
+    dense = count_flops(model, x, actives=[None] * n).exits
+    masked = count_flops(model, x, actives=[None] + [active] * (n - 1)).exits
 
-            def hook(mod, inp, out, name=name):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                rec.append((name, tuple(out.shape[-2:]), out.numel() * k))
+    def backbone(exits, first: int) -> float:
+        return sum(float(e.backbone_macs_per_image[0]) for e in exits[first:])
 
-            hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        bb.forward_stages(x)
-    for h in hooks:
-        h.remove()
-    return rec
-
-
-def mac_ratio(rec: List[tuple], active: torch.Tensor, stages_2_4_only: bool = False) -> float:
-    """Masked / dense MACs: convs of transitions and stages 2-4 count their active output positions only."""
-    dense = masked = 0.0
-    for name, hw, macs in rec:
-        if name.startswith(('transition', 'stage')):
-            p = (F.interpolate(active[:, None].float(), size=hw, mode='nearest') > 0.5).float().mean().item()
-            masked += macs * p
-            dense += macs
-        elif not stages_2_4_only:
-            masked += macs
-            dense += macs
-    return masked / dense
+    return backbone(masked, 0) / backbone(dense, 0), backbone(masked, 1) / backbone(dense, 1)
 
 
 def bench_backbones(args) -> List[dict]:
@@ -99,8 +80,6 @@ def bench_backbones(args) -> List[dict]:
     """
     import copy
 
-    from benchmark_masked import blob_mask, time_interleaved
-
     from mmseg_cbt.utils.inference import optimize_for_inference
     rows = []
     h, w = args.input_size
@@ -110,11 +89,11 @@ def bench_backbones(args) -> List[dict]:
     print(f'{"model":<6} {"stopped":>7} {"stock ms":>9} {"opt ms":>8} {"masked ms":>9} {"wall ratio":>10} '
           f'{"MAC ratio":>9} {"wall/MAC":>8} | {"2-4 wall":>8} {"2-4 MAC":>8} {"wall/MAC":>8}')
     for name in args.models:
-        bb = build_backbone(name)
+        model = build_model(name)
+        bb = model.backbone
         ob = optimize_for_inference(copy.deepcopy(bb))
         x = torch.randn(1, 3, h, w)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        rec = conv_macs(bb, x)
         with torch.no_grad():
             f1 = ob.forward_stage(1, [x_cl])
 
@@ -152,10 +131,9 @@ def bench_backbones(args) -> List[dict]:
                     'masked': masked,
                     'dense_234': dense_234,
                     'masked_234': masked_234
-                }, args.e2e_repeats)
+                }, args.e2e_repeats, args.timer)
             dense_ms = min(t['dense_stock'], t['dense_opt'])
-            mr = mac_ratio(rec, active)
-            mr234 = mac_ratio(rec, active, stages_2_4_only=True)
+            mr, mr234 = mac_ratios(model, x, active)
             row = dict(
                 section='b',
                 model=name,
@@ -190,24 +168,20 @@ def bench_paths(args) -> List[dict]:
     """Section ``paths``: stages 2-4 of the optimized backbones by execution path, timed interleaved.
 
     ``dense`` (all pixels), ``simulate`` (dense then mask, copy fill: what ``test_cfg.sparse_max_active`` falls back
-    to), ``sparse`` (the default GEMM method, copy fill), ``sparse_segments`` (every 3x3 conv through
-    ``method='segments'``) and ``sparse_rbf`` (GEMM, rbf fill on its support). These are the measurements behind
-    ``choose_method``'s 'auto' = GEMM, the 0.8 default of ``sparse_max_active`` and the rbf cost in the README.
+    to), ``sparse`` (copy fill) and ``sparse_rbf`` (rbf fill on its support). These are the measurements behind the
+    defaults of ``sparse_max_active`` (:func:`mmseg_cbt.ops.default_max_active`) and the rbf cost in
+    docs/masked_inference.md.
     """
     import copy
-    from unittest import mock
 
-    from benchmark_masked import blob_mask, time_interleaved
-
-    import mmseg_cbt.ops.sparse_conv as sc
     from mmseg_cbt.utils.inference import optimize_for_inference
     rows = []
     h, w = args.input_size
     print(f'\n(paths) stages 2-4 at {h}x{w} (optimized backbone, batch 1): ms per pass')
-    names = ('dense', 'simulate', 'sparse', 'sparse_segments', 'sparse_rbf')
+    names = ('dense', 'simulate', 'sparse', 'sparse_rbf')
     print(f'{"model":<6} {"stopped":>7} ' + ' '.join(f'{n:>15}' for n in names))
     for name in args.models:
-        ob = optimize_for_inference(copy.deepcopy(build_backbone(name)))
+        ob = optimize_for_inference(copy.deepcopy(build_model(name).backbone))
         with torch.no_grad():
             f1 = ob.forward_stage(1, [torch.randn(1, 3, h, w).contiguous(memory_format=torch.channels_last)])
         for stopped in [s for s in args.stopped if s > 0]:
@@ -221,19 +195,13 @@ def bench_paths(args) -> List[dict]:
                         if masked else ob.forward_stage(s, feats))
                 return feats
 
-            def segments():
-                # the network has no method switch (segments are opt-in per call): route every 3x3 conv there
-                with mock.patch.object(sc, 'choose_method', lambda m, i, c: 'segments' if c.k == 3 else 'gemm'):
-                    return stages()
-
             t: Dict[str, float] = time_interleaved(
                 {
                     'dense': lambda: stages(masked=False),
                     'simulate': lambda: stages(sparse=False),
                     'sparse': stages,
-                    'sparse_segments': segments,
                     'sparse_rbf': lambda: stages(fill='rbf')
-                }, args.e2e_repeats)
+                }, args.e2e_repeats, args.timer)
             rows.append(dict(section='paths', model=name, stopped=stopped, **{f'{k}_ms': v for k, v in t.items()}))
             print(f'{name:<6} {stopped:>6.0f}% ' + ' '.join(f'{t[n]:15.1f}' for n in names), flush=True)
     return rows

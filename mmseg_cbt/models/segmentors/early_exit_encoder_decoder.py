@@ -15,6 +15,7 @@ from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask
 from ..backbones.base import EarlyExitBackboneMixin
 from ..masked import check_fill, forward_head_masked
 from ..masked.vit_stop_rules import dtop_stop_mask, exit_scores
+from .exit_maps import ExitCostCounter, attach_exit_outputs
 from .options import (DTOP_TOPK, EXIT_MODES, FEATURE_MASKS, OPTION_RANGES, check_stop_options, range_checked,
                       topk_checked)
 
@@ -115,6 +116,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         self.register_buffer('cbt_share_exits', torch.ones((), dtype=torch.bool))
         self.register_buffer('cbt_class_mean_probs', torch.zeros(n, k, k, dtype=torch.float64))
         self.register_buffer('cbt_class_counts', torch.zeros(k, dtype=torch.int64))
+        self._exit_cost = ExitCostCounter(self)  # caches the dense layer trace per input size
 
     # ------------------------------------------------------------------ structure
     @property
@@ -315,30 +317,40 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
     def encode_decode_exits(self,
                             inputs: Tensor,
                             batch_img_metas: List[dict],
-                            exit_mode: Optional[str] = None) -> List[Tensor]:
-        """Per-exit logits resized to the (padded) input size, as ``decode_head.predict`` resizes them."""
-        return [
+                            exit_mode: Optional[str] = None,
+                            return_active: bool = False):
+        """Per-exit logits resized to the (padded) input size, as ``decode_head.predict`` resizes them (with
+        ``return_active`` also the masks of :meth:`forward_exits`)."""
+        logits, actives = self.forward_exits(inputs, exit_mode=exit_mode, return_active=True)
+        logits = [
             resize(lg, size=batch_img_metas[0]['img_shape'], mode='bilinear', align_corners=self.align_corners)
-            for lg in self.forward_exits(inputs, exit_mode=exit_mode)
+            for lg in logits
         ]
+        return (logits, actives) if return_active else logits
 
     def inference_exits(self,
                         inputs: Tensor,
                         batch_img_metas: List[dict],
-                        exit_mode: Optional[str] = None) -> List[Tensor]:
+                        exit_mode: Optional[str] = None,
+                        return_active: bool = False):
         """Per-exit version of mmseg's ``inference`` (``whole`` or ``slide`` mode).
 
         Args:
             inputs (Tensor): Preprocessed images (B, 3, H, W).
             batch_img_metas (list[dict]): Image meta information.
             exit_mode (str, optional): Overrides ``test_cfg.exit_mode`` (calibration forces ``'dense'``).
+            return_active (bool): Also return every pass's box and masks (a list of
+                :data:`~mmseg_cbt.models.segmentors.exit_maps.CropMasks`; one pass in ``whole`` mode).
 
         Returns:
-            list[Tensor]: Per-exit logits (B, K, H, W) at the padded input size.
+            list[Tensor]: Per-exit logits (B, K, H, W) at the padded input size (with ``return_active`` a tuple
+            ``(logits, crops)``).
         """
         mode = self._test_opt('mode', 'whole')
         if mode == 'whole':
-            return self.encode_decode_exits(inputs, batch_img_metas, exit_mode)
+            logits, actives = self.encode_decode_exits(inputs, batch_img_metas, exit_mode, return_active=True)
+            box = (0, inputs.shape[2], 0, inputs.shape[3])
+            return (logits, [(box, actives)]) if return_active else logits
         if mode != 'slide':
             raise ValueError(f'test_cfg.mode must be "whole" or "slide", got {mode!r}')
         h_stride, w_stride = self.test_cfg.stride
@@ -349,6 +361,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         preds = [inputs.new_zeros((b, self.out_channels, h_img, w_img)) for _ in range(self.num_exits)]
         count = inputs.new_zeros((b, 1, h_img, w_img))
         metas = [dict(m) for m in batch_img_metas]
+        crops = []
         for hi in range(h_grids):
             for wi in range(w_grids):
                 y2 = min(hi * h_stride + h_crop, h_img)
@@ -356,16 +369,19 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
                 crop = inputs[:, :, y1:y2, x1:x2]
                 metas[0]['img_shape'] = crop.shape[2:]
-                for p, lg in zip(preds, self.encode_decode_exits(crop, metas, exit_mode)):
+                crop_logits, actives = self.encode_decode_exits(crop, metas, exit_mode, return_active=True)
+                for p, lg in zip(preds, crop_logits):
                     p[:, :, y1:y2, x1:x2] += lg
                 count[:, :, y1:y2, x1:x2] += 1
-        return [p / count for p in preds]
+                crops.append(((y1, y2, x1, x2), actives))
+        preds = [p / count for p in preds]
+        return (preds, crops) if return_active else preds
 
-    def restore_logits(self, logits: Tensor, img_meta: dict) -> Tensor:
+    def restore_logits(self, logits: Tensor, img_meta: dict, mode: str = 'bilinear') -> Tensor:
         """Undoes padding and flip and resizes one image's logits (1, K, H, W) to ``ori_shape`` -> (K, h, w).
 
         The same steps as mmseg's ``postprocess_result``, so calibration statistics and per-exit predictions see
-        exactly the logits the final prediction is made from.
+        exactly the logits the final prediction is made from. ``mode='nearest'`` restores a label map (exit map).
         """
         _, _, h, w = logits.shape
         pad = img_meta.get('img_padding_size', img_meta.get('padding_size', [0] * 4))
@@ -377,16 +393,17 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             if direction not in ('horizontal', 'vertical'):
                 raise ValueError(f'unknown flip_direction {direction!r}')
             logits = logits.flip(dims=(3, ) if direction == 'horizontal' else (2, ))
-        return resize(
-            logits, size=img_meta['ori_shape'], mode='bilinear', align_corners=self.align_corners,
-            warning=False).squeeze(0)
+        align = self.align_corners if mode != 'nearest' else None  # torch rejects align_corners for nearest
+        return resize(logits, size=img_meta['ori_shape'], mode=mode, align_corners=align, warning=False).squeeze(0)
 
     def predict(self, inputs: Tensor, data_samples: OptSampleList = None) -> SampleList:
         """Predicts with every exit.
 
         Returns:
             list[SegDataSample]: ``pred_sem_seg`` / ``seg_logits`` of the final exit (so every mmseg metric and
-            visualiser works) plus ``exit{n}_pred_sem_seg`` (n = 1..num_exits), each exit's integer label map.
+            visualiser works) plus ``exit{n}_pred_sem_seg`` (n = 1..num_exits), each exit's integer label map, and
+            ``exit_map`` / ``exit_computed`` / ``exit_macs`` (where pixels stopped, what each exit computed and cost;
+            see :func:`~mmseg_cbt.models.segmentors.exit_maps.attach_exit_outputs`).
         """
         if data_samples is not None:
             batch_img_metas = [ds.metainfo for ds in data_samples]
@@ -399,7 +416,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                     padding_size=[0, 0, 0, 0])
             ] * inputs.shape[0]
         only_prediction = data_samples is None
-        exit_logits = self.inference_exits(inputs, batch_img_metas)
+        exit_logits, crops = self.inference_exits(inputs, batch_img_metas, return_active=True)
         data_samples = self.postprocess_result(exit_logits[-1], data_samples)
         for n, lg in enumerate(exit_logits):
             for i, ds in enumerate(data_samples):
@@ -410,6 +427,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 else:
                     pred = lg[i].argmax(dim=0, keepdim=True)
                 ds.set_data({f'exit{n + 1}_pred_sem_seg': PixelData(data=pred)})
+        cost = self._exit_cost if self._test_opt('exit_cost', True) else None  # test_cfg.exit_cost=False: no MACs
+        attach_exit_outputs(self, inputs, data_samples, crops, not only_prediction, self._resolve_exit_mode(None), cost,
+                            self._test_opt('fill', 'copy'))
         return data_samples
 
     # ------------------------------------------------------------------ training

@@ -52,6 +52,9 @@ def check_stop_options(cfg: Optional[dict], where: str) -> None:
             range_checked(cfg[key], key, where)
     if cfg.get('dtop_topk') is not None:
         topk_checked(cfg['dtop_topk'], where)
+    if 'exit_cost' in cfg and not isinstance(cfg['exit_cost'], bool):
+        # True (default): predict counts every image's MACs per exit (exit_macs), for the test log's GFLOPs
+        raise ValueError(f'{where}.exit_cost must be True or False, got {cfg["exit_cost"]!r}')
 
 
 def range_checked(value, key: str, where: str) -> float:

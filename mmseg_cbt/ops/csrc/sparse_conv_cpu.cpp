@@ -1,17 +1,13 @@
 // CPU kernel of mmseg_cbt's masked ("sparse") convolution, two algorithms over the same index tables:
 //  - gather -> GEMM -> epilogue -> scatter, fused per chunk (any float dtype, any width);
-//  - an AVX-512 direct algorithm for float32 convs with up to 100 output channels that reads each window in place
-//    (no gather) and writes the output rows directly (see "Direct" below for why and what it measured).
-//
-// Same tables as the PyTorch path (mmseg_cbt/ops/sparse_conv.py, _torch_sparse), which is the reference of both in
-// the parity tests. Why a compiled kernel on top of that path (measured on the 2-core CPU machines,
-// W48 stages 2-4 at 512x1024 with 75 % stopped): there every op of a chunk (index_select, mm, add_, relu_,
-// index_copy_) is its own OpenMP region, so each chunk pays a fork/join per op, the gathered block is written
-// by both threads and then read by both, and Python adds ~2 us per op call. Here each thread owns whole chunks:
-// it gathers a chunk into its own L2-sized block, runs a single-threaded GEMM on it (BLAS called inside a
-// parallel region does not spawn threads), applies bias / residual / ReLU row by row while the rows are in L1,
-// and scatters them. Measured 15-20 % less time for the masked stages than the PyTorch path, and up to 30 % on
-// single 48-192-channel convs. (MKL's packed-weight GEMM was tried too and was 5-10 % slower than the plain GEMM.)
+//  - an AVX-512 direct algorithm for thin float32 convs that reads each window in place (no gather) and writes the
+//    output rows directly ("Direct" below).
+// Which one runs is decided in Python (mmseg_cbt/ops/policy.py: the `direct` argument). The PyTorch path
+// (mmseg_cbt/ops/sparse_conv/torch_impl.py) computes the same from the same tables and is the reference of both in
+// the parity tests. Why a compiled kernel on top of it: there every op of a chunk is its own OpenMP region (a
+// fork/join per op, the block written and read by both threads); here each thread owns whole chunks, gathers into
+// its own L2-sized block, runs a single-threaded GEMM and the epilogue while the rows are in L1. Measurements:
+// docs/benchmarks.md.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,8 +25,7 @@
 namespace {
 
 // The BLAS GEMM that at::mm_out ends in, called directly: at::mm_out's dispatch and checks cost ~3-5 us per chunk,
-// a tenth of a thin chunk's GEMM (404 x 162 x 18); measured 0-10 % less time for single 18-72-channel convs at 25-50 %
-// active. Fortran interface (column-major), looked up in the torch library already loaded (MKL is linked into torch's
+// a tenth of a thin chunk's GEMM. Fortran interface (column-major), looked up in the torch library already loaded (MKL is linked into torch's
 // x86 CPU builds); when absent, or for a non-contiguous weight, at::mm_out is used.
 typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
@@ -81,6 +76,13 @@ inline void copy_row(T* __restrict__ d, const T* __restrict__ s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) d[j] = s[j];
 }
 
+// ReLU that keeps NaN, as torch.relu does: a NaN compares false, so it is returned unchanged (x > 0 ? x : 0 would
+// turn it into 0).
+template <typename T>
+inline T relu_keep_nan(T x) {
+  return x < T(0) ? T(0) : x;
+}
+
 template <typename T>
 void run_chunks(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                 const T* bias, const T* res, const int64_t* res_rows, bool relu, T* dst,
@@ -122,7 +124,7 @@ void run_chunks(const at::Tensor& src, const at::Tensor& strips, int64_t k, cons
           for (int64_t j = 0; j < cout; ++j) orow[j] += rrow[j];
         }
         if (relu) {
-          for (int64_t j = 0; j < cout; ++j) orow[j] = orow[j] > T(0) ? orow[j] : T(0);
+          for (int64_t j = 0; j < cout; ++j) orow[j] = relu_keep_nan(orow[j]);
         }
         copy_row(dst + (dst_rows ? dst_rows[p0 + i] : p0 + i) * cout, orow, cout);
       }
@@ -153,7 +155,7 @@ constexpr int kLanes = 16;
 #ifdef MMSEG_CBT_DIRECT
 // Direct ("im2col-free") float32 kernel, AVX-512. Why: for an 18-channel conv the GEMM path runs (M x 162) x (162 x 18)
 // and MKL computes 18 outputs as two 16-lane vectors (56 % of the lanes useful), after the gather has copied every
-// window (3 strips of 54 values) into the block. Here each window is read in place from the channels-last buffer,
+// window into the block. Here each window is read in place from the channels-last buffer,
 // and Cout = 16 * NB + R is split into
 //   - NB output vectors: out[p, 16b:16b+16] += x[p, j] * W[j, 16b:16b+16] (the window value broadcast, every lane
 //     useful), for a tile of positions at a time so that every weight vector loaded serves several FMAs; blocks of
@@ -161,14 +163,12 @@ constexpr int kLanes = 16;
 //   - R <= 4 remaining channels as dot products along the window: out[p, 16NB+t] = sum_j x[p, j] * W[j, 16NB+t],
 //     16 window values per FMA (each strip is contiguous), one horizontal sum per channel and position;
 //   (R > 4: one more vector whose unused lanes have zero weights and are not stored.)
-// For 18 channels that is 162 + 24 FMAs per position instead of 324, and no gather: measured 0.52 of the dense conv's
-// time at 50 % active instead of 0.88 (GEMM path), 0.27 instead of 0.45 at 25 %.
+// For 18 channels that is 162 + 24 FMAs per position instead of 324, and no gather.
 constexpr int kTile = 8;      // positions per tile
 constexpr int kMaxBlock = 4;  // output vectors per block
 
 // A float array whose first element is 64-byte aligned: a 16-lane weight load from a 16-byte aligned block would
-// straddle two cache lines every time (measured: up to 1.5x the time of a 64-72-channel conv, varying from run to
-// run with where malloc put the block).
+// straddle two cache lines every time (up to 1.5x the time of a 64-72-channel conv, varying with where malloc put it).
 class AlignedFloats {
  public:
   void assign_zero(int64_t n) {
@@ -285,7 +285,8 @@ inline void direct_store(const DirectPlan& pl, __m512 (&acc)[P][NB], int64_t b0,
       // the residual is read before the store of the same channels: it may be this output row itself
       __m512 v = _mm512_add_ps(acc[p][b], _mm512_loadu_ps(pl.bmain.data() + c0));
       if (rrow) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, rrow + c0));
-      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+      // max returns its second operand when one is NaN: zero first, so a NaN stays NaN (as in torch.relu)
+      if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
       _mm512_mask_storeu_ps(orow + c0, mk, v);
     }
   }
@@ -340,7 +341,7 @@ void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, cons
           for (int64_t t = 0; t < pl.tail; ++t) {
             const int64_t c = pl.nmain + t;
             const float v = tail[p][t] + (bias ? bias[c] : 0.f) + (rrow ? rrow[c] : 0.f);
-            orow[c] = relu ? std::max(v, 0.f) : v;
+            orow[c] = relu ? relu_keep_nan(v) : v;
           }
         }
       }
@@ -367,11 +368,6 @@ bool direct_supported(at::ScalarType dtype) {
 #endif
 }
 
-// Auto choice between the direct kernel and the GEMM, measured on the 2-core AVX-512 machine (time direct / GEMM
-// path, same masks, 25-50 % active): 0.52-0.60 for 18 output channels (3x3 and 1x1), 0.85-0.90 for 36-48, 0.7-0.9
-// for 64-96 and for 1x1 convs to 18/48 channels; 1.2-1.5 for 144 and 1.04-1.13 for 192, 2.7-3.0 for 384: with many
-// output vectors MKL's GEMM blocks the weights better than the per-block window re-reads here.
-bool direct_auto(int64_t cout) { return cout <= 100; }
 }  // namespace
 
 // dst[dst_rows[i]] = relu(gather(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]), i < M.
@@ -380,7 +376,8 @@ bool direct_auto(int64_t cout) { return cout <= 100; }
 // (k*Cin contiguous values) starts; wmat: (k*k*Cin, Cout); bias: (Cout,); res: (R', Cout) flat residual rows
 // indexed by res_rows (M,), or compact (M, Cout) rows when res_rows is None; dst: (R'', Cout) flat output rows
 // indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are range-checked (a strip must
-// end inside src).
+// end inside src). direct: 1 runs the direct algorithm (float32, AVX-512 build), 0 the gather + GEMM; the caller
+// chooses (mmseg_cbt.ops.policy, DIRECT_MAX_COUT).
 void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
                       const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
@@ -419,13 +416,13 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
       TORCH_CHECK(res->size(0) == m, "compact res must have one row per position");
     }
   }
-  TORCH_CHECK(direct >= -1 && direct <= 1, "direct must be -1 (auto), 0 (GEMM) or 1 (direct kernel)");
+  TORCH_CHECK(direct == 0 || direct == 1, "direct must be 0 (GEMM) or 1 (direct kernel)");
   const bool can_direct = direct_supported(src.scalar_type());
   TORCH_CHECK(direct != 1 || can_direct, "the direct kernel runs float32 on an AVX-512 build (has_direct() says "
               "whether this build has it)");
   if (m == 0) return;
 #ifdef MMSEG_CBT_DIRECT
-  if (direct == 1 || (direct == -1 && can_direct && direct_auto(cout))) {
+  if (direct == 1) {
     run_direct(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<float>() : nullptr,
                res.has_value() ? res->data_ptr<float>() : nullptr,
                res.has_value() && res_rows.has_value() ? res_rows->data_ptr<int64_t>() : nullptr, relu,
@@ -477,7 +474,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
         py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
         py::arg("res_rows"), py::arg("relu"), py::arg("dst"), py::arg("dst_rows"), py::arg("chunk"),
-        py::arg("direct") = -1);
+        py::arg("direct") = 0);
   m.def("has_direct", [] {
 #ifdef MMSEG_CBT_DIRECT
     return true;
@@ -485,9 +482,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build has the AVX-512 direct kernel for thin float32 convs");
-  m.def("uses_direct", [](int64_t cout, bool float32) {
-    return direct_supported(float32 ? at::kFloat : at::kDouble) && direct_auto(cout);
-  }, "Whether sparse_conv_gemm's automatic choice (direct=-1) runs the direct kernel", py::arg("cout"),
-        py::arg("float32"));
   m.def("add_weighted_rows", &add_weighted_rows, "acc[i] += sum_t w[i, t] * src[rows[i, t]] (CPU)");
 }

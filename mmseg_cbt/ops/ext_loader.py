@@ -1,12 +1,9 @@
-"""The compiled CPU kernel of the masked convolution (``csrc/sparse_conv_cpu.cpp``), built on first use.
+"""Builds and loads the compiled CPU kernel of the masked convolution (``csrc/sparse_conv_cpu.cpp``) on first use.
 
-The kernel fuses the PyTorch path's per-chunk ops (gather -> GEMM -> bias / residual / ReLU -> scatter) into one
-C++ call in which each thread owns whole chunks (why, with the measured gain: the comment at the top of the .cpp
-file). On an AVX-512 CPU, float32 convs with up to 100 output channels run a direct algorithm instead that reads
-each window in place (no gather) and splits the output channels into full 16-lane vectors plus up to 4 channels
-done as dot products (about 0.6 of the GEMM algorithm's time for 18 channels). Both compute what
-:func:`mmseg_cbt.ops.sparse_conv._torch_sparse` computes, from the same index tables, and are tested against it and
-against each other.
+The kernel fuses the PyTorch path's per-chunk ops (gather -> GEMM -> bias / residual / ReLU -> scatter) into one C++
+call in which each thread owns whole chunks; on an AVX-512 CPU it also has a direct algorithm for thin float32 convs
+that reads each window in place (which one runs: :mod:`mmseg_cbt.ops.policy`). Both compute what the PyTorch path
+(:mod:`mmseg_cbt.ops.sparse_conv.torch_impl`) computes, from the same index tables, and are tested against it.
 
 It is compiled with :func:`torch.utils.cpp_extension.load` the first time a CPU masked conv runs (about 35 s on 2
 cores; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, and rebuilt only when the
@@ -116,10 +113,9 @@ def _build() -> Optional[ModuleType]:
         _LOGGER.info('mmseg_cbt: building the CPU sparse-conv kernel (once; ~35 s on 2 cores)')
         # -fopenmp: at::parallel_for is an OpenMP region compiled into the kernel. The library then needs
         # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool.
-        # -march=native: the kernel is built on the machine that runs it (its row copies and epilogue then use
-        # AVX-512 where there is one: 0.92 -> 0.82 of the dense time for an 18-channel conv at 50 % active, and the
-        # direct algorithm for thin float32 convs exists only in an AVX-512 build); the
-        # CPU tag in the name keeps a build cache shared between different CPUs from loading a foreign build.
+        # -march=native: built on the machine that runs it, so row copies and the epilogue use AVX-512 where there is
+        # one (the direct algorithm exists only in such a build); the CPU tag in the name keeps a build cache shared
+        # between different CPUs from loading a foreign build.
         flags = ['-O3', '-fopenmp'] + (['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])
         name = f'{_NAME}_{_cpu_tag()}'
         _remove_stale_lock(name)

@@ -1,27 +1,22 @@
-"""Triton kernel for masked convolution: fused neighbour gather + implicit GEMM + epilogue + scatter.
+"""Triton kernel for masked convolution: fused neighbour gather + implicit GEMM + epilogue + scatter (CUDA).
 
-Why Triton rather than a CUDA C++ extension:
+Why Triton rather than a CUDA C++ extension: the development machines have a CPU-only torch, so a CUDA extension
+could be neither built nor tested there and would need a build per torch/CUDA version; a Triton kernel is plain
+Python, JIT-compiled on the GPU machine for its GPU, and ``TRITON_INTERPRET=1`` runs the very same kernel on CPU
+tensors, so its parity with the PyTorch path is tested on the CPU machines too (``requirements/optional.txt`` pins
+the triton of those tests). ``tl.dot`` maps onto tensor cores for fp16/bf16 (and tf32 if allowed).
 
-* A C++/CUDA extension must be compiled against the exact torch it runs with; the development machines
-  have a CPU-only torch (no CUDA headers/toolkit), so such an extension could be neither built nor tested
-  here, and it would need a build step per torch/CUDA version on the GPU machines.
-* Triton kernels are plain Python, JIT-compiled on the GPU machine for whatever GPU is there (the lent
-  machines have Triton 3.6 with torch 2.11+cu130), and ``TRITON_INTERPRET=1`` runs the very same kernel
-  on CPU tensors, so its parity with the PyTorch path is tested on the CPU machines too.
-* ``tl.dot`` maps onto tensor cores for fp16/bf16 (and tf32 if allowed) without hand-written MMA code.
+Kernel design ("one owner per output row", no atomics, no im2col buffer in memory): a program owns ``BLOCK_M``
+active output positions x ``BLOCK_N`` output channels. For each of the ``k*k`` taps it loads the ``BLOCK_M`` input
+rows at ``top_left + ky * row_width + kx`` of the zero-bordered channels-last input buffer (contiguous ``Cin``
+vectors, so the gather is coalesced along channels), multiplies them with the matching ``(BLOCK_K, BLOCK_N)`` slice
+of the ``(k*k*Cin, Cout)`` weight matrix, accumulates in fp32, then applies bias, residual and ReLU in registers and
+stores straight into the active rows of the output buffer.
 
-Kernel design ("one owner per output row", no atomics, no im2col buffer in memory): a program owns
-``BLOCK_M`` active output positions x ``BLOCK_N`` output channels. For each of the ``k*k`` taps it loads the
-``BLOCK_M`` input rows at ``top_left + ky * row_width + kx`` of the zero-bordered channels-last input buffer
-(contiguous ``Cin`` vectors, so the gather is coalesced along channels), multiplies them with the matching
-``(BLOCK_K, BLOCK_N)`` slice of the ``(k*k*Cin, Cout)`` weight matrix, accumulates in fp32, then applies
-bias, residual and ReLU in registers and stores straight into the active rows of the output buffer.
-
-Testing without a GPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (triton decides between
-compiling and interpreting when ``@triton.jit`` functions are defined, its own library included), then
-call with CPU tensors and ``backend='triton'``; ``tests/test_sparse_conv.py`` does this in a subprocess.
-Untested on real GPUs so far (no GPU in the session that wrote it): block sizes are plain heuristics and
-the GPU dense-vs-sparse crossover is unmeasured, so by default only full masks go to the dense conv there.
+Testing without a GPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (triton decides between compiling and
+interpreting when ``@triton.jit`` functions are defined, its own library included), then call with CPU tensors and
+``backend='triton'``; ``tests/test_ops/test_sparse_conv_triton.py`` does this in a subprocess. Block sizes are plain
+heuristics and the GPU dense-vs-sparse crossover is unmeasured, so by default only full masks go to the dense conv.
 
 triton is optional: CPU users do not have it and this module then only reports ``HAS_TRITON = False``.
 """
@@ -98,7 +93,8 @@ if HAS_TRITON:  # the body uses tl.* names, also in its annotations
                 r_row = offs_m.to(tl.int64)
             acc += tl.load(res_ptr + r_row[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            # NaN propagates as in torch.relu (the default NaN handling of tl.maximum is unspecified)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if OUT_INDEXED:
             o_row = tl.load(out_rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
         else:
@@ -126,7 +122,7 @@ def sparse_conv_rows_triton(buf: Tensor,
                             block_m: Optional[int] = None) -> Tensor:
     """Launches the fused masked-conv kernel.
 
-    Usually called through :func:`mmseg_cbt.ops.sparse_conv_rows` / ``sparse_conv_buffer``
+    Usually called through :func:`mmseg_cbt.ops.sparse_conv_rows` / :func:`~mmseg_cbt.ops.sparse_conv_buffer`
     (``backend='auto'`` on CUDA tensors, or ``backend='triton'``), which build the index tables.
 
     Args:

@@ -1,0 +1,144 @@
+"""``sparse_conv2d``: the masked conv as a drop-in functional op on NCHW tensors (one conv, one mask)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import resolve_threshold, sparse_conv_rows, use_triton
+from .index import SparseIndex, check_mask
+from .layout import check_geometry, conv_output_size, to_padded_nhwc
+from .packing import conv_weight_matrix
+
+__all__ = ['sparse_conv2d']
+
+
+def _check_args(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, stride: int, padding: int,
+                out: Optional[Tensor]) -> None:
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError(f'input must be (N, C, H, W), got '
+                         f'{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}')
+    if not input.is_floating_point():
+        raise TypeError(f'input must be floating point, got {input.dtype}')
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f'weight must be (Cout, Cin, k, k), got {tuple(weight.shape)}')
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise TypeError(f'dtype mismatch: input {input.dtype}, weight {weight.dtype}, '
+                        f'bias {None if bias is None else bias.dtype}')
+    if weight.device != input.device or mask.device != input.device:
+        raise TypeError('input, weight and mask must be on the same device')
+    n, c, h, w = input.shape
+    cout, cin, k, _ = weight.shape
+    if cin != c:
+        raise ValueError(f'weight expects {cin} input channels, input has {c}')
+    check_geometry(k, stride, padding)
+    if bias is not None and tuple(bias.shape) != (cout, ):
+        raise ValueError(f'bias must be ({cout},), got {tuple(bias.shape)}')
+    ho, wo = conv_output_size(h, k, stride, padding), conv_output_size(w, k, stride, padding)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f'input {(h, w)} too small for kernel {k} with padding {padding}')
+    check_mask(mask)
+    if mask.shape[0] != n:
+        raise ValueError(f'batch mismatch: input has {n} images, mask has {mask.shape[0]}')
+    if tuple(mask.shape[1:]) != (ho, wo):
+        raise ValueError(f'mask spatial shape {tuple(mask.shape[1:])} does not match the conv output '
+                         f'{(ho, wo)} (input {(h, w)}, kernel {k}, stride {stride}, padding {padding})')
+    if out is not None:
+        if tuple(out.shape) != (n, cout, ho, wo):
+            raise ValueError(f'out must have the output shape {(n, cout, ho, wo)}, got {tuple(out.shape)}')
+        if out.dtype != input.dtype or out.device != input.device:
+            raise TypeError('out must have the dtype and device of input')
+
+
+def sparse_conv2d(input: Tensor,
+                  weight: Tensor,
+                  bias: Optional[Tensor],
+                  mask: Tensor,
+                  stride: int = 1,
+                  padding: int = 0,
+                  out: Optional[Tensor] = None,
+                  *,
+                  dense_threshold: Optional[float] = None,
+                  backend: str = 'auto') -> Tensor:
+    """Masked 2-D convolution: the dense conv's values at active output positions only.
+
+    Every window reads the full input (including positions the caller considers stopped, which hold whatever value
+    the caller put there); zero padding at the border as in :func:`torch.nn.functional.conv2d`.
+
+    * Active positions (``mask == True``) hold exactly ``F.conv2d(input, weight, bias, stride, padding)`` (up to
+      fp32 summation order).
+    * Stopped positions hold 0 - or, if ``out`` is given, the op writes the active positions into ``out`` in place
+      and leaves its stopped positions untouched (how a caller gets "copy" fill at zero cost).
+    * An empty mask computes nothing (zeros, or ``out`` untouched); above the dense threshold (default the
+      policy's, :func:`~mmseg_cbt.ops.dense_crossover` on CPU) the dense conv is run and masked; a full mask is the
+      dense conv.
+
+    With autograd active (an input, the weight or the bias requires grad and grad mode is on) it computes the dense
+    conv and masks it, so it stays differentiable; the fast paths are inference-only.
+
+    This is the per-call convenience API: it converts the input to a padded channels-last buffer and builds the
+    index on every call. A network running many convs on one mask should use :class:`~mmseg_cbt.ops.SparseIndex`
+    and :func:`~mmseg_cbt.ops.sparse_conv_buffer` / :func:`~mmseg_cbt.ops.sparse_conv_rows` instead.
+
+    Args:
+        input (Tensor): ``(N, C, H, W)`` floating tensor.
+        weight (Tensor): ``(Cout, C, k, k)``, k in {1, 3}.
+        bias (Tensor, optional): ``(Cout,)``.
+        mask (Tensor): Bool ``(N, H_out, W_out)``, True = compute; each image has its own mask.
+        stride (int): 1 or 2.
+        padding (int): Zero padding.
+        out (Tensor, optional): ``(N, Cout, H_out, W_out)`` tensor written in place at active positions.
+        dense_threshold (float, optional): Active fraction above which the dense conv is used.
+        backend (str): ``'auto'``, ``'torch'``, ``'cpp'`` or ``'triton'`` (see
+            :func:`~mmseg_cbt.ops.sparse_conv_rows`).
+
+    Returns:
+        Tensor: ``(N, Cout, H_out, W_out)`` (``out`` if given). A freshly allocated result may be in channels-last
+        memory format.
+
+    Raises:
+        TypeError: Non-bool mask, non-floating input, dtype or device mismatches.
+        ValueError: Unsupported kernel size or stride, bad shapes, batch or mask/output size mismatch.
+    """
+    _check_args(input, weight, bias, mask, stride, padding, out)
+    n = input.shape[0]
+    cout, cin, k, _ = weight.shape
+    ho, wo = mask.shape[1:]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # the sparse kernels write into preallocated buffers (no autograd): the same values densely, then masked
+        y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+        keep = mask[:, None]
+        return torch.where(keep, y, 0.0) if out is None else out.copy_(torch.where(keep, y, out))
+    if bool(mask.all()):
+        # nothing stopped: the dense conv, without building an index (a full nonzero() costs ~0.7x a thin conv)
+        y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+        return y if out is None else out.copy_(y)
+    idx = SparseIndex.build(mask)
+    m = idx.num_active
+    if m == 0:
+        return out if out is not None else input.new_zeros(n, cout, ho, wo)
+    if idx.active_fraction > resolve_threshold(dense_threshold, backend, input, k, cin, cout):
+        y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+        keep = mask[:, None]
+        if out is None:
+            return y.masked_fill_(~keep, 0)
+        return out.copy_(torch.where(keep, y, out))
+    buf = to_padded_nhwc(input, padding)
+    rows = sparse_conv_rows(
+        buf,
+        idx,
+        conv_weight_matrix(weight),
+        bias,
+        stride=stride,
+        padding=padding,
+        in_pad=padding,
+        dense_threshold=float('inf'),
+        backend='triton' if use_triton(backend, input) else backend)
+    if out is None:
+        res = input.new_zeros(n, ho, wo, cout)
+        res.view(-1, cout).index_copy_(0, idx.rows(0), rows)
+        return res.permute(0, 3, 1, 2)
+    out.permute(0, 2, 3, 1).index_put_((idx.n, idx.y, idx.x), rows)
+    return out
