@@ -5,11 +5,53 @@
 #   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
 #   WORK_DIR=work_dirs/x MAX_ITERS=300 bash tools/run_demo.sh
 #   FINETUNE=1 bash tools/run_demo.sh       # plus 300 iterations of fine-tuning with the stop masks on (~4 min)
+#   VIT=1 bash tools/run_demo.sh            # the plain-ViT demo instead (DToP's host, see run_vit_demo below)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 demo_start=$(date +%s)
 bash tools/setup_env.sh
 PY=.venv/bin/python
+
+# The plain-ViT demo: the tiny early-exit ViT (DToP's attention-to-mask head at every exit by default; VIT_CONFIG
+# selects another, e.g. the per-token exits) trained from scratch on toy-city with the CBT calibration hook, tested
+# with tools/test.py (dense, DToP's rule), and the mIoU-versus-GFLOPs report with dense / DToP (0.9, k=5) / ADP-C /
+# CBT / CBT-ns, tokens removed for real after each exit. MAX_IMAGES limits the report to the first N test images,
+# CALIB_BATCHES the calibration to the first N training images (a quick check only: CBT needs all of them).
+run_vit_demo() {
+  local config="${VIT_CONFIG:-configs/ee_vit/ee-vit-tiny-atm_1xb4-1k_toycity-256x512.py}"
+  local work_dir="${WORK_DIR:-work_dirs/toycity_vit_demo}"
+  local iters="${MAX_ITERS:-1000}"
+  local warm=$(( iters > 100 ? 50 : iters / 2 ))  # the config's warm-up (50), shortened for very short runs
+  local limit=() calib=()
+  [[ -n "${MAX_IMAGES:-}" ]] && limit=(--max-images "$MAX_IMAGES")
+  [[ -n "${CALIB_BATCHES:-}" ]] && calib=(custom_hooks.0.max_batches="$CALIB_BATCHES")
+  echo "== 1/4 toy-city data (data/toy_city)"
+  $PY tools/dataset_converters/toy_city.py --out data/toy_city
+  echo "== 2/4 train the tiny ViT ($iters iterations, mmseg tools/train.py, CBT calibration at the end)"
+  local start
+  start=$(date +%s)
+  $PY tools/train.py "$config" --work-dir "$work_dir" \
+    --cfg-options train_cfg.max_iters="$iters" train_cfg.val_interval="$iters" \
+    default_hooks.checkpoint.interval="$iters" param_scheduler.0.end="$warm" param_scheduler.1.begin="$warm" \
+    param_scheduler.1.end="$iters" "${calib[@]}"
+  echo "training wall time: $(( $(date +%s) - start )) s"
+  local ckpt="$work_dir/iter_${iters}.pth"
+  echo "== 3/4 test the saved checkpoint (mmseg tools/test.py): dense exits, then DToP's rule"
+  $PY tools/test.py "$config" "$ckpt" --work-dir "$work_dir/test_dense"
+  $PY tools/test.py "$config" "$ckpt" --work-dir "$work_dir/test_dtop" \
+    --cfg-options model.test_cfg.exit_mode=dtop model.test_cfg.dtop_threshold=0.9 model.test_cfg.dtop_topk=5
+  echo "== 4/4 mIoU versus GFLOPs per exit, stopped tokens removed from every later block"
+  $PY tools/analysis_tools/miou_vs_gflops.py "$config" "$ckpt" --out-dir "$work_dir/report" \
+    --feature-mask sparse "${limit[@]}" --settings dense dtop:0.9,5 adpc:0.9 cbt:0.9,0.998 cbtns:0.9,0.998
+  echo
+  echo "checkpoint (with CBT thresholds): $ckpt"
+  echo "report: $work_dir/report/miou_vs_gflops.{txt,json,csv,png}"
+  echo "demo wall time: $(( $(date +%s) - demo_start )) s"
+}
+if [[ "${VIT:-0}" == "1" ]]; then
+  run_vit_demo
+  exit 0
+fi
 CONFIG=configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py
 WORK_DIR="${WORK_DIR:-work_dirs/toycity_demo}"
 MAX_ITERS="${MAX_ITERS:-1000}"

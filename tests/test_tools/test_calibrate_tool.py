@@ -176,12 +176,23 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------------------- miou_vs_gflops.py
+def test_miou_vs_gflops_dtop_setting():
+    """``dtop:T,K`` selects DToP's rule with its threshold and top-k (K defaults to 5, T to 0.9)."""
+    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    assert tool.parse_setting('dtop:0.95,3') == ('DToP t=0.95 k=3', 'dtop', dict(threshold=0.95, topk=3))
+    assert tool.parse_setting('dtop:0.8') == ('DToP t=0.8 k=5', 'dtop', dict(threshold=0.8, topk=5))
+    assert tool.parse_setting('dtop')[2] == dict(threshold=0.9, topk=5)
+
+
 @pytest.mark.parametrize('settings, match', [
     (['adpc:-1'], r"'adpc:-1'.*outside \[0, 1\]"),
     (['adpc:abc'], r"'adpc:abc' \(the ADP-C threshold.*not a number"),
     (['dense', 'cbt:0.99,0.9'], r"'cbt:0.99,0.9': expected 0 < ALPHA <= BETA"),
     (['cbt:0.9'], r"'cbt:0.9': expected cbt:ALPHA,BETA"),
     (['cbtns:0.5,nan'], r'outside'),
+    (['dtop:1.5'], r"'dtop:1.5'.*outside \[0, 1\]"),
+    (['dtop:0.9,-1'], r'K of dtop:T,K must be an integer >= 0'),
+    (['dtop:0.9,5,1'], r'expected dtop:T or dtop:T,K'),
 ])
 def test_miou_vs_gflops_rejects_settings_before_any_work(trained, capsys, tmp_path, settings, match):
     import re

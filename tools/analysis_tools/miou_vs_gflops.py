@@ -5,7 +5,9 @@ Example (the demo's report)::
     python tools/analysis_tools/miou_vs_gflops.py CONFIG CKPT --out-dir work_dirs/report \
         --settings dense adpc:0.998 cbt:0.9,0.998 cbtns:0.9,0.998
 
-Settings: ``dense`` (no pixel stops), ``adpc:T`` (ADP-C, one global threshold T on the max softmax), ``cbt:A,B``
+Settings: ``dense`` (no pixel stops), ``adpc:T`` (ADP-C, one global threshold T on the max softmax), ``dtop:T,K``
+(DToP's rule for plain ViTs: threshold T with the K most confident positions of every predicted class kept; K
+defaults to 5), ``cbt:A,B``
 (class based thresholds mapped into [A, B]) and ``cbtns:A,B`` (CBT without sharing between exits). CBT settings
 re-map the class statistics stored in the checkpoint by ``CBTCalibrationHook`` / ``tools/calibrate.py``, so no
 training data is read. GFLOPs are multiply-adds of conv and linear layers, counted at the positions each conv
@@ -63,7 +65,19 @@ def parse_setting(text: str) -> Tuple[str, str, dict]:
                                              'class, BETA to the hardest)')
         label = ('CBT' if kind == 'cbt' else 'CBT-ns') + f' [{a:g}, {b:g}]'
         return label, 'cbt', dict(alpha=a, beta=b, share=kind == 'cbt')
-    raise argparse.ArgumentTypeError(f'unknown setting {text!r} (dense, adpc:T, cbt:A,B, cbtns:A,B)')
+    if kind == 'dtop':
+        values = arg.split(',') if arg else ['0.9']
+        if len(values) > 2:
+            raise argparse.ArgumentTypeError(f'{text!r}: expected dtop:T or dtop:T,K (K >= 0 positions kept per class)')
+        t = _unit_number(values[0], f'{text!r} (the DToP threshold T of dtop:T,K)')
+        try:
+            k = int(values[1]) if len(values) == 2 else 5
+        except ValueError:
+            k = -1
+        if k < 0:
+            raise argparse.ArgumentTypeError(f'{text!r}: K of dtop:T,K must be an integer >= 0')
+        return f'DToP t={t:g} k={k}', 'dtop', dict(threshold=t, topk=k)
+    raise argparse.ArgumentTypeError(f'unknown setting {text!r} (dense, adpc:T, dtop:T,K, cbt:A,B, cbtns:A,B)')
 
 
 def parse_args(argv=None):
@@ -75,7 +89,7 @@ def parse_args(argv=None):
         nargs='+',
         default=None,
         type=parse_setting,
-        help='dense | adpc:T | cbt:A,B | cbtns:A,B (default: dense, adpc:beta, cbt:alpha,beta, '
+        help='dense | adpc:T | dtop:T,K | cbt:A,B | cbtns:A,B (default: dense, adpc:beta, cbt:alpha,beta, '
         'cbtns:alpha,beta with the checkpoint\'s calibration range)')
     p.add_argument('--out-dir', default=None, help='where JSON, CSV and PNG go (default: next to the checkpoint)')
     p.add_argument(
@@ -179,6 +193,8 @@ def main(argv=None) -> dict:
         model.test_cfg.exit_mode = mode
         if mode == 'global':
             model.test_cfg.global_threshold = params['threshold']
+        if mode == 'dtop':
+            model.test_cfg.dtop_threshold, model.test_cfg.dtop_topk = params['threshold'], params['topk']
         if mode == 'cbt':
             apply_calibration(model, mean_probs, counts, params['alpha'], params['beta'], params['share'], class_names)
         evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
