@@ -82,6 +82,12 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 
+def _source_tag() -> str:
+    """Short hash of the kernel source."""
+    with open(_SOURCE, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()[:8]
+
+
 # A build takes ~35 s; a lock file older than this was left by a build that was killed (Ctrl-C, OOM). torch waits
 # for such a lock forever, so every later process would hang at its first masked conv.
 _STALE_LOCK_S = 600
@@ -115,9 +121,10 @@ def _build() -> Optional[ModuleType]:
         # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool.
         # -march=native: built on the machine that runs it, so row copies and the epilogue use AVX-512 where there is
         # one (the direct algorithm exists only in such a build); the CPU tag in the name keeps a build cache shared
-        # between different CPUs from loading a foreign build.
+        # between different CPUs from loading a foreign build; the source tag keeps two checkouts with different kernel
+        # sources (e.g. git worktrees) from rebuilding one shared cache entry under each other's running processes.
         flags = ['-O3', '-fopenmp'] + (['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])
-        name = f'{_NAME}_{_cpu_tag()}'
+        name = f'{_NAME}_{_cpu_tag()}_{_source_tag()}'
         _remove_stale_lock(name)
         return load(name, [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
