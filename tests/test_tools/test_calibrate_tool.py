@@ -178,7 +178,7 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
 # ------------------------------------------------------------------------------------------- miou_vs_gflops.py
 def test_miou_vs_gflops_dtop_setting():
     """``dtop:T,K`` selects DToP's rule with its threshold and top-k (K defaults to 5, T to 0.9)."""
-    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    tool = load_tool('analysis_tools/miou_vs_gflops.py')
     assert tool.parse_setting('dtop:0.95,3') == ('DToP t=0.95 k=3', 'dtop', dict(threshold=0.95, topk=3))
     assert tool.parse_setting('dtop:0.8') == ('DToP t=0.8 k=5', 'dtop', dict(threshold=0.8, topk=5))
     assert tool.parse_setting('dtop')[2] == dict(threshold=0.9, topk=5)
