@@ -159,3 +159,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def load_tool(rel_path: str):
+    """Imports a tool script (``tools/<rel_path>``) as a module of its own name (tools are not a package)."""
+    import importlib.util
+    name = 'tool_' + osp.splitext(osp.basename(rel_path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', rel_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def usage_error(capsys, func, argv):
+    """Runs ``func(argv)``, expects an argparse error (exit 2) and returns its message."""
+    with pytest.raises(SystemExit) as e:
+        func(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err

@@ -1,22 +1,12 @@
 """tools/calibrate.py, tools/analysis_tools/miou_vs_gflops.py, get_flops.py and tools/test.py: options rejected at
 parse time, checkpoints loaded strictly, result files replaced as a set."""
-import importlib.util
 import json
 import os
 import os.path as osp
 
 import pytest
 import torch
-from utils import ROOT, build_tiny_model, tiny_run_cfg
-
-
-def _tool(rel_path: str):
-    """Imports a tool script as a module of its own name (tools are not a package)."""
-    name = 'tool_' + osp.splitext(osp.basename(rel_path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', rel_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from utils import ROOT, build_tiny_model, load_tool, tiny_run_cfg, usage_error
 
 
 @pytest.fixture(scope='module')
@@ -32,19 +22,11 @@ def trained(toy_cfg, tiny_city, tmp_path_factory):
     return cfg_file, str(root / 'train' / 'iter_2.pth')
 
 
-def _usage_error(capsys, func, argv):
-    """Runs ``func(argv)``, expects an argparse error (exit 2) and returns its message."""
-    with pytest.raises(SystemExit) as e:
-        func(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------------------------ calibrate.py
 def test_calibrate_tool_never_overwrites_and_remaps(trained, tmp_path):
     """A new file is written, the input untouched; --from-stats re-maps without data; the JSON equals the buffers."""
     from mmseg_cbt.calibration.thresholds import cbt_thresholds
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     before = open(src, 'rb').read()
     out = calibrate.main([cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', str(tmp_path / 'c.pth')])
@@ -74,28 +56,28 @@ def test_calibrate_tool_never_overwrites_and_remaps(trained, tmp_path):
 ])
 def test_calibrate_tool_option_errors(trained, capsys, args, match):
     import re
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
-    assert re.search(match, _usage_error(capsys, calibrate.main, [cfg_file, src] + args))
+    assert re.search(match, usage_error(capsys, calibrate.main, [cfg_file, src] + args))
 
 
 def test_calibrate_tool_refuses_its_input_and_missing_files(trained, capsys, tmp_path):
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     before = open(src, 'rb').read()
-    assert 'never overwritten' in _usage_error(capsys, calibrate.main,
-                                               [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', src])
+    assert 'never overwritten' in usage_error(capsys, calibrate.main,
+                                              [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', src])
     assert open(src, 'rb').read() == before
     missing = str(tmp_path / 'nope.pth')
-    assert f'checkpoint not found: {missing}' in _usage_error(capsys, calibrate.main,
-                                                              [cfg_file, missing, '--alpha', '0.9', '--beta', '1'])
+    assert f'checkpoint not found: {missing}' in usage_error(capsys, calibrate.main,
+                                                             [cfg_file, missing, '--alpha', '0.9', '--beta', '1'])
 
 
 def test_calibrate_tool_rejects_checkpoints_of_other_models(toy_cfg, trained, tmp_path):
     """10 classes, no exits, a config override: errors naming the keys and the config, before any data pass; an
     old checkpoint without the calibration buffers loads as uncalibrated and is calibrated."""
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     ten = tmp_path / 'ten.pth'
     torch.save(dict(state_dict=build_tiny_model(toy_cfg, num_classes=10).state_dict(), meta={}), ten)
@@ -127,7 +109,7 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
     """An interrupt while writing leaves the previous set; a run without a chart removes the previous run's chart
     (which that run listed as its own) and nothing else."""
     from mmseg_cbt.calibration import visualization
-    calibrate = _tool('calibrate.py')
+    calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     out = str(tmp_path / 'c.pth')
     argv = [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', out, '--max-batches', '2']
@@ -159,19 +141,19 @@ def test_calibrate_tool_replaces_its_outputs_as_a_set(trained, tmp_path, monkeyp
 ])
 def test_miou_vs_gflops_rejects_settings_before_any_work(trained, capsys, tmp_path, settings, match):
     import re
-    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    tool = load_tool('analysis_tools/miou_vs_gflops.py')
     cfg_file, src = trained
-    err = _usage_error(capsys, tool.main, [cfg_file, src, '--out-dir', str(tmp_path / 'r'), '--settings'] + settings)
+    err = usage_error(capsys, tool.main, [cfg_file, src, '--out-dir', str(tmp_path / 'r'), '--settings'] + settings)
     assert 'argument --settings' in err and re.search(match, err)
     assert not osp.exists(tmp_path / 'r')
 
 
 def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, tmp_path, monkeypatch):
-    tool = _tool('analysis_tools/miou_vs_gflops.py')
+    tool = load_tool('analysis_tools/miou_vs_gflops.py')
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
     cfg_file, src = trained
     out_dir = tmp_path / 'report'
-    assert 'not >= 1' in _usage_error(capsys, tool.main, [cfg_file, src, '--max-images', '0'])
+    assert 'not >= 1' in usage_error(capsys, tool.main, [cfg_file, src, '--max-images', '0'])
     ten = tmp_path / 'ten.pth'
     torch.save(dict(state_dict=build_tiny_model(toy_cfg, num_classes=10).state_dict()), ten)
     with pytest.raises(CheckpointMismatchError, match='ten.pth does not fit'):
@@ -200,17 +182,17 @@ def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, 
 
 # ----------------------------------------------------------------------------------- get_flops.py and test.py
 def test_get_flops_shape_checks(capsys):
-    tool = _tool('analysis_tools/get_flops.py')
+    tool = load_tool('analysis_tools/get_flops.py')
     config = osp.join(ROOT, 'configs', 'ee_hrnet', 'ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py')
-    assert '--shape must be positive' in _usage_error(capsys, tool.main, [config, '--shape', '0', '0'])
-    assert '--reference values must be positive' in _usage_error(capsys, tool.main, [config, '--reference', '0'])
+    assert '--shape must be positive' in usage_error(capsys, tool.main, [config, '--shape', '0', '0'])
+    assert '--reference values must be positive' in usage_error(capsys, tool.main, [config, '--reference', '0'])
     with pytest.raises(ValueError, match=r'input 7x9 is smaller than this network runs on: every side must be >= '):
         tool.main([config, '--shape', '7', '9'])
 
 
 def test_test_tool_checks_the_checkpoint_strictly(toy_cfg, trained, tmp_path):
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
-    tool = _tool('test.py')
+    tool = load_tool('test.py')
     cfg_file, src = trained
     tool.check_checkpoint([cfg_file, src, '--work-dir', str(tmp_path)])  # the right one passes
     ten = tmp_path / 'ten.pth'
