@@ -335,3 +335,11 @@ def start_rank(add_arguments, argv=None):
     register_all_modules(init_default_scope=True)
     import mmseg_cbt  # noqa: F401
     return args
+
+
+def usage_error(capsys, func, argv):
+    """Runs ``func(argv)``, expects an argparse error (exit 2) and returns its message."""
+    with pytest.raises(SystemExit) as e:
+        func(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err

@@ -6,7 +6,7 @@ import os.path as osp
 
 import pytest
 import torch
-from utils import ROOT, build_tiny_model, load_tool, tiny_run_cfg
+from utils import ROOT, build_tiny_model, load_tool, tiny_run_cfg, usage_error
 
 
 @pytest.fixture(scope='module')
@@ -20,14 +20,6 @@ def trained(toy_cfg, tiny_city, tmp_path_factory):
     cfg_file = str(root / 'cfg.py')
     cfg.dump(cfg_file)
     return cfg_file, str(root / 'train' / 'iter_2.pth')
-
-
-def _usage_error(capsys, func, argv):
-    """Runs ``func(argv)``, expects an argparse error (exit 2) and returns its message."""
-    with pytest.raises(SystemExit) as e:
-        func(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ calibrate.py
@@ -102,19 +94,19 @@ def test_calibrate_tool_option_errors(trained, capsys, args, match):
     import re
     calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
-    assert re.search(match, _usage_error(capsys, calibrate.main, [cfg_file, src] + args))
+    assert re.search(match, usage_error(capsys, calibrate.main, [cfg_file, src] + args))
 
 
 def test_calibrate_tool_refuses_its_input_and_missing_files(trained, capsys, tmp_path):
     calibrate = load_tool('calibrate.py')
     cfg_file, src = trained
     before = open(src, 'rb').read()
-    assert 'never overwritten' in _usage_error(capsys, calibrate.main,
-                                               [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', src])
+    assert 'never overwritten' in usage_error(capsys, calibrate.main,
+                                              [cfg_file, src, '--alpha', '0.9', '--beta', '0.998', '--out', src])
     assert open(src, 'rb').read() == before
     missing = str(tmp_path / 'nope.pth')
-    assert f'checkpoint not found: {missing}' in _usage_error(capsys, calibrate.main,
-                                                              [cfg_file, missing, '--alpha', '0.9', '--beta', '1'])
+    assert f'checkpoint not found: {missing}' in usage_error(capsys, calibrate.main,
+                                                             [cfg_file, missing, '--alpha', '0.9', '--beta', '1'])
 
 
 def test_calibrate_tool_rejects_checkpoints_of_other_models(toy_cfg, trained, tmp_path):
@@ -198,7 +190,7 @@ def test_miou_vs_gflops_rejects_settings_before_any_work(trained, capsys, tmp_pa
     import re
     tool = load_tool('analysis_tools/miou_vs_gflops.py')
     cfg_file, src = trained
-    err = _usage_error(capsys, tool.main, [cfg_file, src, '--out-dir', str(tmp_path / 'r'), '--settings'] + settings)
+    err = usage_error(capsys, tool.main, [cfg_file, src, '--out-dir', str(tmp_path / 'r'), '--settings'] + settings)
     assert 'argument --settings' in err and re.search(match, err)
     assert not osp.exists(tmp_path / 'r')
 
@@ -208,7 +200,7 @@ def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, 
     from mmseg_cbt.utils.checkpoint import CheckpointMismatchError
     cfg_file, src = trained
     out_dir = tmp_path / 'report'
-    assert 'not >= 1' in _usage_error(capsys, tool.main, [cfg_file, src, '--max-images', '0'])
+    assert 'not >= 1' in usage_error(capsys, tool.main, [cfg_file, src, '--max-images', '0'])
     ten = tmp_path / 'ten.pth'
     torch.save(dict(state_dict=build_tiny_model(toy_cfg, num_classes=10).state_dict()), ten)
     with pytest.raises(CheckpointMismatchError, match='ten.pth does not fit'):
@@ -239,8 +231,8 @@ def test_miou_vs_gflops_strict_loading_and_report_set(toy_cfg, trained, capsys, 
 def test_get_flops_shape_checks(capsys):
     tool = load_tool('analysis_tools/get_flops.py')
     config = osp.join(ROOT, 'configs', 'ee_hrnet', 'ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py')
-    assert '--shape must be positive' in _usage_error(capsys, tool.main, [config, '--shape', '0', '0'])
-    assert '--reference values must be positive' in _usage_error(capsys, tool.main, [config, '--reference', '0'])
+    assert '--shape must be positive' in usage_error(capsys, tool.main, [config, '--shape', '0', '0'])
+    assert '--reference values must be positive' in usage_error(capsys, tool.main, [config, '--reference', '0'])
     with pytest.raises(ValueError, match=r'input 7x9 is smaller than this network runs on: every side must be >= '):
         tool.main([config, '--shape', '7', '9'])
 
@@ -282,5 +274,5 @@ def test_sweep_tool_end_to_end(trained, tmp_path, capsys):
     saved = json.load(open(out_dir / 'stop_rule_sweep.json'))
     assert saved['rows'][0]['confusion_final'] == report['rows'][0]['confusion_final']
     # a bad family is a usage error before the model is even built
-    err = _usage_error(capsys, sweep.main, [cfg_file, ckpt, '--sweep', 'adpc:1.5'])
+    err = usage_error(capsys, sweep.main, [cfg_file, ckpt, '--sweep', 'adpc:1.5'])
     assert 'must be in [0, 1]' in err

@@ -1,6 +1,5 @@
 """tools/test.py with --show-dir (one exit picture per image) and the cost in its log, tools/image_demo.py."""
 import glob
-import importlib.util
 import json
 import os.path as osp
 import runpy
@@ -9,16 +8,7 @@ import sys
 import mmcv
 import numpy as np
 import pytest
-from utils import ROOT, tiny_run_cfg
-
-
-def _tool(rel_path: str):
-    """Imports a tool script as a module of its own name (tools are not a package)."""
-    name = 'tool_' + osp.splitext(osp.basename(rel_path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', rel_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from utils import ROOT, load_tool, tiny_run_cfg, usage_error
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +65,7 @@ def test_test_tool_draws_exit_pictures_and_logs_the_report_tools_gflops(calibrat
     assert len(logs) == 1
     with open(logs[0]) as f:
         logged = json.loads(f.read().strip().splitlines()[-1])
-    report = _tool('analysis_tools/miou_vs_gflops.py').main(
+    report = load_tool('analysis_tools/miou_vs_gflops.py').main(
         [cfg_file, ckpt, '--out-dir',
          str(tmp_path / 'report'), '--settings', 'cbt:0.9,0.998'])
     exits = report['rows'][0]['exits']
@@ -108,15 +98,15 @@ def test_image_demo_prints_fractions_and_gflops(calibrated, tiny_city, tmp_path,
     import torch
 
     from mmseg_cbt.analysis import count_flops
-    tool = _tool('image_demo.py')
+    tool = load_tool('image_demo.py')
     cfg_file, ckpt = calibrated
     img = sorted(glob.glob(osp.join(tiny_city, 'leftImg8bit', 'val', '*', '*.png')))[0]
     out_file = tmp_path / 'demo.png'
-    err = _usage_error(capsys, tool.main, [img, cfg_file, ckpt, '--exit-mode', 'cbt', '--threshold', '0.5'])
+    err = usage_error(capsys, tool.main, [img, cfg_file, ckpt, '--exit-mode', 'cbt', '--threshold', '0.5'])
     assert '--threshold needs --exit-mode global, entropy or dtop' in err
-    err = _usage_error(capsys, tool.main, [img, cfg_file, ckpt, '--exit-mode', 'global', '--threshold', '2'])
+    err = usage_error(capsys, tool.main, [img, cfg_file, ckpt, '--exit-mode', 'global', '--threshold', '2'])
     assert '--threshold must be in [0, 1], got 2.0' in err
-    assert 'img not found' in _usage_error(capsys, tool.main, [img + '.x', cfg_file, ckpt])
+    assert 'img not found' in usage_error(capsys, tool.main, [img + '.x', cfg_file, ckpt])
     result = tool.main(
         [img, cfg_file, ckpt, '--exit-mode', 'global', '--threshold', '0.2', '--out-file',
          str(out_file)])
@@ -146,12 +136,12 @@ def test_image_demo_prints_fractions_and_gflops(calibrated, tiny_city, tmp_path,
 
 
 def test_exit_map_pair_compares_cbt_and_adpc_at_the_checkpoints_beta(calibrated, tiny_city, tmp_path, capsys):
-    tool = _tool('misc/exit_map_pair.py')
+    tool = load_tool('misc/exit_map_pair.py')
     cfg_file, ckpt = calibrated
     img = sorted(glob.glob(osp.join(tiny_city, 'leftImg8bit', 'val', '*', '*.png')))[0]
     out_file = tmp_path / 'pair.png'
-    assert '--beta must be in [0, 1]' in _usage_error(capsys, tool.main,
-                                                      [img, cfg_file, ckpt, '--beta', '1.5', '--out-file', 'x.png'])
+    assert '--beta must be in [0, 1]' in usage_error(capsys, tool.main,
+                                                     [img, cfg_file, ckpt, '--beta', '1.5', '--out-file', 'x.png'])
     cbt, adpc = tool.main([img, cfg_file, ckpt, '--beta', '0', '--out-file', str(out_file), '--dpi', '50'])
     printed = capsys.readouterr().out
     assert '== CBT [0.9, 0.998]' in printed and '== ADP-C t=0' in printed
@@ -168,11 +158,3 @@ def _demo_data(model, img):
     from mmseg.apis.utils import _preprare_data  # what inference_model runs
     data, _ = _preprare_data(img, model)
     return data
-
-
-def _usage_error(capsys, func, argv):
-    """Runs ``func(argv)``, expects an argparse error (exit 2) and returns its message."""
-    with pytest.raises(SystemExit) as e:
-        func(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
