@@ -308,50 +308,27 @@ def gather_class_feature_stats(model,
     Raises:
         ValueError: ``max_batches < 1``, an empty dataloader, or no labelled pixel at some point.
     """
-    from mmengine.dist import is_main_process
     from mmengine.model import is_model_wrapper
-    from mmengine.utils import ProgressBar
 
-    from .gather import _agree_on_failure, broadcast_model_state
+    from .gather import run_data_pass
     model = model.module if is_model_wrapper(model) else model
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f'max_batches must be >= 1 or None, got {max_batches}')
-    dataset = getattr(dataloader, 'dataset', None)
-    if dataset is not None and len(dataset) == 0:
-        raise ValueError('the class-mean dataloader is empty: no training pixels to compute class means from')
-    if sync_model:
-        broadcast_model_state(model)
     ignore_index = int(getattr(model.decode_head, 'ignore_index', 255))
     stats = ClassFeatureStats(num_points, model.num_classes, ignore_index=ignore_index)
-    total = len(dataloader) if hasattr(dataloader, '__len__') else None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    was_training = model.training
-    model.eval()
-    bar = ProgressBar(total) if progress and is_main_process() and total else None
-    error = None
-    try:
-        for i, data in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            data = model.data_preprocessor(data, False)
-            inputs, samples = data['inputs'], data['data_samples']
-            feats = feature_fn(inputs)
-            if len(feats) != num_points:
-                raise ValueError(f'feature_fn returned {len(feats)} tensors, expected {num_points}')
-            for p, f in enumerate(feats):
-                labels = torch.stack([
-                    labels_on_feature_map(s.gt_sem_seg.data, s.metainfo, inputs.shape[2:], f.shape[2:], ignore_index)
-                    for s in samples
-                ]).to(f.device)
-                stats.update(p, f, labels)
-            if bar is not None:
-                bar.update()
-    except Exception as e:  # raised below on every rank
-        error = e
-    finally:
-        model.train(was_training)
-    _agree_on_failure(error)
+
+    def step(data: dict) -> None:
+        inputs, samples = data['inputs'], data['data_samples']
+        feats = feature_fn(inputs)
+        if len(feats) != num_points:
+            raise ValueError(f'feature_fn returned {len(feats)} tensors, expected {num_points}')
+        for p, f in enumerate(feats):
+            labels = torch.stack([
+                labels_on_feature_map(s.gt_sem_seg.data, s.metainfo, inputs.shape[2:], f.shape[2:], ignore_index)
+                for s in samples
+            ]).to(f.device)
+            stats.update(p, f, labels)
+
+    run_data_pass(model, dataloader, step, max_batches, progress, sync_model,
+                  'the class-mean dataloader is empty: no training pixels to compute class means from')
     stats.all_reduce()
     for p in range(num_points):
         if int(stats.counts[p].sum()) == 0:

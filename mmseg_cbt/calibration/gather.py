@@ -10,7 +10,7 @@ rank is raised on every rank instead of leaving the others waiting in a collecti
 """
 import copy
 from itertools import chain
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from mmengine.dist import is_main_process
@@ -21,10 +21,11 @@ from torch import nn
 from .stats import ClassProbStats
 
 __all__ = [
-    'build_calibration_dataloader', 'check_calibration_data', 'broadcast_model_state', 'gather_exit_stats',
-    'gather_class_prob_stats'
+    'build_calibration_dataloader', 'check_calibration_data', 'broadcast_model_state', 'run_data_pass',
+    'gather_exit_stats', 'gather_class_prob_stats'
 ]
 
+_EMPTY_CALIBRATION = 'the calibration dataloader is empty: no training pixels to compute thresholds from'
 _EE_API = ('inference_exits', 'restore_logits', 'num_exits', 'set_cbt_calibration')
 
 
@@ -187,6 +188,62 @@ def _agree_on_failure(error: Optional[BaseException]) -> None:
 
 
 @torch.no_grad()
+def run_data_pass(model: nn.Module,
+                  dataloader,
+                  step: Callable[[dict], None],
+                  max_batches: Optional[int] = None,
+                  progress: bool = True,
+                  sync_model: bool = True,
+                  empty_message: str = _EMPTY_CALIBRATION) -> None:
+    """One bounded pass over a dataloader in eval mode under ``no_grad``, safe for distributed runs.
+
+    Every rank first takes rank 0's parameters and buffers (``sync_model``), each preprocessed batch goes to
+    ``step``, the training mode is restored afterwards, and an error on one rank is raised on every rank.
+
+    Args:
+        model (nn.Module): The (unwrapped) segmentor; its ``data_preprocessor`` prepares every batch.
+        dataloader: Yields mmseg batches.
+        step (callable): Called with each preprocessed batch (``inputs``, ``data_samples``).
+        max_batches (int, optional): Stop after this many batches (per rank).
+        progress (bool): Show a progress bar on the main process.
+        sync_model (bool): Broadcast rank 0's model state first (see :func:`broadcast_model_state`).
+        empty_message (str): The error for an empty dataloader.
+
+    Raises:
+        ValueError: An empty dataloader or ``max_batches < 1``.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f'max_batches must be >= 1 or None, got {max_batches}')
+    dataset = getattr(dataloader, 'dataset', None)
+    size = len(dataset) if dataset is not None else (len(dataloader) if hasattr(dataloader, '__len__') else None)
+    if size == 0:  # the whole split (the same on every rank), not this rank's share
+        raise ValueError(empty_message)
+    if sync_model:
+        broadcast_model_state(model)
+    try:
+        total = len(dataloader)
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    was_training = model.training
+    model.eval()
+    bar = ProgressBar(total) if progress and is_main_process() and total else None
+    error = None
+    try:
+        for i, data in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            step(model.data_preprocessor(data, False))
+            if bar is not None:
+                bar.update()
+    except Exception as e:  # raised below on every rank
+        error = e
+    finally:
+        model.train(was_training)
+    _agree_on_failure(error)
+
+
 def gather_exit_stats(model: nn.Module,
                       dataloader,
                       stats: Sequence,
@@ -197,11 +254,10 @@ def gather_exit_stats(model: nn.Module,
 
     The exit logits are computed densely (nothing stops while calibrating) and brought to the label's size exactly
     the way the segmentor predicts (resize to the input, remove padding, undo flip, resize to ``ori_shape``), so the
-    statistics describe the probabilities the model's predictions are made from. Runs in eval mode under
-    ``no_grad`` and restores the training mode afterwards. Each object's sums must be exact (integers), so that its
-    ``all_reduce`` gives bit-for-bit the single-process result for any split of the data over ranks; a rank may
-    receive no batch at all (the objects are sized up front). Distributed, every rank first takes rank 0's
-    parameters and buffers (``sync_model``).
+    statistics describe the probabilities the model's predictions are made from. The pass is
+    :func:`run_data_pass` (eval mode, ``no_grad``, rank 0's model, errors raised on every rank). Each object's sums
+    must be exact (integers), so that its ``all_reduce`` gives bit-for-bit the single-process result for any split
+    of the data over ranks; a rank may receive no batch at all (the objects are sized up front).
 
     Args:
         model (nn.Module): An :class:`EarlyExitEncoderDecoder` (possibly wrapped).
@@ -219,50 +275,20 @@ def gather_exit_stats(model: nn.Module,
         ValueError: An empty dataloader or ``max_batches < 1``.
     """
     model = _check_early_exit(model)
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f'max_batches must be >= 1 or None, got {max_batches}')
     if not stats:
         raise ValueError('gather_exit_stats needs at least one statistics object')
-    dataset = getattr(dataloader, 'dataset', None)
-    size = len(dataset) if dataset is not None else (len(dataloader) if hasattr(dataloader, '__len__') else None)
-    if size == 0:  # the whole split (the same on every rank), not this rank's share
-        raise ValueError('the calibration dataloader is empty: no training pixels to compute thresholds from')
-    if sync_model:
-        broadcast_model_state(model)
-    try:
-        total = len(dataloader)
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    # exits whose heads output per-class scores in [0, 1] (scores_are_probs) are summed as they are, not softmaxed
-    probs_flags = [bool(getattr(head, 'scores_are_probs', False)) for head in model.exits]
-    for s in stats:
-        s.scores_are_probs = probs_flags
-    was_training = model.training
-    model.eval()
-    bar = ProgressBar(total) if progress and is_main_process() and total else None
-    error = None
-    try:
-        for i, data in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            data = model.data_preprocessor(data, False)
-            samples = data['data_samples']
-            metas = [s.metainfo for s in samples]
-            exit_logits = model.inference_exits(data['inputs'], metas, exit_mode='dense')
-            for j, sample in enumerate(samples):
-                restored = [model.restore_logits(lg[j:j + 1], metas[j]).unsqueeze(0) for lg in exit_logits]
-                labels = sample.gt_sem_seg.data.to(restored[0].device).long()
-                for s in stats:
-                    s.update(restored, labels)
-            if bar is not None:
-                bar.update()
-    except Exception as e:  # raised below on every rank
-        error = e
-    finally:
-        model.train(was_training)
-    _agree_on_failure(error)
+
+    def step(data: dict) -> None:
+        samples = data['data_samples']
+        metas = [s.metainfo for s in samples]
+        exit_logits = model.inference_exits(data['inputs'], metas, exit_mode='dense')
+        for j, sample in enumerate(samples):
+            restored = [model.restore_logits(lg[j:j + 1], metas[j]).unsqueeze(0) for lg in exit_logits]
+            labels = sample.gt_sem_seg.data.to(restored[0].device).long()
+            for s in stats:
+                s.update(restored, labels)
+
+    run_data_pass(model, dataloader, step, max_batches, progress, sync_model)
     for s in stats:
         if hasattr(s, 'release_buffers'):
             s.release_buffers()
