@@ -2,6 +2,8 @@
 import copy
 import os
 import os.path as osp
+import sys
+from typing import List
 
 import pytest
 import torch
@@ -329,12 +331,45 @@ def start_rank(add_arguments, argv=None):
         MASTER_ADDR='127.0.0.1',
         MASTER_PORT=str(args.port))
     torch.set_num_threads(1)
+    # imported before the group exists: modules that torch imports on the way (torch.distributed.optim,
+    # torch.distributed.nn) bind `group.WORLD` as a default argument, and a group captured that way outlives
+    # destroy_process_group, so its gloo threads are still running at interpreter shutdown (SIGABRT)
+    import mmengine.runner  # noqa: F401
+
+    from mmseg.utils import register_all_modules
+
+    import mmseg_cbt  # noqa: F401
+    register_all_modules(init_default_scope=True)
     torch_dist.init_process_group(
         'gloo', rank=args.rank, world_size=args.world_size, timeout=datetime.timedelta(seconds=90))
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
-    import mmseg_cbt  # noqa: F401
     return args
+
+
+def native_thread_names() -> List[str]:
+    """The names of this process's native threads (Linux ``/proc/self/task/*/comm``)."""
+    names = []
+    for tid in os.listdir('/proc/self/task'):
+        try:
+            with open(f'/proc/self/task/{tid}/comm') as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(names)
+
+
+def finish_rank() -> None:
+    """Destroys the process group of a test worker and fails (exit 3) when gloo's threads survive it: threads
+    still running at interpreter shutdown abort a finished process with "terminate called without an active
+    exception", on some runs only."""
+    import gc
+
+    import torch.distributed as torch_dist
+    gc.collect()  # objects in reference cycles that hold the group (a runner's DDP wrapper) go first
+    torch_dist.destroy_process_group()
+    left = [n for n in native_thread_names() if 'gloo' in n or 'tcpstore' in n]
+    if left:
+        print(f'process group threads alive after destroy_process_group: {left}', flush=True)
+        sys.exit(3)
 
 
 def usage_error(capsys, func, argv):

@@ -23,8 +23,12 @@ def finish_distributed() -> None:
     """Destroys the default process group, if one was created (mmseg's scripts never do).
 
     Without it, gloo's worker threads are still joinable when the interpreter shuts down, and a process can abort
-    with "terminate called without an active exception" after its work is done.
+    with "terminate called without an active exception" after its work is done. The group's threads end only when
+    the last object holding it is gone, so the finished runner is collected first.
     """
+    import gc
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the finished runner (its DDP wrapper holds the group) sits in reference cycles
         dist.destroy_process_group()

@@ -277,6 +277,10 @@ def gather_exit_stats(model: nn.Module,
     model = _check_early_exit(model)
     if not stats:
         raise ValueError('gather_exit_stats needs at least one statistics object')
+    # exits whose heads output per-class scores in [0, 1] (scores_are_probs) are summed as they are, not softmaxed
+    probs_flags = [bool(getattr(head, 'scores_are_probs', False)) for head in model.exits]
+    for s in stats:
+        s.scores_are_probs = probs_flags
 
     def step(data: dict) -> None:
         samples = data['data_samples']

@@ -8,26 +8,25 @@ import os.path as osp
 import sys
 
 import torch
-import torch.distributed as torch_dist
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # tests/, for utils
-from utils import TOY_CONFIG, build_tiny_model, class_mean_loader_cfg, randomise_bn, start_rank  # noqa: E402
+import utils  # noqa: E402
 
 
 def main() -> None:
-    args = start_rank(lambda p: p.add_argument('--images', type=int, nargs='+', required=True))
+    args = utils.start_rank(lambda p: p.add_argument('--images', type=int, nargs='+', required=True))
     try:
         from mmengine.config import Config
 
         from mmseg_cbt.calibration import backbone_exit_features, gather_class_feature_stats
         from mmseg_cbt.calibration.calibrate import build_calibration_dataloader
 
-        toy_cfg = Config.fromfile(TOY_CONFIG)
-        model = build_tiny_model(toy_cfg)
-        randomise_bn(model, seed=1 + args.rank)  # rank 0's statistics must win
+        toy_cfg = Config.fromfile(utils.TOY_CONFIG)
+        model = utils.build_tiny_model(toy_cfg)
+        utils.randomise_bn(model, seed=1 + args.rank)  # rank 0's statistics must win
         model.eval()
         for n in args.images:
-            loader = build_calibration_dataloader(toy_cfg, class_mean_loader_cfg(toy_cfg, args.data_root, n))
+            loader = build_calibration_dataloader(toy_cfg, utils.class_mean_loader_cfg(toy_cfg, args.data_root, n))
             stats = gather_class_feature_stats(
                 model, loader, 3, lambda x: backbone_exit_features(model, x, [1, 2, 3]), progress=False)
             torch.save(
@@ -37,7 +36,7 @@ def main() -> None:
                     sq_norms=stats.sq_norms,
                     batches=len(loader)), osp.join(args.out, f'stats_{n}_rank{args.rank}.pth'))
     finally:
-        torch_dist.destroy_process_group()
+        utils.finish_rank()
 
 
 if __name__ == '__main__':

@@ -15,7 +15,13 @@ import torch
 import torch.distributed as torch_dist
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # tests/, for utils
-from utils import TOY_CONFIG, dist_scenario_cfg, start_rank  # noqa: E402
+from utils import TOY_CONFIG, dist_scenario_cfg, finish_rank, start_rank  # noqa: E402
+
+
+def _train(runner, out_file: str) -> None:
+    """Trains and saves the final state (the runner, whose DDP wrapper holds the process group, dies here)."""
+    runner.train()
+    torch.save({k: v.detach().cpu().clone() for k, v in runner.model.module.state_dict().items()}, out_file)
 
 
 def main() -> None:
@@ -47,14 +53,10 @@ def main() -> None:
             cfg.launcher = 'pytorch'
             cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)
             cfg.custom_hooks.append(dict(type='BNProbeHook', out_file=osp.join(work_dir, f'pre_rank{args.rank}.pth')))
-            runner = Runner.from_cfg(cfg)
-            runner.train()
-            state = {k: v.detach().cpu().clone() for k, v in runner.model.module.state_dict().items()}
-            torch.save(state, osp.join(work_dir, f'final_rank{args.rank}.pth'))
+            _train(Runner.from_cfg(cfg), osp.join(work_dir, f'final_rank{args.rank}.pth'))
             torch_dist.barrier()
     finally:
-        # gloo's threads must not outlive the interpreter ("terminate called without an active exception")
-        torch_dist.destroy_process_group()
+        finish_rank()
 
 
 if __name__ == '__main__':
