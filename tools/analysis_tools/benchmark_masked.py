@@ -16,6 +16,8 @@ Sections (each a function returning a list of result rows; ``main`` calls the se
     the MAC ratio (counted by ``mmseg_cbt.analysis``).
 (paths) ``bench_paths`` (same file): stages 2-4 timed as dense, simulated, sparse (copy fill) and sparse
     with the rbf fill.
+(spconv) ``bench_spconv`` (in ``benchmark_masked_spconv.py``): the section-(a) convs through our stage API, our
+    public op and spconv's ``SubMConv2d`` (CPU) side by side, when spconv is installed.
 
 Before anything is timed, ``mmseg_cbt.utils.tune_malloc()`` is applied (process-wide, so to the dense and
 the masked side alike; ``--no-tune-malloc`` keeps glibc's defaults): without it every call re-faults the
@@ -57,6 +59,8 @@ MODELS: Dict[str, Tuple[int, ...]] = {
 }
 # Targets for section (a) on 2 CPU cores: masked/dense wall ratio at a given active fraction.
 TARGETS: Dict[float, float] = {1.0: 1.10, 0.5: 0.75, 0.25: 0.40, 0.1: 0.20}
+# Targets of the public one-conv op (NCHW in, NCHW out, layout conversion included) at an active fraction.
+OP_TARGETS: Dict[float, float] = {0.5: 0.85, 0.25: 0.50, 0.1: 0.30}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +165,28 @@ def _dense_runners(x: torch.Tensor,
     }
 
 
+def _op_runners(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                mask: torch.Tensor) -> Dict[str, Callable[[], object]]:
+    """The public op as a user calls it: NCHW in and out, the same mask and weight tensors on every call.
+
+    ``op``: under ``torch.no_grad`` (mmseg's test loop), so the mask's index and the weight's matrix are cached;
+    ``op_inference``: with inference tensors (``torch.inference_mode``), which are never cached.
+    """
+
+    def normal(t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return t.clone()
+
+    xs, ws, bs, ms = (normal(t) for t in (x.contiguous(), weight, bias, mask))
+
+    def op() -> object:
+        with torch.inference_mode(False), torch.no_grad():
+            return ops.sparse_conv2d(xs, ws, bs, ms, padding=1)
+
+    x_inf = x.contiguous()
+    return {'op': op, 'op_inference': lambda: ops.sparse_conv2d(x_inf, weight, bias, mask, padding=1)}
+
+
 # --------------------------------------------------------------------------------------------------
 # section (a): single convs
 # --------------------------------------------------------------------------------------------------
@@ -179,9 +205,12 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
           f'best of {args.repeats} interleaved rounds; crossover per shape from ops.dense_crossover')
     if cpu_kernel:
         print('masked = the default CPU path (the compiled kernel); "torch" = the same algorithm as pure-PyTorch ops')
+        print('op = the public sparse_conv2d (NCHW in and out, layout conversion included, mask index and weight '
+              'matrix cached) over the dense conv; op/stg = op over the stage API (masked); op_inf = op with inference '
+              'tensors (nothing cached)')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
            f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"torch":>6} {"idx ms":>7} '
-           f'{"bg%":>4}')
+           f'{"bg%":>4} {"op":>6} {"op/stg":>6} {"op_inf":>6}')
     print(hdr)
     print('-' * len(hdr))
     for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
@@ -194,6 +223,8 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
             fns = {**dense, 'masked': run}
             if cpu_kernel and path == 'sparse':
                 fns['masked_torch'] = _masked_runner(x, weight, bias, mask, args.timer, backend='torch')[0]
+            if path == 'sparse':
+                fns.update(_op_runners(x, weight, bias, mask))
             t, foreign = _timed(fns, args)
             fmt = min(dense, key=lambda k: t[k])
             d_ms = t[fmt]
@@ -222,16 +253,26 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
                 foreign_load=foreign,
                 cpu_kernel=cpu_kernel,
                 masked_torch_ms=t.get('masked_torch'),
-                ratio_torch=t['masked_torch'] / d_ms if 'masked_torch' in t else None)
+                ratio_torch=t['masked_torch'] / d_ms if 'masked_torch' in t else None,
+                op_ms=t.get('op'),
+                op_inference_ratio=t['op_inference'] / d_ms if 'op_inference' in t else None,
+                op_ratio=t['op'] / d_ms if 'op' in t else None,
+                op_target=OP_TARGETS.get(round(active, 2)) if 'op' in t else None)
+            row['op_meets_target'] = None if row['op_target'] is None else row['op_ratio'] <= row['op_target']
             rows.append(row)
             flag = '' if target is None else (' ok' if ratio <= target else ' MISS')
             torch_col = '' if row['ratio_torch'] is None else f'{row["ratio_torch"]:.3f}'
+            op_col = ''
+            if row['op_ratio'] is not None:
+                op_flag = '' if row['op_target'] is None else (' ok' if row['op_meets_target'] else ' MISS')
+                op_col = (f' {row["op_ratio"]:6.3f} {t["op"] / t["masked"]:6.2f} '
+                          f'{row["op_inference_ratio"]:6.3f}{op_flag}')
             print(
                 f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
                 f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
                 f'{"" if target is None else f"{target:.2f}":>6} '
                 f'{torch_col:>6} {build_ms:7.3f} '
-                f'{100 * foreign:4.0f}{flag}',
+                f'{100 * foreign:4.0f}{flag}{op_col}',
                 flush=True)
     return rows
 
@@ -305,20 +346,22 @@ def bench_crossover(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
-def _backbone_section(name: str) -> Callable[[argparse.Namespace], List[dict]]:
-    """A section implemented in ``benchmark_masked_backbone.py``, next to this script (imported when it runs: it
-    needs mmseg; both import their helpers from ``mmseg_cbt.utils.benchmark``, never each other's)."""
+def _section_in(module: str, name: str) -> Callable[[argparse.Namespace], List[dict]]:
+    """A section implemented in another script next to this one, imported when it runs (it needs mmseg, or
+    spconv)."""
 
     def run(args: argparse.Namespace) -> List[dict]:
-        import benchmark_masked_backbone
-        return getattr(benchmark_masked_backbone, name)(args)
+        import importlib
+        return getattr(importlib.import_module(module), name)(args)
 
     return run
 
 
 # Section (b): whole W18-small / W48 early-exit backbones; 'paths': their stages 2-4 by execution path.
-bench_backbones = _backbone_section('bench_backbones')
-bench_paths = _backbone_section('bench_paths')
+bench_backbones = _section_in('benchmark_masked_backbone', 'bench_backbones')
+bench_paths = _section_in('benchmark_masked_backbone', 'bench_paths')
+# spconv's SubMConv2d beside ours (skipped when spconv is not installed).
+bench_spconv = _section_in('benchmark_masked_spconv', 'bench_spconv')
 
 
 def plot_results(rows: List[dict], out: str) -> str:
@@ -393,6 +436,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
     'b': bench_backbones,
     'paths': bench_paths,
     'crossover': bench_crossover,
+    'spconv': bench_spconv,
 }
 
 

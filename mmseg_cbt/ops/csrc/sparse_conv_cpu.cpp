@@ -470,6 +470,64 @@ void add_weighted_rows(at::Tensor acc, const at::Tensor& src, const at::Tensor& 
   });
 }
 
+// buf[b, pad + y, pad + x, c] = src[b, c, y, x] for rows r0 <= y < r1 (and, given need, only where need[b, y, x]),
+// and zeros in buf's border if zero_border:
+// the NCHW -> padded channels-last copy of the one-conv op, transposed in cache-sized blocks (a (C, 64) slab of one
+// row stays in L1 while it is written out as 64 contiguous pixel rows), one image row per task.
+void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int64_t r0, int64_t r1,
+                         const c10::optional<at::Tensor>& need, bool zero_border) {
+  TORCH_CHECK(src.device().is_cpu() && src.dim() == 4 && buf.dim() == 4 && buf.is_contiguous() &&
+              src.scalar_type() == buf.scalar_type(), "src (N, C, H, W) and a contiguous buf of its dtype expected");
+  const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
+  TORCH_CHECK(buf.size(0) == n && buf.size(1) == h + 2 * pad && buf.size(2) == w + 2 * pad && buf.size(3) == c,
+              "buf must be (N, H + 2 pad, W + 2 pad, C)");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= h, "rows must satisfy 0 <= r0 <= r1 <= H");
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
+  const int64_t rows = r1 - r0;
+  const bool* nd = nullptr;
+  if (need.has_value()) {
+    TORCH_CHECK(need->scalar_type() == at::kBool && need->is_contiguous() && need->dim() == 3 && need->size(0) == n &&
+                need->size(1) == h && need->size(2) == w, "need must be a contiguous bool (N, H, W) tensor");
+    nd = need->data_ptr<bool>();
+  }
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "nchw_rows_to_padded", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* d = buf.data_ptr<scalar_t>();
+    if (zero_border && pad > 0) {
+      // the border rows and columns: one memset each instead of four strided zero_() calls from Python
+      const int64_t hp = h + 2 * pad, wp = w + 2 * pad;
+      for (int64_t b = 0; b < n; ++b) {
+        scalar_t* img = d + b * hp * wp * c;
+        std::fill(img, img + pad * wp * c, scalar_t(0));
+        std::fill(img + (pad + h) * wp * c, img + hp * wp * c, scalar_t(0));
+        for (int64_t y = pad; y < pad + h; ++y) {
+          std::fill(img + y * wp * c, img + (y * wp + pad) * c, scalar_t(0));
+          std::fill(img + (y * wp + pad + w) * c, img + (y + 1) * wp * c, scalar_t(0));
+        }
+      }
+    }
+    at::parallel_for(0, n * rows, 1, [&](int64_t i0, int64_t i1) {
+      constexpr int64_t kBlock = 64;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / rows, y = r0 + i % rows;
+        const scalar_t* srow = s + b * sn + y * sh;
+        scalar_t* drow = d + ((b * (h + 2 * pad) + y + pad) * (w + 2 * pad) + pad) * c;
+        for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
+          const int64_t x1 = std::min(w, x0 + kBlock);
+          // the block's C source runs stay in L1; the destination is written in order
+          const bool* nrow = nd ? nd + (b * h + y) * w : nullptr;
+          for (int64_t x = x0; x < x1; ++x) {
+            if (nrow && !nrow[x]) continue;  // a pixel no active window reads
+            scalar_t* dp = drow + x * c;
+            const scalar_t* sp = srow + x * sw;
+            for (int64_t ch = 0; ch < c; ++ch) dp[ch] = sp[ch * sc];
+          }
+        }
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
         py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
@@ -482,5 +540,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build has the AVX-512 direct kernel for thin float32 convs");
+  m.def("nchw_rows_to_padded", &nchw_rows_to_padded,
+        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1, only where need is true if given (CPU)",
+        py::arg("src"), py::arg("buf"), py::arg("pad"), py::arg("r0"), py::arg("r1"), py::arg("need") = py::none(),
+        py::arg("zero_border") = false);
   m.def("add_weighted_rows", &add_weighted_rows, "acc[i] += sum_t w[i, t] * src[rows[i, t]] (CPU)");
 }

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import resolve_threshold, sparse_conv_rows, use_triton
+from .cache import cached_index, cached_weight_matrix
+from .cpp_impl import cpu_ext_for
+from .dispatch import resolve_threshold, sparse_conv_buffer, sparse_conv_rows, use_triton
 from .index import SparseIndex, check_mask
-from .layout import check_geometry, conv_output_size, to_padded_nhwc
-from .packing import conv_weight_matrix
+from .layout import check_geometry, conv_output_size, zero_border
 
 __all__ = ['sparse_conv2d']
 
@@ -78,9 +79,12 @@ def sparse_conv2d(input: Tensor,
     With autograd active (an input, the weight or the bias requires grad and grad mode is on) it computes the dense
     conv and masks it, so it stays differentiable; the fast paths are inference-only.
 
-    This is the per-call convenience API: it converts the input to a padded channels-last buffer and builds the
-    index on every call. A network running many convs on one mask should use :class:`~mmseg_cbt.ops.SparseIndex`
-    and :func:`~mmseg_cbt.ops.sparse_conv_buffer` / :func:`~mmseg_cbt.ops.sparse_conv_rows` instead.
+    This is the per-call convenience API. Per call it copies the input rows that the active windows read into a
+    padded channels-last buffer; the mask's index and the weight's GEMM matrix are cached on the mask and weight
+    tensors (:mod:`~mmseg_cbt.ops.sparse_conv.cache`: reused while the same tensor is alive and unchanged), and the
+    result is written straight into the output. A network running many convs on one mask keeps its features in the
+    padded layout through a stage instead: :class:`~mmseg_cbt.ops.SparseIndex` and
+    :func:`~mmseg_cbt.ops.sparse_conv_buffer` / :func:`~mmseg_cbt.ops.sparse_conv_rows`.
 
     Args:
         input (Tensor): ``(N, C, H, W)`` floating tensor.
@@ -115,7 +119,7 @@ def sparse_conv2d(input: Tensor,
         # nothing stopped: the dense conv, without building an index (a full nonzero() costs ~0.7x a thin conv)
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         return y if out is None else out.copy_(y)
-    idx = SparseIndex.build(mask)
+    idx = cached_index(mask)
     m = idx.num_active
     if m == 0:
         return out if out is not None else input.new_zeros(n, cout, ho, wo)
@@ -125,20 +129,43 @@ def sparse_conv2d(input: Tensor,
         if out is None:
             return y.masked_fill_(~keep, 0)
         return out.copy_(torch.where(keep, y, out))
-    buf = to_padded_nhwc(input, padding)
-    rows = sparse_conv_rows(
-        buf,
-        idx,
-        conv_weight_matrix(weight),
-        bias,
+    buf = _read_rows_buffer(input, idx, k, stride, padding, backend)
+    kwargs = dict(
         stride=stride,
         padding=padding,
         in_pad=padding,
         dense_threshold=float('inf'),
         backend='triton' if use_triton(backend, input) else backend)
-    if out is None:
-        res = input.new_zeros(n, ho, wo, cout)
-        res.view(-1, cout).index_copy_(0, idx.rows(0), rows)
-        return res.permute(0, 3, 1, 2)
+    wmat = cached_weight_matrix(weight)
+    if out is None or out.is_contiguous(memory_format=torch.channels_last):
+        # rows straight into the channels-last output (stopped positions zero, or out's own values)
+        dst = input.new_zeros(n, ho, wo, cout) if out is None else out.permute(0, 2, 3, 1)
+        sparse_conv_buffer(buf, idx, wmat, bias, dst, out_pad=0, **kwargs)
+        return dst.permute(0, 3, 1, 2) if out is None else out
+    rows = sparse_conv_rows(buf, idx, wmat, bias, **kwargs)
     out.permute(0, 2, 3, 1).index_put_((idx.n, idx.y, idx.x), rows)
     return out
+
+
+def _read_rows_buffer(input: Tensor, idx: SparseIndex, k: int, stride: int, padding: int, backend: str) -> Tensor:
+    """The padded channels-last buffer of ``input`` with only what the active windows read copied in.
+
+    The windows of the active positions read input rows ``y * stride - padding`` to ``... + k - 1`` of their output
+    rows ``y``, and the compiled kernel's copy takes only the pixels they read (:meth:`SparseIndex.input_reads`,
+    cached on the index); everything else in the buffer's interior is never read and stays uninitialised (a thin
+    conv at a low active fraction would otherwise spend most of its time copying the whole input).
+    """
+    n, c, h, w = input.shape
+    buf = torch.empty(n, h + 2 * padding, w + 2 * padding, c, dtype=input.dtype, device=input.device)
+    y_lo, y_hi = idx.row_span()
+    r0 = max(0, y_lo * stride - padding)
+    r1 = min(h, y_hi * stride - padding + k)
+    ext = cpu_ext_for(backend, input)
+    if ext is not None:
+        # a blocked transpose (faster than the strided copy_) of the pixels the windows read, and the border
+        ext.nchw_rows_to_padded(
+            input, buf, padding, r0, r1, idx.input_reads((h, w), k, stride, padding), zero_border=True)
+    else:
+        zero_border(buf, padding)
+        buf[:, padding + r0:padding + r1, padding:padding + w].copy_(input[:, :, r0:r1].permute(0, 2, 3, 1))
+    return buf

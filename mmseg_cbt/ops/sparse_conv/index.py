@@ -52,6 +52,7 @@ class SparseIndex:
         self._rows: Dict[Tuple[int, int], Tensor] = {}
         self._windows: Dict[Tuple[int, int, int, int, int, int], Tuple[Tensor, Tensor]] = {}
         self._chunks: Dict[Tuple[int, int, int], List[Tensor]] = {}
+        self._row_span: Optional[Tuple[int, int]] = None
 
     @classmethod
     def build(cls, mask: Tensor) -> 'SparseIndex':
@@ -85,6 +86,50 @@ class SparseIndex:
     def num_stopped(self) -> int:
         """Number of stopped (inactive) positions."""
         return self.batch * self.height * self.width - self.num_active
+
+    def row_span(self) -> Tuple[int, int]:
+        """First and last output row holding an active position, over all images (cached; ``(0, -1)`` if none).
+
+        Returns:
+            tuple: ``(y_min, y_max)``.
+        """
+        if self._row_span is None:
+            if self.num_active == 0:
+                self._row_span = (0, -1)
+            else:
+                lo, hi = torch.aminmax(self.y)
+                self._row_span = (int(lo), int(hi))
+        return self._row_span
+
+    def input_reads(self, input_hw: Tuple[int, int], k: int, stride: int, padding: int) -> Tensor:
+        """Which input pixels the windows of the active positions read (cached per geometry).
+
+        Args:
+            input_hw (tuple): ``(H_in, W_in)`` of the conv's input.
+            k (int): Kernel size.
+            stride (int): Conv stride.
+            padding (int): Conv padding.
+
+        Returns:
+            Tensor: Contiguous bool ``(N, H_in, W_in)``.
+        """
+        key = ('reads', *input_hw, k, stride, padding)
+        need = self._rows.get(key)
+        if need is None:
+            h_in, w_in = input_hw
+            # every active output spreads its k x k window onto the input: a transposed conv with a ones kernel
+            out_pad = tuple(s - ((o - 1) * stride - 2 * padding + k) for s, o in zip(input_hw, self.shape[1:]))
+            hits = torch.nn.functional.conv_transpose2d(
+                self.mask[:, None].float(),
+                self.mask.new_ones(1, 1, k, k, dtype=torch.float32),
+                stride=stride,
+                padding=padding,
+                output_padding=out_pad if max(out_pad) < stride else 0)
+            need = torch.zeros(self.batch, h_in, w_in, dtype=torch.bool, device=self.device)
+            hh, ww = min(h_in, hits.shape[2]), min(w_in, hits.shape[3])
+            need[:, :hh, :ww] = hits[:, 0, :hh, :ww] > 0
+            self._rows[key] = need
+        return need
 
     def rows(self, pad: int = 1) -> Tensor:
         """Flat row index of every active position in a buffer ``(N, H + 2 pad, W + 2 pad, C)`` (cached).
