@@ -9,6 +9,10 @@ It is compiled with :func:`torch.utils.cpp_extension.load` the first time a CPU 
 cores; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, and rebuilt only when the
 source or torch changes). It needs a C++ compiler and ninja (``requirements/build.txt``). If the build fails, a
 warning says why and the PyTorch path is used. ``MMSEG_CBT_CPU_EXT=0`` disables it (PyTorch path only).
+
+``MMSEG_CBT_CPU_ISA`` chooses the instruction set the kernel is built for: ``native`` (default: everything this CPU
+has) or ``avx2`` (AVX-512 switched off: what a CPU without AVX-512 runs, measurable on one with it; the direct
+algorithm needs AVX-512, so such a build runs the gather + GEMM algorithm). Each choice is its own cached build.
 """
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'EXT_ENV']
+__all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa', 'EXT_ENV', 'ISA_ENV', 'ISAS']
 
 EXT_ENV = 'MMSEG_CBT_CPU_EXT'
+ISA_ENV = 'MMSEG_CBT_CPU_ISA'
+#: Builds of the kernel: compiler flags on x86-64 (other machines always build for their own CPU).
+ISAS = {'native': ['-march=native'], 'avx2': ['-march=native', '-mno-avx512f']}
 _NAME = 'mmseg_cbt_sparse_conv_cpu'
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'sparse_conv_cpu.cpp')
 _LOCK = threading.Lock()
@@ -44,17 +51,33 @@ def cpu_ext_enabled() -> bool:
     return os.environ.get(EXT_ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
+def cpu_isa() -> str:
+    """The instruction-set choice of the kernel build (``MMSEG_CBT_CPU_ISA``, default ``native``).
+
+    Raises:
+        ValueError: A value outside :data:`ISAS`.
+    """
+    isa = os.environ.get(ISA_ENV, 'native').strip().lower() or 'native'
+    if isa not in ISAS:
+        raise ValueError(f'{ISA_ENV} must be one of {sorted(ISAS)}, got {isa!r}')
+    return isa
+
+
 def load_cpu_ext() -> Optional[ModuleType]:
     """Builds (once per process; the compiled library is cached on disk) and returns the CPU kernel module.
 
     Returns:
         The extension module, or None when disabled by ``MMSEG_CBT_CPU_EXT=0`` or when the build failed (a
         warning with the compiler's message is issued once).
+
+    Raises:
+        ValueError: ``MMSEG_CBT_CPU_ISA`` is not one of :data:`ISAS`.
     """
     if not cpu_ext_enabled():
         return None
     if 'module' in _STATE:
         return _STATE['module']
+    cpu_isa()  # a bad MMSEG_CBT_CPU_ISA is an error of its own, not a failed build
     with _LOCK:
         if 'module' not in _STATE:
             _STATE['module'] = _build()
@@ -123,8 +146,10 @@ def _build() -> Optional[ModuleType]:
         # one (the direct algorithm exists only in such a build); the CPU tag in the name keeps a build cache shared
         # between different CPUs from loading a foreign build; the source tag keeps two checkouts with different kernel
         # sources (e.g. git worktrees) from rebuilding one shared cache entry under each other's running processes.
-        flags = ['-O3', '-fopenmp'] + (['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])
-        name = f'{_NAME}_{_cpu_tag()}_{_source_tag()}'
+        isa = cpu_isa()
+        x86 = platform.machine() in ('x86_64', 'AMD64')
+        flags = ['-O3', '-fopenmp'] + (ISAS[isa] if x86 else [])
+        name = f'{_NAME}_{_cpu_tag()}_{_source_tag()}' + ('' if isa == 'native' or not x86 else f'_{isa}')
         _remove_stale_lock(name)
         return load(name, [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path

@@ -8,8 +8,9 @@ positions the result equals the dense convolution, also for non-finite inputs (N
 
 Two levels of API:
 
-* :func:`sparse_conv2d` / :class:`SparseConv2d` - one conv, one mask, NCHW tensors. Convenient, but each call pays
-  an NCHW -> padded-NHWC conversion and an index build. Differentiable (dense and masked) under autograd.
+* :func:`sparse_conv2d` / :class:`SparseConv2d` - one conv, one mask, NCHW tensors. Each call copies the input
+  pixels the active windows read into a padded channels-last buffer; the mask's index and the weight's matrix are
+  cached on those tensors (:mod:`.cache`). Differentiable (dense and masked) under autograd.
 * The *stage* API for a caller that runs many convs at one resolution with one mask (an HRNet stage), inference
   only (it writes into preallocated buffers):
 
@@ -23,7 +24,7 @@ Two levels of API:
       conv.apply(buf, idx, out_buf, residual=res_buf, relu=True)   # or fused, with the dense fallback
 
 Layers: :mod:`.layout` (padded channels-last buffers), :mod:`.index` (:class:`SparseIndex`), :mod:`.packing`
-(weight matrices, BN folding), :mod:`.rows` (row gather / scatter), :mod:`.torch_impl` / :mod:`.cpp_impl` /
+(weight matrices, BN folding), :mod:`.cache` (what the one-conv op keeps between calls), :mod:`.rows` (row gather / scatter), :mod:`.torch_impl` / :mod:`.cpp_impl` /
 :mod:`.triton_impl` (one file per implementation of the sparse path), :mod:`.dense` (the dense fallback),
 :mod:`.dispatch` (the stage entry points: validation, sparse-or-dense by :mod:`mmseg_cbt.ops.policy`, backend),
 :mod:`.functional` and :mod:`.module` (the NCHW op and the modules). Why this design and what it measured:
