@@ -24,8 +24,9 @@ Two levels of API:
       conv.apply(buf, idx, out_buf, residual=res_buf, relu=True)   # or fused, with the dense fallback
 
 Layers: :mod:`.layout` (padded channels-last buffers), :mod:`.index` (:class:`SparseIndex`), :mod:`.packing`
-(weight matrices, BN folding), :mod:`.cache` (what the one-conv op keeps between calls), :mod:`.rows` (row gather / scatter), :mod:`.torch_impl` / :mod:`.cpp_impl` /
-:mod:`.triton_impl` (one file per implementation of the sparse path), :mod:`.dense` (the dense fallback),
+(weight matrices, BN folding), :mod:`.cache` (what the one-conv op keeps between calls), :mod:`.rows` (row
+gather / scatter), :mod:`.torch_impl` / :mod:`.cpp_impl` / :mod:`.triton_impl` (one file per implementation of the
+sparse path), :mod:`.dense` (the dense fallback),
 :mod:`.dispatch` (the stage entry points: validation, sparse-or-dense by :mod:`mmseg_cbt.ops.policy`, backend),
 :mod:`.functional` and :mod:`.module` (the NCHW op and the modules). Why this design and what it measured:
 ``docs/benchmarks.md``.
