@@ -118,3 +118,29 @@ def test_avx2_build_in_subprocess():
                        text=True,
                        cwd=os.path.dirname(os.path.dirname(here)))
     assert r.returncode == 0, r.stdout[-4000:]
+
+
+@pytest.mark.parametrize('cout', [9, 36, 144, 200])
+@pytest.mark.parametrize('threads', [1, 2, 3])
+def test_wide_variant_few_positions(cout, threads, monkeypatch):
+    """Fewer active positions than one chunk per thread (the threads then share the chunk's output vectors): the
+    wide variant's rows equal F.conv2d's for 1-3 threads, bias, residual (the output itself) and ReLU."""
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
+    torch.manual_seed(cout)
+    x = torch.randn(1, 20, 9, 11)
+    w, b = torch.randn(cout, 20, 3, 3) / 180**0.5, torch.randn(cout)
+    mask = torch.rand(1, 9, 11) < 0.3
+    mask[0, -1, -1] = True
+    prev = torch.randn(1, cout, 9, 11)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = _run(monkeypatch, WIDE, x, w, b, mask, 3, 1, prev, True, True)
+    finally:
+        torch.set_num_threads(old)
+    ref = F.relu(F.conv2d(x, w, b, padding=1) + prev)
+    keep = mask[:, None].expand_as(ref)
+    assert torch.allclose(y[keep], ref[keep], atol=ATOL, rtol=0)
+    assert torch.equal(y[~keep], prev[~keep])

@@ -10,11 +10,11 @@
 //      (R > 4: one more vector whose unused lanes have zero weights and are not stored.)
 //    For 18 channels on AVX-512 that is 162 + 24 FMAs per position instead of 324, and no gather.
 //  - wide (many output vectors; the thin variant would re-read the whole window's weights, kk x L*NB floats, for
-//    every tile of 8 positions): cache-blocked. A chunk of up to kWideChunk positions at a time; the window is cut
+//    every tile of 8 positions): cache-blocked. A chunk of up to wide_chunk() positions at a time; the window is cut
 //    into K-blocks of at most kWideKb rows, each block of output vectors' weight panel (Kb x L*NB, packed per chunk
 //    into an aligned buffer) stays in L1 while a register-tiled microkernel (P positions x NB vectors of
-//    accumulators) runs over all of the chunk's positions; partial sums live in a per-thread tile (chunk x Cout, L2) between K-blocks, and the
-//    epilogue (bias, residual, ReLU) runs once after the last.
+//    accumulators) runs over all of the chunk's positions; partial sums live in a per-thread tile (chunk x Cout,
+//    L2) between K-blocks, and the epilogue (bias, residual, ReLU) runs once after the last.
 #include "direct_conv.h"
 
 #include <ATen/Parallel.h>
@@ -237,7 +237,11 @@ void run_thin(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
 // ---------------------------------------------------------------------------------------------------------------
 // wide variant
 // ---------------------------------------------------------------------------------------------------------------
-constexpr int64_t kWideChunk = 96;  // positions per chunk: a multiple of every microkernel's P (4, 6, 8, 12)
+// Positions per chunk: as many as keep the chunk's partial-sum tile within 256 KiB (L2), so that each weight panel is
+// packed once for many positions; a multiple of every microkernel's P (4, 6, 8, 12), at least 96.
+int64_t wide_chunk(int64_t vw) {
+  return std::max<int64_t>(96, std::min<int64_t>(1008, (256 << 10) / (vw * 4) / 24 * 24));
+}
 
 // K-block rows: the packed weight panel (Kb x L*NB floats, 32 KiB at 128 x 64) stays in L1 next to the P x Kb inputs
 // (64 and 256 measured no faster).
@@ -300,30 +304,44 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
   const int64_t cin = src.size(1), kc = k * cin, cout = wmat.size(1);
   const int64_t m = strips.numel() / k;
   const int64_t nvec = (cout + L - 1) / L, vw = nvec * L;
-  // output vectors in blocks of near-equal size (9 = 3 + 3 + 3 rather than 4 + 4 + 1: every block keeps its
-  // microkernel's register tile full)
-  const int64_t nblk = (nvec + Isa::kWideNB - 1) / Isa::kWideNB;
-  std::vector<int64_t> blk0(nblk + 1);
-  for (int64_t i = 0; i <= nblk; ++i) blk0[i] = nvec * i / nblk;
   // chunks: a multiple of the thread count, rows spread evenly (parallel_for gives each thread a contiguous share)
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nch = (m + kWideChunk - 1) / kWideChunk;
-  nch = std::min<int64_t>(m, (nch + threads - 1) / threads * threads);
+  const int64_t chunk = wide_chunk(vw);
+  int64_t nch = (m + chunk - 1) / chunk, nsplit = 1;
+  if (nch < threads && m < threads * 48) {
+    // few positions (e.g. 51): the threads share each chunk's output vectors instead, so each streams only its part
+    // of the weights and no chunk is cut into short, padded groups
+    nsplit = std::min<int64_t>(nvec, (threads + nch - 1) / nch);
+  } else {
+    nch = std::min<int64_t>(m, (nch + threads - 1) / threads * threads);
+  }
   const int64_t q_step = (m + nch - 1) / nch;
   nch = (m + q_step - 1) / q_step;
+  // output vectors: nsplit near-equal ranges, each in blocks of near-equal size (9 = 3 + 3 + 3 rather than
+  // 4 + 4 + 1: every block keeps its microkernel's register tile full)
+  std::vector<int64_t> blk0{0}, split0{0};
+  for (int64_t sp = 0; sp < nsplit; ++sp) {
+    const int64_t v0 = nvec * sp / nsplit, v1 = nvec * (sp + 1) / nsplit;
+    const int64_t nb = (v1 - v0 + Isa::kWideNB - 1) / Isa::kWideNB;
+    for (int64_t i = 1; i <= nb; ++i) blk0.push_back(v0 + (v1 - v0) * i / nb);
+    split0.push_back(static_cast<int64_t>(blk0.size()) - 1);
+  }
   const int64_t kb_max = kWideKb;
   // K-blocks of near-equal length inside each strip (a strip's values are contiguous in the input row)
   const int64_t npieces = (kc + kb_max - 1) / kb_max;
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, nch * nsplit, 1, [&](int64_t i0, int64_t i1) {
     thread_local AlignedFloats tile_buf, panel_buf;
-    tile_buf.reserve(kWideChunk * vw);
+    thread_local std::vector<const float*> rows_buf;
+    tile_buf.reserve(chunk * vw);
     panel_buf.reserve(kb_max * Isa::kWideNB * L);
+    if (static_cast<int64_t>(rows_buf.size()) < chunk * k) rows_buf.resize(chunk * k);
     float* tile = tile_buf.data();
     float* panel = panel_buf.data();
-    const float* rows[kWideChunk * 3];
-    for (int64_t c = c0; c < c1; ++c) {
+    const float** rows = rows_buf.data();
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t c = item / nsplit, sp = item % nsplit;
       const int64_t q0 = c * q_step, n = std::min(q_step, m - q0);
-      for (int64_t p = 0; p < kWideChunk; ++p) {
+      for (int64_t p = 0; p < std::min(chunk, n + 11); ++p) {
         const int64_t q = q0 + std::min(p, n - 1);  // padding positions repeat the last one (computed, not stored)
         for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + st[q * k + j] * cin;
       }
@@ -331,7 +349,7 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
         for (int64_t piece = 0; piece < npieces; ++piece) {
           const int64_t o0 = kc * piece / npieces, o1 = kc * (piece + 1) / npieces;
           const bool first = sk == 0 && piece == 0;
-          for (int64_t bi = 0; bi < nblk; ++bi) {
+          for (int64_t bi = split0[sp]; bi < split0[sp + 1]; ++bi) {
             const int64_t b0 = blk0[bi], nbb = blk0[bi + 1] - b0;
             const int P = wide_p(static_cast<int>(nbb));
             const micro_fn fn = micro_for(nbb);
@@ -344,12 +362,13 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
           }
         }
       }
+      const int64_t ve0 = blk0[split0[sp]], ve1 = blk0[split0[sp + 1]];
       for (int64_t p = 0; p < n; ++p) {
         const int64_t q = q0 + p;
         const float* rrow = res ? res + (res_rows ? res_rows[q] : q) * cout : nullptr;
         float* orow = dst + (dst_rows ? dst_rows[q] : q) * cout;
         const float* trow = tile + p * vw;
-        for (int64_t v = 0; v < nvec; ++v) {
+        for (int64_t v = ve0; v < ve1; ++v) {
           const int64_t ch = v * L;
           const M mk = Isa::mask(cout - ch);
           V val = Isa::load(trow + ch);
