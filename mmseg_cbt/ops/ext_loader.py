@@ -1,18 +1,22 @@
-"""Builds and loads the compiled CPU kernel of the masked convolution (``csrc/sparse_conv_cpu.cpp``) on first use.
+"""Builds and loads the compiled CPU kernel of the masked convolution (``csrc/*.cpp``) on first use.
 
 The kernel fuses the PyTorch path's per-chunk ops (gather -> GEMM -> bias / residual / ReLU -> scatter) into one C++
-call in which each thread owns whole chunks; on an AVX-512 CPU it also has a direct algorithm for thin float32 convs
-that reads each window in place (which one runs: :mod:`mmseg_cbt.ops.policy`). Both compute what the PyTorch path
+call in which each thread owns whole chunks, and has a direct algorithm for float32 convs that reads each window in
+place and needs no BLAS (which one runs: :mod:`mmseg_cbt.ops.policy`). Both compute what the PyTorch path
 (:mod:`mmseg_cbt.ops.sparse_conv.torch_impl`) computes, from the same index tables, and are tested against it.
 
-It is compiled with :func:`torch.utils.cpp_extension.load` the first time a CPU masked conv runs (about 35 s on 2
-cores; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, and rebuilt only when the
-source or torch changes). It needs a C++ compiler and ninja (``requirements/build.txt``). If the build fails, a
-warning says why and the PyTorch path is used. ``MMSEG_CBT_CPU_EXT=0`` disables it (PyTorch path only).
+The direct algorithm is written once over a small vector abstraction (``csrc/simd.h``) whose instruction set is
+chosen when compiling, from the build's flags: AVX-512F (16 lanes), else AVX2 + FMA (8 lanes), else none (the gather
++ GEMM only). ``MMSEG_CBT_CPU_ISA`` chooses the build: ``native`` (default; ``-march=native``), ``avx2``
+(``-march=native -mno-avx512f``: the AVX2 algorithm, e.g. to measure it on an AVX-512 machine) or ``none`` (no direct
+algorithm); another value is a ValueError. The loaded module's ``isa()`` says which it has (``'avx512'``, ``'avx2'``
+or ``'none'``), ``has_direct()`` whether it has one.
 
-``MMSEG_CBT_CPU_ISA`` chooses the instruction set the kernel is built for: ``native`` (default: everything this CPU
-has) or ``avx2`` (AVX-512 switched off: what a CPU without AVX-512 runs, measurable on one with it; the direct
-algorithm needs AVX-512, so such a build runs the gather + GEMM algorithm). Each choice is its own cached build.
+It is compiled with :func:`torch.utils.cpp_extension.load` the first time a CPU masked conv runs (about 40 s on 2
+cores; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, one entry per CPU, source and
+ISA choice, rebuilt only when one of them or torch changes). It needs a C++ compiler and ninja
+(``requirements/build.txt``). If the build fails, a warning says why and the PyTorch path is used.
+``MMSEG_CBT_CPU_EXT=0`` disables it (PyTorch path only).
 """
 from __future__ import annotations
 
@@ -29,14 +33,20 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa', 'EXT_ENV', 'ISA_ENV', 'ISAS']
+__all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa_choice', 'EXT_ENV', 'ISA_ENV', 'CPU_ISAS']
 
 EXT_ENV = 'MMSEG_CBT_CPU_EXT'
 ISA_ENV = 'MMSEG_CBT_CPU_ISA'
-#: Builds of the kernel: compiler flags on x86-64 (other machines always build for their own CPU).
-ISAS = {'native': ['-march=native'], 'avx2': ['-march=native', '-mno-avx512f']}
+#: ``native``: the build machine's instruction set (AVX-512 where it has it, else AVX2 + FMA, else no direct
+#: algorithm); ``avx2``: AVX-512 switched off (the AVX2 direct algorithm, e.g. measured on an AVX-512 machine);
+#: ``none``: no direct algorithm (gather + GEMM only).
+CPU_ISAS = ('native', 'avx2', 'none')
 _NAME = 'mmseg_cbt_sparse_conv_cpu'
-_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'sparse_conv_cpu.cpp')
+_CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+_SOURCES = [osp.join(_CSRC, f) for f in ('sparse_conv_cpu.cpp', 'direct_conv.cpp')]
+_HEADERS = [osp.join(_CSRC, f) for f in ('direct_conv.h', 'simd.h')]
+# -mno-avx512f switches off every AVX-512 subset that depends on it (GCC and clang)
+_ISA_FLAGS = {'native': [], 'avx2': ['-mno-avx512f'], 'none': ['-DMMSEG_CBT_NO_DIRECT']}
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _LOGGER = logging.getLogger(__name__)
@@ -51,37 +61,36 @@ def cpu_ext_enabled() -> bool:
     return os.environ.get(EXT_ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
-def cpu_isa() -> str:
-    """The instruction-set choice of the kernel build (``MMSEG_CBT_CPU_ISA``, default ``native``).
-
-    Raises:
-        ValueError: A value outside :data:`ISAS`.
-    """
-    isa = os.environ.get(ISA_ENV, 'native').strip().lower() or 'native'
-    if isa not in ISAS:
-        raise ValueError(f'{ISA_ENV} must be one of {sorted(ISAS)}, got {isa!r}')
-    return isa
-
-
 def load_cpu_ext() -> Optional[ModuleType]:
     """Builds (once per process; the compiled library is cached on disk) and returns the CPU kernel module.
 
     Returns:
         The extension module, or None when disabled by ``MMSEG_CBT_CPU_EXT=0`` or when the build failed (a
         warning with the compiler's message is issued once).
-
-    Raises:
-        ValueError: ``MMSEG_CBT_CPU_ISA`` is not one of :data:`ISAS`.
     """
     if not cpu_ext_enabled():
         return None
     if 'module' in _STATE:
         return _STATE['module']
-    cpu_isa()  # a bad MMSEG_CBT_CPU_ISA is an error of its own, not a failed build
     with _LOCK:
         if 'module' not in _STATE:
             _STATE['module'] = _build()
     return _STATE['module']
+
+
+def cpu_isa_choice() -> str:
+    """The instruction set the kernel is built for, from ``MMSEG_CBT_CPU_ISA`` (default ``native``).
+
+    Returns:
+        One of :data:`CPU_ISAS`.
+
+    Raises:
+        ValueError: The variable holds another value.
+    """
+    isa = os.environ.get(ISA_ENV, 'native').strip().lower() or 'native'
+    if isa not in CPU_ISAS:
+        raise ValueError(f'{ISA_ENV} must be one of {CPU_ISAS}, got {os.environ.get(ISA_ENV)!r}')
+    return isa
 
 
 def cpu_ext_available() -> bool:
@@ -106,9 +115,12 @@ def _cpu_tag() -> str:
 
 
 def _source_tag() -> str:
-    """Short hash of the kernel source."""
-    with open(_SOURCE, 'rb') as f:
-        return hashlib.sha1(f.read()).hexdigest()[:8]
+    """Short hash of the kernel's sources and headers."""
+    h = hashlib.sha1()
+    for path in _SOURCES + _HEADERS:
+        with open(path, 'rb') as f:
+            h.update(f.read())
+    return h.hexdigest()[:8]
 
 
 # A build takes ~35 s; a lock file older than this was left by a build that was killed (Ctrl-C, OOM). torch waits
@@ -131,6 +143,7 @@ def _remove_stale_lock(name: str) -> None:
 
 
 def _build() -> Optional[ModuleType]:
+    isa = cpu_isa_choice()  # a bad value is an error, not a silent fallback
     try:
         from torch.utils.cpp_extension import load
 
@@ -143,15 +156,16 @@ def _build() -> Optional[ModuleType]:
         # -fopenmp: at::parallel_for is an OpenMP region compiled into the kernel. The library then needs
         # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool.
         # -march=native: built on the machine that runs it, so row copies and the epilogue use AVX-512 where there is
-        # one (the direct algorithm exists only in such a build); the CPU tag in the name keeps a build cache shared
-        # between different CPUs from loading a foreign build; the source tag keeps two checkouts with different kernel
-        # sources (e.g. git worktrees) from rebuilding one shared cache entry under each other's running processes.
-        isa = cpu_isa()
-        x86 = platform.machine() in ('x86_64', 'AMD64')
-        flags = ['-O3', '-fopenmp'] + (ISAS[isa] if x86 else [])
-        name = f'{_NAME}_{_cpu_tag()}_{_source_tag()}' + ('' if isa == 'native' or not x86 else f'_{isa}')
+        # one (and the direct algorithm the widest vectors the ISA choice allows); the CPU tag in the name keeps a
+        # build cache shared between different CPUs from loading a foreign build; the source tag keeps two checkouts
+        # with different kernel sources (e.g. git worktrees) from rebuilding one shared cache entry under each
+        # other's running processes; the ISA tag keeps the builds of the ISA choices side by side.
+        flags = ['-O3', '-fopenmp']
+        if platform.machine() in ('x86_64', 'AMD64'):  # elsewhere simd.h finds no ISA: no direct algorithm
+            flags += ['-march=native'] + _ISA_FLAGS[isa]
+        name = f'{_NAME}_{_cpu_tag()}_{_source_tag()}_{isa}'
         _remove_stale_lock(name)
-        return load(name, [_SOURCE], extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
+        return load(name, _SOURCES, extra_cflags=flags, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(
             f'mmseg_cbt: the CPU sparse-conv kernel could not be built ({type(e).__name__}: '

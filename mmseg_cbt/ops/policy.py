@@ -6,9 +6,13 @@
 * Per stage or exit, :func:`default_max_active` is the default of ``test_cfg.sparse_max_active``: above that active
   fraction the segmentor takes the simulated path (dense, then masked), which is as fast or faster there.
 * Which of the compiled CPU kernel's float32 algorithms runs: :func:`set_cpu_algorithm` / :func:`cpu_algorithm`, or
-  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``) read at import. ``auto`` takes the
-  direct algorithm for convs of at most :data:`DIRECT_MAX_COUT` output channels where the kernel has it (an AVX-512
-  build), the gather + GEMM otherwise; the kernel runs what this module tells it.
+  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``) read at import. The kernel has a
+  direct algorithm where it was built for AVX-512 or AVX2 + FMA (``ext.isa()``; ``MMSEG_CBT_CPU_ISA``, see
+  :mod:`mmseg_cbt.ops.ext_loader`); it needs no BLAS. ``auto`` takes it for every float32 conv on CPUs other than
+  Intel's (MKL's sgemm, which the GEMM algorithm calls, takes slow code paths there), and on Intel CPUs for convs of
+  at most :data:`DIRECT_MAX_COUT` output channels (wider, MKL's GEMM is as fast or faster there); the gather + GEMM
+  otherwise (float64, no direct algorithm in the build). The kernel runs what this module tells it; within the direct
+  algorithm it picks its thin or its cache-blocked wide variant by the width.
 
 The numbers below are measured on the 2-core CPU machines; the runs, their commands and their resource files are in
 ``docs/benchmarks.md``.
@@ -28,14 +32,32 @@ __all__ = [
     'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm'
 ]
 
-#: ``auto``: the direct algorithm for thin float32 convs where the kernel has it, the gather + GEMM otherwise.
+#: ``auto``: the direct algorithm for float32 convs where the kernel has it (on Intel CPUs up to
+#: :data:`DIRECT_MAX_COUT` output channels), the gather + GEMM otherwise.
 CPU_ALGORITHMS = ('auto', 'gemm', 'direct')
 
-#: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm: beyond it MKL's GEMM blocks
-#: the weights better than the direct algorithm's per-block window re-reads (measured 1.04-3x slower at 144-384).
+#: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm on Intel CPUs: at 144-384
+#: channels MKL's GEMM is as fast as the direct algorithm's wide variant or up to 1.2x faster there
+#: (docs/benchmarks.md). Other CPUs have no limit.
 DIRECT_MAX_COUT = 100
 
 _STATE = {'algorithm': 'auto'}
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (e.g. ``GenuineIntel``, ``AuthenticAMD``), empty where it cannot be read."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for ln in f:
+                if ln.startswith('vendor_id'):
+                    return ln.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return ''
+
+
+#: Whether ``auto`` limits the direct algorithm to :data:`DIRECT_MAX_COUT` channels (an Intel CPU: MKL's home).
+_GEMM_WIDE = _cpu_vendor() == 'GenuineIntel'
 
 
 def set_cpu_algorithm(name: str) -> None:
@@ -69,14 +91,14 @@ def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bo
     if ext is None or dtype != torch.float32 or not ext.has_direct():
         return False
     algo = get_cpu_algorithm()
-    return algo == 'direct' or (algo == 'auto' and cout <= DIRECT_MAX_COUT)
+    return algo == 'direct' or (algo == 'auto' and (cout <= DIRECT_MAX_COUT or not _GEMM_WIDE))
 
 
 def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
     """The kernel's ``direct`` argument for one conv: 1 runs the direct algorithm, 0 the gather + GEMM.
 
-    A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no AVX-512): the kernel
-    then refuses with its message instead of silently running the GEMM.
+    A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no direct algorithm in the
+    build): the kernel then refuses with its message instead of silently running the GEMM.
     """
     if get_cpu_algorithm() == 'direct':
         return 1
@@ -172,7 +194,8 @@ def default_max_active(device: torch.device, dtype: torch.dtype = torch.float32)
     """Default ``test_cfg.sparse_max_active``: the active fraction up to which whole masked stages run sparse.
 
     Measured crossovers of whole HRNet stages 2-4 (``benchmark_masked.py --sections paths``): 0.9 where the
-    thinnest branch (18 channels) runs the compiled kernel's direct algorithm, 0.8 with its GEMM algorithm only,
+    thinnest branch (18 channels) runs the compiled kernel's direct algorithm (measured with its AVX-512 build), 0.8
+    with its GEMM algorithm only,
     0.6 with the PyTorch path and on CUDA (not yet measured on a GPU).
 
     Args:

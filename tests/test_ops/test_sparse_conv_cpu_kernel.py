@@ -1,6 +1,6 @@
-"""The compiled CPU kernel of the masked conv (csrc/sparse_conv_cpu.cpp) against the PyTorch path, its reference,
-and F.conv2d: both algorithms (gather + GEMM, AVX-512 direct), the algorithm switch, non-finite inputs, its checks,
-its build lock."""
+"""The compiled CPU kernel of the masked conv (csrc/*.cpp) against the PyTorch path, its reference, and F.conv2d:
+both algorithms (gather + GEMM, direct: AVX-512 or AVX2 by the build), the algorithm switch, non-finite inputs, its
+checks, its build lock."""
 import os
 
 import pytest
@@ -87,8 +87,8 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual):
     itself."""
     ext = require_cpu_ext()
     if not ext.has_direct():
-        assert not _has_avx512(), 'an AVX-512 machine must build the direct kernel'
-        pytest.skip('no AVX-512 on this CPU: the kernel has only its GEMM algorithm')
+        assert not _has_avx512() or ext.isa() == 'none', 'an AVX-512 machine must build the direct kernel'
+        pytest.skip(f'no direct algorithm in this build (isa {ext.isa()}): the kernel has only its GEMM algorithm')
     torch.manual_seed(21)
     h_in, w_in, cin = 13, 19, 6 if k == 3 else 33
     ho, wo = (h_in, w_in) if stride == 1 else ((h_in + 1) // 2, (w_in + 1) // 2)
@@ -128,24 +128,28 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual):
     assert torch.equal(results[1][~keep], prev[~keep])
 
 
-def test_cpu_direct_kernel_choice_and_errors():
-    """The policy sends float32 convs of up to DIRECT_MAX_COUT output channels to the direct algorithm under 'auto'
-    (and tells the kernel so: its result is bit-identical to the forced direct run), wider ones and float64 to the
-    GEMM; the kernel refuses a direct run it cannot do (float64) and an unknown choice."""
-    from mmseg_cbt.ops import DIRECT_MAX_COUT
+@pytest.mark.parametrize('intel', [True, False])
+def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
+    """The policy sends float32 convs to the direct algorithm under 'auto' where the build has one: on Intel CPUs up
+    to DIRECT_MAX_COUT output channels (wider to the GEMM), elsewhere at every width (and tells the kernel so: its
+    result is bit-identical to the forced direct run); float64 goes to the GEMM; the kernel refuses a direct run it
+    cannot do (float64) and an unknown choice."""
+    from mmseg_cbt.ops import DIRECT_MAX_COUT, policy
     ext = require_cpu_ext()
+    monkeypatch.setattr(policy, '_GEMM_WIDE', intel)
     assert DIRECT_MAX_COUT == 100
-    assert cpu_kernel_direct(DIRECT_MAX_COUT) == ext.has_direct() and not cpu_kernel_direct(DIRECT_MAX_COUT + 1)
+    assert cpu_kernel_direct(DIRECT_MAX_COUT) == ext.has_direct()
+    assert cpu_kernel_direct(DIRECT_MAX_COUT + 1) == (ext.has_direct() and not intel)
     assert not cpu_kernel_direct(18, torch.float64)
     with cpu_algorithm('gemm'):
-        assert not cpu_kernel_direct(18)
+        assert not cpu_kernel_direct(18) and not cpu_kernel_direct(384)
     with cpu_algorithm('direct'):
         assert cpu_kernel_direct(150) == ext.has_direct()
     x = torch.randn(1, 4, 7, 9)
     mask = two_masks(1, 7, 9, seed=3)
     idx = SparseIndex.build(mask)
     buf = to_padded_nhwc(x)
-    for cout, direct_expected in ((18, True), (100, True), (101, False)):
+    for cout, direct_expected in ((18, True), (100, True), (101, not intel)):
         wm = torch.randn(36, cout)
         outs = {}
         for algo in ('auto', 'gemm', 'direct') if ext.has_direct() else ('auto', 'gemm'):
@@ -357,7 +361,7 @@ def test_non_finite_input_propagates_like_f_conv2d(algorithm, k, stride, relu):
     algorithm, the GEMM's epilogue otherwise (where ReLU once turned NaN into 0)."""
     ext = require_cpu_ext()
     if algorithm == 'direct' and not ext.has_direct():
-        pytest.skip('no AVX-512 on this CPU: the kernel has only its GEMM algorithm')
+        pytest.skip('no direct algorithm in this build: the kernel has only its GEMM algorithm')
     torch.manual_seed(16)
     cin, cout, h_in, w_in = 8, 18, 21, 26
     x = torch.randn(2, cin, h_in, w_in)

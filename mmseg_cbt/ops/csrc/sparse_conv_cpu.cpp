@@ -1,7 +1,7 @@
 // CPU kernel of mmseg_cbt's masked ("sparse") convolution, two algorithms over the same index tables:
-//  - gather -> GEMM -> epilogue -> scatter, fused per chunk (any float dtype, any width);
-//  - an AVX-512 direct algorithm for thin float32 convs that reads each window in place (no gather) and writes the
-//    output rows directly ("Direct" below).
+//  - gather -> GEMM -> epilogue -> scatter, fused per chunk (any float dtype, any width; BLAS sgemm / dgemm);
+//  - a direct algorithm for float32 that reads each window in place (no gather, no BLAS) and writes the output rows
+//    directly (direct_conv.cpp; AVX-512 or AVX2 + FMA, from the build's flags: simd.h).
 // Which one runs is decided in Python (mmseg_cbt/ops/policy.py: the `direct` argument). The PyTorch path
 // (mmseg_cbt/ops/sparse_conv/torch_impl.py) computes the same from the same tables and is the reference of both in
 // the parity tests. Why a compiled kernel on top of it: there every op of a chunk is its own OpenMP region (a
@@ -13,14 +13,12 @@
 
 #include <dlfcn.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define MMSEG_CBT_DIRECT 1
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "direct_conv.h"
+#include "simd.h"
 
 namespace {
 
@@ -151,222 +149,8 @@ void check_range(const at::Tensor& t, int64_t limit, const char* name) {
   TORCH_CHECK(lo >= 0 && hi <= limit, name, " holds rows outside [0, ", limit, "]: ", lo, "..", hi);
 }
 
-constexpr int kLanes = 16;
-#ifdef MMSEG_CBT_DIRECT
-// Direct ("im2col-free") float32 kernel, AVX-512. Why: for an 18-channel conv the GEMM path runs (M x 162) x (162 x 18)
-// and MKL computes 18 outputs as two 16-lane vectors (56 % of the lanes useful), after the gather has copied every
-// window into the block. Here each window is read in place from the channels-last buffer,
-// and Cout = 16 * NB + R is split into
-//   - NB output vectors: out[p, 16b:16b+16] += x[p, j] * W[j, 16b:16b+16] (the window value broadcast, every lane
-//     useful), for a tile of positions at a time so that every weight vector loaded serves several FMAs; blocks of
-//     at most 4 vectors (16 accumulators);
-//   - R <= 4 remaining channels as dot products along the window: out[p, 16NB+t] = sum_j x[p, j] * W[j, 16NB+t],
-//     16 window values per FMA (each strip is contiguous), one horizontal sum per channel and position;
-//   (R > 4: one more vector whose unused lanes have zero weights and are not stored.)
-// For 18 channels that is 162 + 24 FMAs per position instead of 324, and no gather.
-constexpr int kTile = 8;      // positions per tile
-constexpr int kMaxBlock = 4;  // output vectors per block
-
-// A float array whose first element is 64-byte aligned: a 16-lane weight load from a 16-byte aligned block would
-// straddle two cache lines every time (up to 1.5x the time of a 64-72-channel conv, varying with where malloc put it).
-class AlignedFloats {
- public:
-  void assign_zero(int64_t n) {
-    raw_.assign(n + kLanes, 0.f);
-    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
-    off_ = static_cast<int64_t>(((64 - addr % 64) % 64) / sizeof(float));
-  }
-  float* data() { return raw_.data() + off_; }
-  const float* data() const { return raw_.data() + off_; }
-  float& operator[](int64_t i) { return data()[i]; }
-
- private:
-  std::vector<float> raw_;
-  int64_t off_ = 0;
-};
-
-struct DirectPlan {
-  int64_t k, cin, kc, kk, cout, nb, nmain, tail;  // kc: strip length, kk = k * kc: window length, nmain = cout - tail
-  int64_t kc16;                                   // strip length rounded up to the vector width (tail weights)
-  AlignedFloats wmain;                            // (kk, nb * 16): W's first nmain columns, zeros beyond
-  AlignedFloats wtail;                            // (tail, k, kc16): W's last tail columns by strip, zeros beyond kc
-  AlignedFloats bmain;                            // (nb * 16,) bias, zeros beyond nmain
-};
-
-// Fills pl (kept by the calling thread between calls: its vectors keep their capacity, so a call does not pay the
-// page faults of fresh 10-200 KiB allocations).
-void make_plan(DirectPlan& pl, int64_t k, int64_t cin, const float* w, int64_t cout, const float* bias) {
-  pl.k = k;
-  pl.cin = cin;
-  pl.kc = k * cin;
-  pl.kk = k * pl.kc;
-  pl.cout = cout;
-  const int64_t r = cout % kLanes;
-  pl.tail = (r > 0 && r <= 4) ? r : 0;
-  pl.nmain = cout - pl.tail;
-  pl.nb = (pl.nmain + kLanes - 1) / kLanes;
-  pl.kc16 = (pl.kc + kLanes - 1) / kLanes * kLanes;
-  const int64_t vw = pl.nb * kLanes;
-  pl.wmain.assign_zero(pl.kk * vw);
-  for (int64_t j = 0; j < pl.kk; ++j)
-    for (int64_t c = 0; c < pl.nmain; ++c) pl.wmain[j * vw + c] = w[j * cout + c];
-  pl.wtail.assign_zero(pl.tail * k * pl.kc16);
-  for (int64_t t = 0; t < pl.tail; ++t)
-    for (int64_t s = 0; s < k; ++s)
-      for (int64_t j = 0; j < pl.kc; ++j)
-        pl.wtail[(t * k + s) * pl.kc16 + j] = w[(s * pl.kc + j) * cout + pl.nmain + t];
-  pl.bmain.assign_zero(vw);
-  if (bias)
-    for (int64_t c = 0; c < pl.nmain; ++c) pl.bmain[c] = bias[c];
-}
-
-inline __mmask16 lanes_mask(int64_t left) {
-  return left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// P positions (window strips rows[p * k + s]) x NB output vectors starting at vector b0.
-template <int NB, int P>
-inline void direct_main(const DirectPlan& pl, const float* const* rows, int64_t b0, __m512 (&acc)[P][NB]) {
-  for (int p = 0; p < P; ++p)
-    for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_ps();
-  const int64_t vw = pl.nb * kLanes;
-  for (int64_t s = 0; s < pl.k; ++s) {
-    const float* x[P];
-    for (int p = 0; p < P; ++p) x[p] = rows[p * pl.k + s];
-    const float* wr = pl.wmain.data() + s * pl.kc * vw + b0 * kLanes;
-    for (int64_t j = 0; j < pl.kc; ++j) {
-      __m512 wv[NB];
-      for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_ps(wr + j * vw + b * kLanes);
-      for (int p = 0; p < P; ++p) {
-        const __m512 xv = _mm512_set1_ps(x[p][j]);
-        for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_fmadd_ps(xv, wv[b], acc[p][b]);
-      }
-    }
-  }
-}
-
-// The R <= 4 tail channels of G positions as dot products along their window strips (G * R accumulators; each
-// tail weight vector is loaded once for the G positions).
-template <int R, int G>
-inline void direct_tail(const DirectPlan& pl, const float* const* rows, float (*out)[4]) {
-  __m512 acc[G][R];
-  for (int g = 0; g < G; ++g)
-    for (int t = 0; t < R; ++t) acc[g][t] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < pl.k; ++s) {
-    for (int64_t j = 0; j < pl.kc; j += kLanes) {
-      // masked load: never reads past the strip (the buffer's last strip ends at its last value)
-      const __mmask16 m = lanes_mask(pl.kc - j);
-      __m512 xv[G];
-      for (int g = 0; g < G; ++g) xv[g] = _mm512_maskz_loadu_ps(m, rows[g * pl.k + s] + j);
-      for (int t = 0; t < R; ++t) {
-        const __m512 wv = _mm512_loadu_ps(pl.wtail.data() + (t * pl.k + s) * pl.kc16 + j);
-        for (int g = 0; g < G; ++g) acc[g][t] = _mm512_fmadd_ps(xv[g], wv, acc[g][t]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int t = 0; t < R; ++t) out[g][t] = _mm512_reduce_add_ps(acc[g][t]);
-}
-
-// Bias, residual, ReLU and the store of NB vectors of the P positions q0.. (n of them valid) from vector b0 on.
-template <int NB, int P>
-inline void direct_store(const DirectPlan& pl, __m512 (&acc)[P][NB], int64_t b0, int64_t q0, int64_t n,
-                         const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows) {
-  // a compile-time trip count keeps acc in registers (a runtime bound would put it on the stack)
-#pragma GCC unroll 8
-  for (int p = 0; p < P; ++p) {
-    if (p >= n) break;
-    const int64_t q = q0 + p;
-    const float* rrow = res ? res + (res_rows ? res_rows[q] : q) * pl.cout : nullptr;
-    float* orow = dst + (dst_rows ? dst_rows[q] : q) * pl.cout;
-    for (int b = 0; b < NB; ++b) {
-      const int64_t c0 = (b0 + b) * kLanes;
-      const __mmask16 mk = lanes_mask(pl.nmain - c0);
-      // the residual is read before the store of the same channels: it may be this output row itself
-      __m512 v = _mm512_add_ps(acc[p][b], _mm512_loadu_ps(pl.bmain.data() + c0));
-      if (rrow) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, rrow + c0));
-      // max returns its second operand when one is NaN: zero first, so a NaN stays NaN (as in torch.relu)
-      if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-      _mm512_mask_storeu_ps(orow + c0, mk, v);
-    }
-  }
-}
-
-// One block of NB vectors for a tile of kTile positions, in sub-tiles of P positions. Not inlined: each block shape
-// gets its own register allocation (inlined into one function, the shapes' accumulators spilled).
-template <int NB, int P>
-__attribute__((noinline)) void direct_block(const DirectPlan& pl, const float* const* rows, int64_t b0, int64_t q0,
-                                            int64_t n, const float* res, const int64_t* res_rows, bool relu,
-                                            float* dst, const int64_t* dst_rows) {
-  static_assert(kTile % P == 0, "sub-tiles must divide the tile");
-  for (int p0 = 0; p0 < kTile && p0 < n; p0 += P) {
-    __m512 acc[P][NB];
-    direct_main<NB, P>(pl, rows + p0 * pl.k, b0, acc);
-    direct_store<NB, P>(pl, acc, b0, q0 + p0, n - p0, res, res_rows, relu, dst, dst_rows);
-  }
-}
-
-void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
-                const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows) {
-  const at::Tensor w = wmat.contiguous();
-  thread_local DirectPlan plan;
-  make_plan(plan, k, src.size(1), w.data_ptr<float>(), wmat.size(1), bias);
-  const DirectPlan& pl = plan;
-  const float* s = src.data_ptr<float>();
-  const int64_t* st = strips.data_ptr<int64_t>();
-  const int64_t m = strips.numel() / k, ntiles = (m + kTile - 1) / kTile;
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    const float* rows[kTile * 3];
-    float tail[kTile][4];
-    for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t q0 = tile * kTile, n = std::min<int64_t>(kTile, m - q0);
-      for (int p = 0; p < kTile; ++p) {
-        const int64_t q = q0 + std::min<int64_t>(p, n - 1);  // a short last tile repeats its last position
-        for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + st[q * k + j] * pl.cin;
-      }
-      if (pl.tail) {
-        // tail first: its values go to their own channels, so the order of the stores does not matter
-        for (int g0 = 0; g0 < kTile; g0 += 4) {
-          switch (pl.tail) {
-            case 1: direct_tail<1, 4>(pl, rows + g0 * k, tail + g0); break;
-            case 2: direct_tail<2, 4>(pl, rows + g0 * k, tail + g0); break;
-            case 3: direct_tail<3, 4>(pl, rows + g0 * k, tail + g0); break;
-            default: direct_tail<4, 4>(pl, rows + g0 * k, tail + g0); break;
-          }
-        }
-        for (int64_t p = 0; p < n; ++p) {
-          const int64_t q = q0 + p;
-          const float* rrow = res ? res + (res_rows ? res_rows[q] : q) * pl.cout : nullptr;
-          float* orow = dst + (dst_rows ? dst_rows[q] : q) * pl.cout;
-          for (int64_t t = 0; t < pl.tail; ++t) {
-            const int64_t c = pl.nmain + t;
-            const float v = tail[p][t] + (bias ? bias[c] : 0.f) + (rrow ? rrow[c] : 0.f);
-            orow[c] = relu ? relu_keep_nan(v) : v;
-          }
-        }
-      }
-      for (int64_t b0 = 0; b0 < pl.nb; b0 += kMaxBlock) {
-        switch (std::min<int64_t>(kMaxBlock, pl.nb - b0)) {
-          case 1: direct_block<1, 8>(pl, rows, b0, q0, n, res, res_rows, relu, dst, dst_rows); break;
-          case 2: direct_block<2, 4>(pl, rows, b0, q0, n, res, res_rows, relu, dst, dst_rows); break;
-          case 3: direct_block<3, 4>(pl, rows, b0, q0, n, res, res_rows, relu, dst, dst_rows); break;
-          default: direct_block<4, 4>(pl, rows, b0, q0, n, res, res_rows, relu, dst, dst_rows); break;
-        }
-      }
-    }
-  });
-}
-#endif
-
-// Whether the direct kernel can run this conv (float32 on an AVX-512 build).
-bool direct_supported(at::ScalarType dtype) {
-#ifdef MMSEG_CBT_DIRECT
-  return dtype == at::kFloat;
-#else
-  (void)dtype;
-  return false;
-#endif
-}
+// Whether the direct kernel can run this conv (float32 on a build with a direct algorithm).
+bool direct_supported(at::ScalarType dtype) { return mmseg_cbt::direct_available() && dtype == at::kFloat; }
 
 }  // namespace
 
@@ -376,8 +160,9 @@ bool direct_supported(at::ScalarType dtype) {
 // (k*Cin contiguous values) starts; wmat: (k*k*Cin, Cout); bias: (Cout,); res: (R', Cout) flat residual rows
 // indexed by res_rows (M,), or compact (M, Cout) rows when res_rows is None; dst: (R'', Cout) flat output rows
 // indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are range-checked (a strip must
-// end inside src). direct: 1 runs the direct algorithm (float32, AVX-512 build), 0 the gather + GEMM; the caller
-// chooses (mmseg_cbt.ops.policy, DIRECT_MAX_COUT).
+// end inside src). direct: 0 runs the gather + GEMM, 1 the direct algorithm (float32, a build with one: its thin or
+// wide variant by the width), 2 / 3 its thin / wide variant forced (tests); the caller chooses
+// (mmseg_cbt.ops.policy).
 void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
                       const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
@@ -416,20 +201,19 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
       TORCH_CHECK(res->size(0) == m, "compact res must have one row per position");
     }
   }
-  TORCH_CHECK(direct == 0 || direct == 1, "direct must be 0 (GEMM) or 1 (direct kernel)");
+  TORCH_CHECK(direct >= 0 && direct <= 3, "direct must be 0 (GEMM), 1 (direct kernel), 2 (thin) or 3 (wide)");
   const bool can_direct = direct_supported(src.scalar_type());
-  TORCH_CHECK(direct != 1 || can_direct, "the direct kernel runs float32 on an AVX-512 build (has_direct() says "
-              "whether this build has it)");
+  TORCH_CHECK(direct == 0 || can_direct, "the direct kernel runs float32 on an AVX-512 or AVX2 build (has_direct() "
+              "says whether this build has it)");
   if (m == 0) return;
-#ifdef MMSEG_CBT_DIRECT
-  if (direct == 1) {
-    run_direct(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<float>() : nullptr,
-               res.has_value() ? res->data_ptr<float>() : nullptr,
-               res.has_value() && res_rows.has_value() ? res_rows->data_ptr<int64_t>() : nullptr, relu,
-               dst.data_ptr<float>(), dst_rows.has_value() ? dst_rows->data_ptr<int64_t>() : nullptr);
+  if (direct != 0) {
+    mmseg_cbt::run_direct(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                          res.has_value() ? res->data_ptr<float>() : nullptr,
+                          res.has_value() && res_rows.has_value() ? res_rows->data_ptr<int64_t>() : nullptr, relu,
+                          dst.data_ptr<float>(), dst_rows.has_value() ? dst_rows->data_ptr<int64_t>() : nullptr,
+                          direct);
     return;
   }
-#endif
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv_gemm", [&] {
     run_chunks<scalar_t>(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                          res.has_value() ? res->data_ptr<scalar_t>() : nullptr,
@@ -529,20 +313,18 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
-        py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
-        py::arg("res_rows"), py::arg("relu"), py::arg("dst"), py::arg("dst_rows"), py::arg("chunk"),
-        py::arg("direct") = 0);
-  m.def("has_direct", [] {
-#ifdef MMSEG_CBT_DIRECT
-    return true;
-#else
-    return false;
-#endif
-  }, "Whether this build has the AVX-512 direct kernel for thin float32 convs");
   m.def("nchw_rows_to_padded", &nchw_rows_to_padded,
         "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1, only where need is true if given (CPU)",
         py::arg("src"), py::arg("buf"), py::arg("pad"), py::arg("r0"), py::arg("r1"), py::arg("need") = py::none(),
         py::arg("zero_border") = false);
+  m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
+        py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
+        py::arg("res_rows"), py::arg("relu"), py::arg("dst"), py::arg("dst_rows"), py::arg("chunk"),
+        py::arg("direct") = 0);
+  m.def("has_direct", &mmseg_cbt::direct_available, "Whether this build has the direct algorithm (float32)");
+  m.def("isa", [] { return std::string(mmseg_cbt::isa_name()); },
+        "Instruction set of the direct algorithm: 'avx512', 'avx2' or 'none'");
+  m.def("direct_wide", &mmseg_cbt::direct_wide, "Whether direct=1 runs the wide variant for cout output channels",
+        py::arg("cout"));
   m.def("add_weighted_rows", &add_weighted_rows, "acc[i] += sum_t w[i, t] * src[rows[i, t]] (CPU)");
 }

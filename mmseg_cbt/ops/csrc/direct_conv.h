@@ -1,0 +1,31 @@
+// The direct ("im2col-free") float32 algorithms of the masked conv's CPU kernel (direct_conv.cpp), over the
+// instruction set of the build (simd.h).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+
+namespace mmseg_cbt {
+
+// Which direct algorithm sparse_conv_gemm's `direct` argument selects.
+enum DirectMode : int64_t {
+  kGemm = 0,    // none: gather + GEMM
+  kDirect = 1,  // the direct algorithm, thin or wide variant chosen here by the conv's width (direct_wide)
+  kThin = 2,    // forced thin variant (tests)
+  kWide = 3,    // forced wide, cache-blocked variant (tests)
+};
+
+// Whether this build has a direct algorithm (AVX-512 or AVX2 + FMA, not disabled).
+bool direct_available();
+
+// Whether kDirect runs the wide variant for `cout` output channels.
+bool direct_wide(int64_t cout);
+
+// dst[dst_rows[i]] = relu(window(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]) (float32; the
+// arguments as sparse_conv_gemm's, checked there).
+void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
+                const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
+                int64_t mode);
+
+}  // namespace mmseg_cbt
