@@ -55,6 +55,11 @@ fi
 CONFIG=configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py
 WORK_DIR="${WORK_DIR:-work_dirs/toycity_demo}"
 MAX_ITERS="${MAX_ITERS:-1000}"
+# the toy config warms up linearly for 50 iterations, then decays to max_iters: fewer cannot be scheduled
+if ! [[ "$MAX_ITERS" =~ ^[0-9]+$ ]] || (( MAX_ITERS <= 50 )); then
+  echo "run_demo.sh: MAX_ITERS must be an integer above 50 (the warm-up of $CONFIG), got '$MAX_ITERS'" >&2
+  exit 2
+fi
 
 echo "== 1/5 toy-city data (data/toy_city)"
 $PY tools/dataset_converters/toy_city.py --out data/toy_city
