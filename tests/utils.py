@@ -214,6 +214,35 @@ def assert_active_close(y: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, 
     assert torch.allclose(y[keep], ref[keep], atol=atol, rtol=0), (y[keep] - ref[keep]).abs().max()
 
 
+def stage_conv(x: torch.Tensor,
+               w: torch.Tensor,
+               b: torch.Tensor,
+               mask: torch.Tensor,
+               prev: torch.Tensor,
+               *,
+               stride: int = 1,
+               residual: bool = False,
+               relu: bool = False,
+               backend: str = 'auto') -> torch.Tensor:
+    """One masked conv through the stage API (sparse path forced) into a padded buffer that held ``prev``; returns
+    its NCHW interior (stopped positions keep ``prev``; ``residual``: the output buffer itself is the residual)."""
+    from mmseg_cbt.ops import SparseIndex, conv_weight_matrix, padded_interior, sparse_conv_buffer, to_padded_nhwc
+    out_buf = to_padded_nhwc(prev)
+    sparse_conv_buffer(
+        to_padded_nhwc(x),
+        SparseIndex.build(mask),
+        conv_weight_matrix(w),
+        b,
+        out_buf,
+        stride=stride,
+        padding=w.shape[-1] // 2,
+        residual=out_buf if residual else None,
+        relu=relu,
+        dense_threshold=float('inf'),
+        backend=backend)
+    return padded_interior(out_buf)
+
+
 def mask_where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` at the active positions of ``mask`` (N, H, W), ``old`` elsewhere."""
     return torch.where(mask[:, None], new, old)

@@ -195,8 +195,7 @@ def default_max_active(device: torch.device, dtype: torch.dtype = torch.float32)
 
     Measured crossovers of whole HRNet stages 2-4 (``benchmark_masked.py --sections paths``): 0.9 where the
     thinnest branch (18 channels) runs the compiled kernel's direct algorithm (measured with its AVX-512 build), 0.8
-    with its GEMM algorithm only,
-    0.6 with the PyTorch path and on CUDA (not yet measured on a GPU).
+    with its GEMM algorithm only, 0.6 with the PyTorch path and on CUDA (not yet measured on a GPU).
 
     Args:
         device (torch.device): Where the features live.

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from utils import SPARSE_ATOL as ATOL
-from utils import assert_active_close, require_cpu_ext, two_masks
+from utils import assert_active_close, require_cpu_ext, stage_conv, two_masks
 
 from mmseg_cbt.ops import (SparseIndex, add_weighted_rows_, conv_weight_matrix, cpu_algorithm, cpu_ext_available,
                            cpu_kernel_direct, gather_rows, padded_interior, sparse_conv2d, sparse_conv_buffer,
@@ -379,19 +379,7 @@ def test_non_finite_input_propagates_like_f_conv2d(algorithm, k, stride, relu):
     results = {}
     with cpu_algorithm(algorithm):
         for backend in ('torch', 'cpp'):
-            out_buf = to_padded_nhwc(prev)
-            sparse_conv_buffer(
-                to_padded_nhwc(x),
-                SparseIndex.build(mask),
-                conv_weight_matrix(w),
-                b,
-                out_buf,
-                stride=stride,
-                padding=k // 2,
-                relu=relu,
-                dense_threshold=float('inf'),
-                backend=backend)
-            results[backend] = padded_interior(out_buf)
+            results[backend] = stage_conv(x, w, b, mask, prev, stride=stride, relu=relu, backend=backend)
     for backend, y in results.items():
         assert torch.equal(y[keep].isnan(), ref[keep].isnan()), backend
         assert torch.equal(y[keep].isinf(), ref[keep].isinf()), backend

@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from utils import SPARSE_ATOL as ATOL
-from utils import require_cpu_ext, two_masks
+from utils import require_cpu_ext, stage_conv, two_masks
 
-from mmseg_cbt.ops import (SparseIndex, conv_weight_matrix, ext_loader, padded_interior, sparse_conv_buffer,
-                           to_padded_nhwc)
+from mmseg_cbt.ops import ext_loader
 from mmseg_cbt.ops.sparse_conv import cpp_impl
 
 THIN, WIDE = 2, 3  # the kernel's `direct` values forcing one variant
@@ -26,23 +25,11 @@ def _has_avx2() -> bool:
         return False
 
 
-def _run(monkeypatch, mode, x, w, b, mask, k, stride, prev, residual, relu):
+def _run(monkeypatch, mode, x, w, b, mask, stride, prev, residual, relu):
     """One masked conv through the stage API with the kernel's ``direct`` argument forced to ``mode``."""
     monkeypatch.setattr(cpp_impl, 'direct_flag', lambda *a: mode)
-    out_buf = to_padded_nhwc(prev)
-    sparse_conv_buffer(
-        to_padded_nhwc(x),
-        SparseIndex.build(mask),
-        conv_weight_matrix(w),
-        b,
-        out_buf,
-        stride=stride,
-        padding=k // 2,
-        residual=out_buf if residual else None,
-        relu=relu,
-        dense_threshold=float('inf'),
-        backend='cpp' if mode is not None else 'torch')
-    return padded_interior(out_buf)
+    backend = 'cpp' if mode is not None else 'torch'
+    return stage_conv(x, w, b, mask, prev, stride=stride, residual=residual, relu=relu, backend=backend)
 
 
 @pytest.mark.parametrize('cout', [1, 7, 8, 9, 16, 18, 36, 100, 144, 192])
@@ -74,10 +61,10 @@ def test_direct_variants_match_torch_path(cout, k, stride, monkeypatch):
             ref = ref + prev
         if relu:
             ref = F.relu(ref)
-        torch_path = _run(monkeypatch, None, x, w, bias, mask, k, stride, prev, residual, relu)
+        torch_path = _run(monkeypatch, None, x, w, bias, mask, stride, prev, residual, relu)
         assert ref[keep].isnan().any()
         for mode in (THIN, WIDE):
-            y = _run(monkeypatch, mode, x, w, bias, mask, k, stride, prev, residual, relu)
+            y = _run(monkeypatch, mode, x, w, bias, mask, stride, prev, residual, relu)
             assert torch.equal(y[keep].isnan(), ref[keep].isnan()), mode
             fin = ref[keep].isfinite()
             assert torch.allclose(y[keep][fin], ref[keep][fin], atol=ATOL, rtol=0), mode
@@ -137,7 +124,7 @@ def test_wide_variant_few_positions(cout, threads, monkeypatch):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = _run(monkeypatch, WIDE, x, w, b, mask, 3, 1, prev, True, True)
+        y = _run(monkeypatch, WIDE, x, w, b, mask, 1, prev, True, True)
     finally:
         torch.set_num_threads(old)
     ref = F.relu(F.conv2d(x, w, b, padding=1) + prev)

@@ -53,6 +53,7 @@ class SparseIndex:
         self._windows: Dict[Tuple[int, int, int, int, int, int], Tuple[Tensor, Tensor]] = {}
         self._chunks: Dict[Tuple[int, int, int], List[Tensor]] = {}
         self._row_span: Optional[Tuple[int, int]] = None
+        self._reads: Dict[Tuple[int, int, int, int, int], Tensor] = {}
 
     @classmethod
     def build(cls, mask: Tensor) -> 'SparseIndex':
@@ -113,8 +114,8 @@ class SparseIndex:
         Returns:
             Tensor: Contiguous bool ``(N, H_in, W_in)``.
         """
-        key = ('reads', *input_hw, k, stride, padding)
-        need = self._rows.get(key)
+        key = (*input_hw, k, stride, padding)
+        need = self._reads.get(key)
         if need is None:
             h_in, w_in = input_hw
             # every active output spreads its k x k window onto the input: a transposed conv with a ones kernel
@@ -128,7 +129,7 @@ class SparseIndex:
             need = torch.zeros(self.batch, h_in, w_in, dtype=torch.bool, device=self.device)
             hh, ww = min(h_in, hits.shape[2]), min(w_in, hits.shape[3])
             need[:, :hh, :ww] = hits[:, 0, :hh, :ww] > 0
-            self._rows[key] = need
+            self._reads[key] = need
         return need
 
     def rows(self, pad: int = 1) -> Tensor:
