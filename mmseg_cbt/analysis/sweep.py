@@ -4,7 +4,9 @@ With features that stay dense (``feature_mask='none'``, the papers' convention) 
 whatever the stop rule, so they are computed once per image (``exit_mode='dense'``); for every setting the stop
 masks are then built post hoc exactly as ``EarlyExitEncoderDecoder.forward_exits`` builds them (cumulative masks on
 the exits' logits, copy aggregation, the model's own ``_stop_mask_with``), a confusion matrix is accumulated at the
-label size (logits resized and restored as ``predict`` does) and the masked MACs are counted with
+label size (labels as ``predict``'s resize and restore give them, through
+:class:`~mmseg_cbt.analysis.restore_plan.ExitLabelRestorer`: one real resize per exit and image, exact
+recomputation only at the borders between exits) and the masked MACs are counted with
 :class:`~mmseg_cbt.analysis.EarlyExitFlopCounter`. The numbers equal those of separate runs per setting.
 """
 import time
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .flops import EarlyExitFlopCounter
+from .restore_plan import ExitLabelRestorer
 from .sweep_spec import FAMILIES, Family, Setting
 
 __all__ = [
@@ -139,6 +142,7 @@ class SweepEvaluator:
                  for e in self.exits}) for _ in self.settings
         ]
         self.counter = EarlyExitFlopCounter(model, exit_mode='dense', feature_mask='none')
+        self._plans: Dict[tuple, object] = {}  # RestorePlan per image geometry
         self.num_images = 0
         self.time_forward = 0.0
         self.time_posthoc = 0.0
@@ -155,7 +159,6 @@ class SweepEvaluator:
     @torch.no_grad()
     def process(self, data: dict) -> None:
         """One preprocessed batch (``model.data_preprocessor(batch, False)``): dense pass, then every setting."""
-        from mmseg.models.utils import resize
         model = self.model
         inputs, samples = data['inputs'], data['data_samples']
         metas = [s.metainfo for s in samples]
@@ -165,6 +168,11 @@ class SweepEvaluator:
         labels = [self._label_index(s.gt_sem_seg.data) for s in samples]
         k = self.num_classes
         cache: List[Dict[Tuple[int, bytes], Tensor]] = [dict() for _ in samples]
+        restorers = [
+            ExitLabelRestorer(model, [d[i]
+                                      for d in dense], metas[0]['img_shape'], metas[i], argmax_channels, self._plans)
+            for i in range(len(samples))
+        ]
         saved = (model.cbt_thresholds.clone(), model.cbt_calibrated.clone())
         try:
             for setting, result in zip(self.settings, self.results):
@@ -187,12 +195,7 @@ class SweepEvaluator:
                         key = (e, clipped[i].cpu().numpy().tobytes())
                         conf = cache[i].get(key)
                         if conf is None:
-                            lg = resize(
-                                logits[e][i:i + 1],
-                                size=metas[0]['img_shape'],
-                                mode='bilinear',
-                                align_corners=model.align_corners)
-                            pred = argmax_channels(model.restore_logits(lg, metas[i]))
+                            pred = restorers[i].labels(clipped[i])
                             conf = torch.bincount(rows + pred.reshape(-1)[pos], minlength=(k + 1) * k)
                             conf = conf.view(k + 1, k).cpu()
                             cache[i][key] = conf
