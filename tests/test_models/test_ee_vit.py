@@ -48,8 +48,8 @@ def _masks(model, x, frac=(0.4, 0.7), seed=0):
     return state, torch.stack([torch.rand(h, w, generator=g) < f for f in frac])
 
 
-@pytest.mark.parametrize('frac,per_image', [((0.4, 0.7), True), ((0.62, 0.7), False)],
-                         ids=['per-image-attention', 'padded-attention'])
+@pytest.mark.parametrize(
+    'frac,per_image', [((0.4, 0.7), True), ((0.62, 0.7), False)], ids=['per-image-attention', 'padded-attention'])
 def test_pruned_blocks_equal_dense_and_oracle(frac, per_image):
     """Nothing stopped: the pruned blocks equal mmseg's dense blocks. With stopped tokens (batch 2, different
     counts, through both attention layouts): every active token equals the simulated oracle, and stopped tokens

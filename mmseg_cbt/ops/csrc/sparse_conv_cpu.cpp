@@ -296,15 +296,15 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
         const int64_t b = i / rows, y = r0 + i % rows;
         const scalar_t* srow = s + b * sn + y * sh;
         scalar_t* drow = d + ((b * (h + 2 * pad) + y + pad) * (w + 2 * pad) + pad) * c;
+        const bool* nrow = nd ? nd + (b * h + y) * w : nullptr;
         for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
           const int64_t x1 = std::min(w, x0 + kBlock);
-          // the block's C source runs stay in L1; the destination is written in order
-          const bool* nrow = nd ? nd + (b * h + y) * w : nullptr;
-          for (int64_t x = x0; x < x1; ++x) {
-            if (nrow && !nrow[x]) continue;  // a pixel no active window reads
-            scalar_t* dp = drow + x * c;
-            const scalar_t* sp = srow + x * sw;
-            for (int64_t ch = 0; ch < c; ++ch) dp[ch] = sp[ch * sc];
+          if (nrow && std::find(nrow + x0, nrow + x1, true) == nrow + x1) continue;  // no active window reads it
+          // channel by channel: contiguous source runs, the block's destination (kBlock * C values) stays in L1
+          scalar_t* dp = drow + x0 * c;
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const scalar_t* sp = srow + ch * sc + x0 * sw;
+            for (int64_t x = 0; x < x1 - x0; ++x) dp[x * c + ch] = sp[x * sw];
           }
         }
       }
@@ -314,7 +314,7 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nchw_rows_to_padded", &nchw_rows_to_padded,
-        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1, only where need is true if given (CPU)",
+        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1; with need, only the 64-pixel row blocks holding a needed pixel (CPU)",
         py::arg("src"), py::arg("buf"), py::arg("pad"), py::arg("r0"), py::arg("r1"), py::arg("need") = py::none(),
         py::arg("zero_border") = false);
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",

@@ -151,9 +151,10 @@ def _read_rows_buffer(input: Tensor, idx: SparseIndex, k: int, stride: int, padd
     """The padded channels-last buffer of ``input`` with only what the active windows read copied in.
 
     The windows of the active positions read input rows ``y * stride - padding`` to ``... + k - 1`` of their output
-    rows ``y``, and the compiled kernel's copy takes only the pixels they read (:meth:`SparseIndex.input_reads`,
-    cached on the index); everything else in the buffer's interior is never read and stays uninitialised (a thin
-    conv at a low active fraction would otherwise spend most of its time copying the whole input).
+    rows ``y``, and the compiled kernel's copy takes only the 64-pixel row blocks that hold a pixel they read
+    (:meth:`SparseIndex.input_reads`, cached on the index; whole blocks keep the transpose cache-friendly);
+    everything else in the buffer's interior is never read and stays uninitialised (a thin conv at a low active
+    fraction would otherwise spend most of its time copying the whole input).
     """
     n, c, h, w = input.shape
     buf = torch.empty(n, h + 2 * padding, w + 2 * padding, c, dtype=input.dtype, device=input.device)
