@@ -1,8 +1,13 @@
 """Shared fixtures (registries, the toy config, tiny toy-city data); plain helpers live in ``tests/utils.py``."""
+import os
 import os.path as osp
 import sys
+import tempfile
 
 import pytest
+
+# the CPU algorithm's tuning result of this machine (~/.cache) must not steer the tests: an empty cache of their own
+os.environ['MMSEG_CBT_CACHE_DIR'] = tempfile.mkdtemp(prefix='mmseg_cbt_test_cache_')
 
 # test modules in sub-folders import the shared helpers as ``from utils import ...``
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))

@@ -33,6 +33,8 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
+from ..utils.cpuinfo import cpuinfo_lines
+
 __all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa_choice', 'EXT_ENV', 'ISA_ENV', 'CPU_ISAS']
 
 EXT_ENV = 'MMSEG_CBT_CPU_EXT'
@@ -104,13 +106,7 @@ def cpu_ext_available() -> bool:
 
 def _cpu_tag() -> str:
     """Short hash of this CPU's model and instruction-set flags (Linux; else the machine name)."""
-    info = platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            lines = [ln for ln in f if ln.startswith(('model name', 'flags'))]
-        info += ''.join(sorted(set(lines)))
-    except OSError:
-        pass
+    info = platform.machine() + ''.join(cpuinfo_lines(('model name', 'flags')))
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 

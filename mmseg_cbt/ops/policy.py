@@ -6,9 +6,11 @@
 * Per stage or exit, :func:`default_max_active` is the default of ``test_cfg.sparse_max_active``: above that active
   fraction the segmentor takes the simulated path (dense, then masked), which is as fast or faster there.
 * Which of the compiled CPU kernel's float32 algorithms runs: :func:`set_cpu_algorithm` / :func:`cpu_algorithm`, or
-  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``) read at import. The kernel has a
-  direct algorithm where it was built for AVX-512 or AVX2 + FMA (``ext.isa()``; ``MMSEG_CBT_CPU_ISA``, see
-  :mod:`mmseg_cbt.ops.ext_loader`); it needs no BLAS. ``auto`` takes it for every float32 conv on CPUs other than
+  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``, ``tune``) read at import. The
+  kernel has a direct algorithm where it was built for AVX-512 or AVX2 + FMA (``ext.isa()``; ``MMSEG_CBT_CPU_ISA``,
+  see :mod:`mmseg_cbt.ops.ext_loader`); it needs no BLAS. ``auto`` follows this CPU's tuning result where one
+  exists (:mod:`mmseg_cbt.ops.sparse_conv.tune`: both algorithms timed per conv width on this machine; ``tune``
+  measures it on first use); without one it takes the direct algorithm for every float32 conv on CPUs other than
   Intel's (MKL's sgemm, which the GEMM algorithm calls, takes slow code paths there), and on Intel CPUs for convs of
   at most :data:`DIRECT_MAX_COUT` output channels (wider, MKL's GEMM is as fast or faster there); the gather + GEMM
   otherwise (float64, no direct algorithm in the build). The kernel runs what this module tells it; within the direct
@@ -25,6 +27,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from ..utils.cpuinfo import cpu_vendor
 from .ext_loader import load_cpu_ext
 
 __all__ = [
@@ -34,7 +37,8 @@ __all__ = [
 
 #: ``auto``: the direct algorithm for float32 convs where the kernel has it (on Intel CPUs up to
 #: :data:`DIRECT_MAX_COUT` output channels), the gather + GEMM otherwise.
-CPU_ALGORITHMS = ('auto', 'gemm', 'direct')
+#: ``tune``: as ``auto``, measuring this CPU first where it has no tuning result yet (:mod:`.sparse_conv.tune`).
+CPU_ALGORITHMS = ('auto', 'gemm', 'direct', 'tune')
 
 #: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm on Intel CPUs: at 144-384
 #: channels MKL's GEMM is as fast as the direct algorithm's wide variant or up to 1.2x faster there
@@ -43,21 +47,8 @@ DIRECT_MAX_COUT = 100
 
 _STATE = {'algorithm': 'auto'}
 
-
-def _cpu_vendor() -> str:
-    """``vendor_id`` of /proc/cpuinfo (e.g. ``GenuineIntel``, ``AuthenticAMD``), empty where it cannot be read."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for ln in f:
-                if ln.startswith('vendor_id'):
-                    return ln.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return ''
-
-
 #: Whether ``auto`` limits the direct algorithm to :data:`DIRECT_MAX_COUT` channels (an Intel CPU: MKL's home).
-_GEMM_WIDE = _cpu_vendor() == 'GenuineIntel'
+_GEMM_WIDE = cpu_vendor() == 'GenuineIntel'
 
 
 def set_cpu_algorithm(name: str) -> None:
@@ -91,7 +82,13 @@ def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bo
     if ext is None or dtype != torch.float32 or not ext.has_direct():
         return False
     algo = get_cpu_algorithm()
-    return algo == 'direct' or (algo == 'auto' and (cout <= DIRECT_MAX_COUT or not _GEMM_WIDE))
+    if algo in ('direct', 'gemm'):
+        return algo == 'direct'
+    from .sparse_conv.tune import tuned_direct  # late: tune times the kernel through the dispatch, which needs us
+    tuned = tuned_direct(cout, measure_missing=algo == 'tune')
+    if tuned is not None:
+        return tuned
+    return cout <= DIRECT_MAX_COUT or not _GEMM_WIDE
 
 
 def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
