@@ -6,14 +6,16 @@ rule's logits are, per low-resolution pixel, the dense logits of the exit where 
 all of whose source pixels (those read with a non-zero weight) hold the same exit ``v`` therefore gets exactly the
 value, bit for bit, that the resize of exit ``v``'s dense logits gives it (same inputs, same arithmetic; a zero
 weight times a finite value adds nothing), so its label is read from one precomputed map per exit. Only output
-pixels at the borders between exits mix sources; they are computed in float64 from the resampling weights, and the
-label is taken when the top two scores are apart by more than any float32 rounding of the real chain could move
-them; otherwise (near ties) and for non-finite logits the rule falls back to the real resize. The result is the
+pixels at the borders between exits mix sources; they are recomputed from the resampling weights (measured from
+torch's own resize), and the label is taken when the top two scores are apart by far more than the rounding of
+either computation could move them; otherwise (near ties) and for non-finite logits the rule falls back to the real
+resize. The result is the
 label map of the real chain in every case.
 """
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ['RestorePlan', 'ExitLabelRestorer']
@@ -71,29 +73,48 @@ class RestorePlan:
         self.out_hw = (self.rows[0].shape[0], self.cols[0].shape[0])
 
     @staticmethod
-    def _taps(weights: Tensor) -> Tuple[Tensor, Tensor]:
-        """(out, T) source indices (padded by repeating the first, weight 0) and weights of the non-zero taps."""
+    def _taps(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
+        """Per output index along one axis: (out, T) source indices (padded by repeating the first, weight 0) and
+        weights of the non-zero taps, and the start of a window of ``span`` sources that holds all of them."""
         nz = weights != 0
         taps = max(int(nz.sum(1).max()), 1)
         order = torch.sort(nz.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :taps]
         w = weights.gather(1, order)
         keep = w != 0
         idx = torch.where(keep, order, order[:, :1])
-        return idx, torch.where(keep, w, torch.zeros_like(w))
+        lo, hi = idx.amin(1), idx.amax(1)
+        span = int((hi - lo).max()) + 1
+        start = lo.clamp(max=weights.shape[1] - span)  # a window of span sources from here covers [lo, hi]
+        return idx, torch.where(keep, w, torch.zeros_like(w)), start, span
 
     def mixed(self, held: Tensor) -> Tuple[Tensor, Tensor]:
-        """(out_h, out_w) lowest and highest held-exit index among each output pixel's sources."""
-        ri, ci = self.rows[0], self.cols[0]
-        by_rows = held[ri]  # (out_h, Tr, w)
-        return by_rows.amin(1)[:, ci].amin(2), by_rows.amax(1)[:, ci].amax(2)
+        """(out_h, out_w) lowest and highest held-exit index over a window holding each output pixel's sources (a
+        window min / max at the low resolution, then looked up: equal means every source holds that exit)."""
+        x = held.to(torch.float32)[None, None]
+        window = (self.rows[3], self.cols[3])
+        hi = F.max_pool2d(x, window, stride=1)[0, 0]
+        lo = -F.max_pool2d(-x, window, stride=1)[0, 0]
 
-    def values(self, logits: Tensor, held: Tensor, pos: Tensor) -> Tensor:
-        """float64 (n, K) scores at output pixels ``pos`` ((n, 2)) from per-exit logits (E, K, h, w)."""
+        def lookup(t: Tensor) -> Tensor:
+            return t.index_select(0, self.rows[2]).index_select(1, self.cols[2]).to(torch.int64)
+
+        return lookup(lo), lookup(hi)
+
+    def sources(self, held: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
+        """(n, T) source rows and weights of output pixels ``pos`` ((n, 2)), rows numbered as in the logits' rows
+        table ((E * h * w, K), row ``(e * h + y) * w + x``: the exit each source pixel holds)."""
+        h, w = held.shape
         ri, rw = self.rows[0][pos[:, 0]], self.rows[1][pos[:, 0]]  # (n, Tr)
         ci, cw = self.cols[0][pos[:, 1]], self.cols[1][pos[:, 1]]  # (n, Tc)
-        r, c = ri[:, :, None], ci[:, None, :]
-        src = logits[held[r, c].long(), :, r, c]  # (n, Tr, Tc, K)
-        return torch.einsum('na,nb,nabk->nk', rw.to(src.dtype), cw.to(src.dtype), src)
+        row_of = held.long() * (h * w) + torch.arange(h * w, device=held.device).view(h, w)
+        src = row_of.view(-1)[(ri[:, :, None] * w + ci[:, None, :]).view(-1)]
+        return src.view(pos.shape[0], -1), (rw[:, :, None] * cw[:, None, :]).view(pos.shape[0], -1)
+
+    @staticmethod
+    def values(rows: Tensor, src: Tensor, weight: Tensor) -> Tensor:
+        """(n, K) scores, in the logits' dtype, of pixels with sources ``src`` and weights ``weight`` ((n, T))."""
+        taps = rows.index_select(0, src.reshape(-1)) * weight.to(rows.dtype).reshape(-1, 1)
+        return taps.view(src.shape[0], -1, rows.shape[1]).sum(1)
 
 
 class ExitLabelRestorer:
@@ -130,8 +151,9 @@ class ExitLabelRestorer:
         self.finite = all(bool(torch.isfinite(d).all()) for d in self.dense)
         self._labels: Dict[int, Tensor] = {}
         self._maps: Optional[Tensor] = None  # (V, H, W) labels of exits 0..V-1
-        self._stack: Optional[Tensor] = None
+        self._rows: Optional[Tensor] = None  # (E * h * w, K) the logits as channels-last rows
         self.fallbacks = 0
+        self.border_pixels = 0  # output pixels whose sources hold different exits (for the record)
 
     def real(self, logits: Tensor) -> Tensor:
         """The real chain: resize, restore, argmax of (K, h, w) logits."""
@@ -155,18 +177,36 @@ class ExitLabelRestorer:
         lo, hi = self.plan.mixed(held)
         if self._maps is None or self._maps.shape[0] <= vmax:
             self._maps = torch.stack([self.exit_labels(v) for v in range(vmax + 1)])
-        pred = self._maps.gather(0, lo.long()[None])[0]
+        pred = self._maps.gather(0, lo[None])[0]
         pos = (lo != hi).nonzero()
+        self.border_pixels += pos.shape[0]
         if pos.numel():
-            if self._stack is None:
-                self._stack = torch.stack(self.dense).to(torch.float64)
-            val = self.plan.values(self._stack, held, pos)
-            top = val.topk(2, dim=1).values
-            scale = val.abs().amax(1).clamp(min=1.0)
-            if bool((top[:, 0] - top[:, 1] <= _TIE_TOL * scale).any()):
-                return self._fallback(held)
-            pred[pos[:, 0], pos[:, 1]] = val.argmax(1)
+            self._prepare_rows()
+            src, weight = self.plan.sources(held, pos)
+            # a weighted mean of score vectors that all rank one class first by a clear margin ranks it first too:
+            # only border pixels whose sources disagree (or nearly tie) are recomputed
+            lab = self._row_label[src]
+            sure = (lab == lab[:, :1]).all(1) & (
+                self._row_margin[src].amin(1) > _TIE_TOL * self._row_scale[src].amax(1))
+            pred[pos[sure, 0], pos[sure, 1]] = lab[sure, 0]
+            pos, src, weight = pos[~sure], src[~sure], weight[~sure]
+            if pos.numel():
+                val = self.plan.values(self._rows, src, weight)
+                top = val.topk(2, dim=1).values
+                scale = val.abs().amax(1).clamp(min=1.0)
+                if bool((top[:, 0] - top[:, 1] <= _TIE_TOL * scale).any()):
+                    return self._fallback(held)
+                pred[pos[:, 0], pos[:, 1]] = val.argmax(1)
         return pred
+
+    def _prepare_rows(self) -> None:
+        """The logits as channels-last rows, with every row's top label, top-two margin and scale (once)."""
+        if self._rows is None:
+            self._rows = torch.stack(self.dense).permute(0, 2, 3, 1).reshape(-1, self.dense[0].shape[0])
+            top = self._rows.topk(2, dim=1)
+            self._row_label = top.indices[:, 0]
+            self._row_margin = top.values[:, 0] - top.values[:, 1]
+            self._row_scale = self._rows.abs().amax(1).clamp(min=1.0)
 
     def _fallback(self, held: Tensor) -> Tensor:
         self.fallbacks += 1

@@ -99,3 +99,5 @@ def test_taps_are_the_sources_torch_reads():
         cols = (plan.cols[0] == j) & (plan.cols[1] != 0)
         listed = rows.any(1)[:, None] & cols.any(1)[None, :]
         assert torch.equal(moved, listed), (i, j)
+    for idx, _, start, span in (plan.rows, plan.cols):  # the lookup windows hold every tap
+        assert bool(((idx >= start[:, None]) & (idx < start[:, None] + span)).all())
