@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's main-job command: set-up, the built-in toy-city data, training of the tiny early-exit HRNet with
+# The README's main-job command: set-up, the built-in toy-city data, training of the tiny early-exit HRNet (the demo
+# config, widths 16/32/64/128; CONFIG=... selects another) with
 # mmseg's tools/train.py (CBT calibration hook on), mmseg's tools/test.py with per-exit mIoU (dense and CBT), and the
 # mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot, and exit-map pictures of a few val images.
 #   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
@@ -52,7 +53,7 @@ if [[ "${VIT:-0}" == "1" ]]; then
   run_vit_demo
   exit 0
 fi
-CONFIG=configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py
+CONFIG="${CONFIG:-configs/ee_hrnet/ee-fcn_hr-tiny-w16_1xb4-1k_toycity-256x512.py}"
 WORK_DIR="${WORK_DIR:-work_dirs/toycity_demo}"
 MAX_ITERS="${MAX_ITERS:-1000}"
 # the toy config warms up linearly for 50 iterations, then decays to max_iters: fewer cannot be scheduled
@@ -92,8 +93,11 @@ for IMG in $(ls data/toy_city/leftImg8bit/val/*/*_leftImg8bit.png | head -3); do
 done
 if [[ "${FINETUNE:-0}" == "1" ]]; then
   echo "== extra: fine-tuning with the stop masks active (train_cfg.masked_training), then its report"
-  $PY tools/train.py configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-300i-ft-masked_toycity-256x512.py \
-    --work-dir "$WORK_DIR/ft_masked" --cfg-options load_from="$CKPT"
+  # the settings of configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-300i-ft-masked_toycity-256x512.py, on the demo's own config
+  $PY tools/train.py "$CONFIG" --work-dir "$WORK_DIR/ft_masked" --cfg-options load_from="$CKPT" \
+    model.train_cfg.masked_training.exit_mode=cbt model.train_cfg.masked_training.fill=copy \
+    train_cfg.max_iters=300 train_cfg.val_interval=300 default_hooks.checkpoint.interval=300 \
+    optim_wrapper.optimizer.lr=5e-4 param_scheduler.1.end=300
   $PY tools/analysis_tools/miou_vs_gflops.py "$CONFIG" "$WORK_DIR/ft_masked/iter_300.pth" \
     --out-dir "$WORK_DIR/ft_masked/report" --settings dense cbt:0.9,0.998 cbt:0.8,0.99
 fi

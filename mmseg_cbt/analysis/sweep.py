@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from mmseg_cbt.models.masked.vit_stop_rules import exit_scores
 from .flops import EarlyExitFlopCounter
 from .restore_plan import ExitLabelRestorer
 from .sweep_spec import FAMILIES, Family, Setting
@@ -60,7 +61,7 @@ def resolve_thresholds(model,
             s.thresholds = thr.to(torch.float32).expand(n, k).clone()
 
 
-def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict]):
+def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict], scores: Optional[Sequence] = None):
     """Per-exit logits and masks of one stop rule, built from dense exit logits the way ``forward_exits`` builds
     them with ``feature_mask='none'`` (same loop, same mask calls, copy aggregation).
 
@@ -68,6 +69,10 @@ def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict]):
         model: The early-exit segmentor (CBT thresholds read from its ``cbt_thresholds`` buffer).
         dense_logits (Sequence[Tensor]): ``forward_exits(..., exit_mode='dense')`` output, (B, K, h, w) per exit.
         cfg (dict, optional): The rule for ``_stop_mask_with`` (None: dense, nothing stops).
+        scores (Sequence[Tensor], optional): Every exit's scores of its dense logits (``exit_scores``), shared
+            between rules. At the active positions they are the scores of the aggregated logits the model's loop
+            scores, and a stop mask only counts there (``active & keep``; DToP's top-k competes among active
+            positions only), so the masks are the same.
 
     Returns:
         tuple[list[Tensor], list[Tensor | None]]: Logits and masks, as ``forward_exits(..., return_active=True)``.
@@ -87,7 +92,7 @@ def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict]):
         logits.append(out)
         actives.append(active)
         if cfg is not None and n < num_exits - 1:
-            keep = ~model._stop_mask_with(out, n, cfg, active)
+            keep = ~model._stop_mask_with(out, n, cfg, active, None if scores is None else scores[n])
             active = keep if active is None else active & keep
     return logits, actives
 
@@ -166,6 +171,7 @@ class SweepEvaluator:
         dense = model.forward_exits(inputs, exit_mode='dense', feature_mask='none')
         t1 = time.perf_counter()
         labels = [self._label_index(s.gt_sem_seg.data) for s in samples]
+        scores = [exit_scores(head, d) for head, d in zip(model.exits, dense)]
         k = self.num_classes
         cache: List[Dict[Tuple[int, bytes], Tensor]] = [dict() for _ in samples]
         restorers = [
@@ -179,7 +185,7 @@ class SweepEvaluator:
                 if setting.thresholds is not None:
                     model.cbt_thresholds.copy_(setting.thresholds.to(model.cbt_thresholds.device))
                     model.cbt_calibrated.fill_(True)
-                logits, actives = posthoc_exits(model, dense, setting.stop_cfg())
+                logits, actives = posthoc_exits(model, dense, setting.stop_cfg(), scores)
                 self.counter.exit_mode = (setting.stop_cfg() or {}).get('exit_mode', 'dense')  # the result's label
                 flops = self.counter.count(inputs, actives)
                 result.flops = flops if result.flops is None else result.flops.extend(flops)

@@ -1,16 +1,22 @@
 """What /proc/cpuinfo says about this CPU (Linux; empty elsewhere): one reader for the kernel build and the policy."""
-from typing import List, Sequence
+import functools
+from typing import List, Sequence, Tuple
 
 __all__ = ['cpuinfo_lines', 'cpu_vendor', 'cpu_model_name']
 
 
 def cpuinfo_lines(prefixes: Sequence[str]) -> List[str]:
     """The distinct lines of /proc/cpuinfo starting with one of ``prefixes``, sorted; [] where it cannot be read."""
-    try:
+    return list(_lines(tuple(prefixes)))
+
+
+@functools.lru_cache(maxsize=None)
+def _lines(prefixes: Tuple[str, ...]) -> Tuple[str, ...]:
+    try:  # read once per process: what the CPU is does not change while it runs
         with open('/proc/cpuinfo') as f:
-            return sorted({ln for ln in f if ln.startswith(tuple(prefixes))})
+            return tuple(sorted({ln for ln in f if ln.startswith(prefixes)}))
     except OSError:
-        return []
+        return ()
 
 
 def _field(name: str) -> str:

@@ -10,8 +10,10 @@ attention weights; for reference), and with the stopped tokens removed
 path itself, not the segmentor's all-active shortcut), at batch 1 and at batch 2 with different masks (the fractions
 ``r - 10`` and ``r + 10`` percent, so the mean stays ``r``). Next to the wall ratio: the MAC ratio of the same
 blocks (q/k/v/out projections, both attention matmuls, MLP at the tokens each image keeps). Dense and pruned runs
-alternate and the median of ``--repeats`` is reported. ``tiny`` is the toy-city config's ViT at 256x512, ``vit-b``
-a randomly initialised ViT-B/16 at 512x512.
+alternate and the median of ``--repeats`` is reported. Batch-2 rows also time the same two images and masks pruned
+at batch 1 one after the other, interleaved with the rest (``batch 1 ms/img``; ``b2 / b1`` <= 1: the batch is no
+slower per image), so that comparison does not span rows measured minutes apart. ``tiny`` is the toy-city
+config's ViT at 256x512, ``vit-b`` a randomly initialised ViT-B/16 at 512x512.
 """
 import argparse
 import os.path as osp
@@ -85,7 +87,8 @@ def main(argv=None) -> List[dict]:
     rows = []
     print(f'{args.model}: {len(layers)} blocks after exit 1, input {size[0]}x{size[1]}, '
           f'{torch.get_num_threads()} threads')
-    print('removed % | batch | mmseg ms/img | dense ms/img | pruned ms/img | wall ratio | MAC ratio | wall/MAC')
+    print('removed % | batch | mmseg ms/img | dense ms/img | pruned ms/img | wall ratio | MAC ratio | wall/MAC | '
+          'batch 1 ms/img | b2 / b1')
     with torch.no_grad():
         for batch in (1, 2):
             state = vit.forward_stage(1, [torch.randn(batch, 3, *size, generator=g)])
@@ -108,13 +111,20 @@ def main(argv=None) -> List[dict]:
                 def pruned():
                     sparse_blocks(layers, state.tokens, keep)
 
-                mmseg(), dense(), pruned()  # warm-up
-                tm, td, tp = [], [], []
+                def pruned_one_by_one():  # the same images and masks at batch 1, one after the other
+                    for i in range(batch):
+                        sparse_blocks(layers, state.tokens[i:i + 1], keep[i:i + 1])
+
+                mmseg(), dense(), pruned(), pruned_one_by_one()  # warm-up
+                tm, td, tp, t1 = [], [], [], []
                 for _ in range(args.repeats):
                     tm += _time(mmseg, 1)
                     td += _time(dense, 1)
                     tp += _time(pruned, 1)
+                    if batch > 1:
+                        t1 += _time(pruned_one_by_one, 1)
                 m_ms, d_ms, p_ms = (1e3 * statistics.median(t) / batch for t in (tm, td, tp))
+                b1_ms = 1e3 * statistics.median(t1) / batch if t1 else p_ms
                 macs_d = batch * block_macs(vit, n_all)
                 macs_p = sum(block_macs(vit, int(n)) for n in keep.sum(1))
                 row = dict(
@@ -125,11 +135,14 @@ def main(argv=None) -> List[dict]:
                     dense_ms=d_ms,
                     pruned_ms=p_ms,
                     wall_ratio=p_ms / d_ms,
-                    mac_ratio=macs_p / macs_d)
+                    mac_ratio=macs_p / macs_d,
+                    one_by_one_ms=b1_ms,
+                    batch_over_one_by_one=p_ms / b1_ms)
                 row['wall_per_mac'] = row['wall_ratio'] / row['mac_ratio']
                 rows.append(row)
+                side = f' | {b1_ms:13.2f} | {p_ms / b1_ms:7.3f}' if batch > 1 else ' |             - |       -'
                 print(f'{r:9.0f} | {batch:5d} | {m_ms:12.2f} | {d_ms:12.2f} | {p_ms:13.2f} | '
-                      f'{row["wall_ratio"]:10.3f} | {row["mac_ratio"]:9.3f} | {row["wall_per_mac"]:8.3f}')
+                      f'{row["wall_ratio"]:10.3f} | {row["mac_ratio"]:9.3f} | {row["wall_per_mac"]:8.3f}' + side)
     return rows
 
 

@@ -2,10 +2,10 @@
 
     python tools/misc/demo_schedule_study.py --variants base ohem wide --out-dir work_dirs/schedule_study
 
-Every variant is the demo config (``configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py``) with a few
-fields changed (listed by ``--list``), trained with mmseg's ``tools/train.py`` in its own work dir and validated once
-at the end (the CBT calibration hook is switched off: it does not change the dense numbers). The table gives the
-training minutes, every exit's mIoU and the final exit's per-class IoU, read from the run's own log; classes that
+Every variant is the tiny test config (``configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py``, the demo
+model before this study) with a few fields changed (listed by ``--list``), trained with mmseg's ``tools/train.py``
+in its own work dir and validated once at the end (the CBT calibration hook is switched off: it does not change the
+dense numbers). The table gives the training minutes, every exit's mIoU and the final exit's per-class IoU, read from the run's own log; classes that
 cover at least ``--min-share`` of the val pixels are checked against ``--min-iou``. A finished variant is not
 trained again (its log is read), so a study can be extended one variant at a time.
 """
@@ -83,6 +83,10 @@ VARIANTS: Dict[str, tuple] = {
         **_widths([16, 32, 64, 128]),
         **_iters(2000)
     }),
+    'wide-lr4e-3': ('widths 16/32/64/128, AdamW lr 4e-3 (the shipped demo config)', {
+        **_widths([16, 32, 64, 128]),
+        **_iters(1000, 4e-3)
+    }),
 }
 
 
@@ -128,6 +132,19 @@ def _read_log(work_dir: str) -> Optional[dict]:
     return None
 
 
+def val_class_shares(names: List[str], root: str = osp.join(ROOT, 'data/toy_city/gtFine/val')) -> Dict[str, float]:
+    """Share (%) of the val label pixels (ignore included in the total) per class name, in train-id order."""
+    import glob
+
+    import cv2
+    import numpy as np
+    counts = np.zeros(256, np.int64)
+    for f in sorted(glob.glob(osp.join(root, '*', '*_labelTrainIds.png'))):
+        counts += np.bincount(cv2.imread(f, cv2.IMREAD_UNCHANGED).ravel(), minlength=256)
+    total = max(int(counts.sum()), 1)
+    return {n: 100.0 * counts[i] / total for i, n in enumerate(names)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -171,9 +188,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                for n in sorted(r['exits'])) + ' |')
     print('\nfinal-exit IoU per class:')
     classes = list(rows[0][1]['classes'])
-    print('| class | ' + ' | '.join(n for n, _ in rows) + ' |')
+    shares = val_class_shares(classes)
+    print('| class | val share % | ' + ' | '.join(n for n, _ in rows) + ' |')
     for c in classes:
-        print(f'| {c} | ' + ' | '.join(f'{r["classes"].get(c, float("nan")):.2f}' for _, r in rows) + ' |')
+        print(f'| {c} | {shares[c]:.2f} | ' + ' | '.join(f'{r["classes"].get(c, float("nan")):.2f}'
+                                                         for _, r in rows) + ' |')
+    checked = [c for c in classes if shares[c] >= 100 * args.min_share]
+    for name, r in rows:
+        low = [c for c in checked if not r['classes'].get(c, 0.0) > args.min_iou]
+        print(f'{name}: final mIoU {r["exits"][max(r["exits"])]:.2f}; classes with >= {100 * args.min_share:g} % of '
+              f'the val pixels at or below {args.min_iou:g} IoU: {", ".join(low) if low else "none"}')
     return 0
 
 

@@ -157,8 +157,8 @@ def simulated_blocks(layers: Sequence[nn.Module],
     return x
 
 
-# padded attention costs B * M^2 against sum n^2; above this ratio one SDPA call per image is faster (see below)
-PADDED_ATTENTION_MAX_WASTE = 1.2
+# padded attention costs B * M^2 against sum n^2; above this ratio one SDPA call per image is as fast or faster
+PADDED_ATTENTION_MAX_WASTE = 1.05
 
 
 def padded_attention_waste(counts: Sequence[int]) -> float:

@@ -393,6 +393,10 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             if direction not in ('horizontal', 'vertical'):
                 raise ValueError(f'unknown flip_direction {direction!r}')
             logits = logits.flip(dims=(3, ) if direction == 'horizontal' else (2, ))
+        same = tuple(logits.shape[2:]) == tuple(img_meta['ori_shape'][:2])
+        if same and (mode == 'nearest' or (not self.align_corners and bool(torch.isfinite(logits).all()))):
+            # resizing to the same size reproduces every finite value (weights 1 and 0): skip it
+            return logits.squeeze(0)
         align = self.align_corners if mode != 'nearest' else None  # torch rejects align_corners for nearest
         return resize(logits, size=img_meta['ori_shape'], mode=mode, align_corners=align, warning=False).squeeze(0)
 
@@ -480,13 +484,19 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
             raise ValueError(f'train_cfg.masked_training.exit_mode must be one of {EXIT_MODES[1:]}, got {mode!r}')
         return cfg
 
-    def _stop_mask_with(self, logits: Tensor, exit_idx: int, cfg: dict, active: Optional[Tensor] = None) -> Tensor:
-        """Stop mask by the rule and thresholds of ``cfg`` (falls back to ``test_cfg`` for missing keys)."""
+    def _stop_mask_with(self,
+                        logits: Tensor,
+                        exit_idx: int,
+                        cfg: dict,
+                        active: Optional[Tensor] = None,
+                        probs: Optional[Tensor] = None) -> Tensor:
+        """Stop mask by the rule and thresholds of ``cfg`` (falls back to ``test_cfg`` for missing keys); ``probs``:
+        the exit's scores of ``logits`` where already computed (a sweep shares them between rules)."""
         mode = self._resolve_exit_mode(cfg['exit_mode'])
         if not getattr(self.exits[exit_idx], 'stop_pixels', True):
             # an exit that only reports (e.g. an E2CM exit at a stage not chosen for stopping): nothing stops
             return logits.new_zeros((logits.shape[0], ) + tuple(logits.shape[2:]), dtype=torch.bool)
-        probs = exit_scores(self.exits[exit_idx], logits)
+        probs = exit_scores(self.exits[exit_idx], logits) if probs is None else probs
         if mode == 'cbt':
             return stop_mask_from_probs(probs, self.cbt_thresholds[exit_idx])
         key = f'{mode}_threshold'

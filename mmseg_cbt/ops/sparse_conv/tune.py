@@ -29,7 +29,7 @@ __all__ = ['TUNE_SHAPES', 'tune_key', 'tune_path', 'measure_algorithms', 'load_t
 TUNE_SHAPES: Tuple[Tuple[int, int, int], ...] = ((18, 128, 256), (36, 64, 128), (48, 128, 256), (72, 32, 64),
                                                  (96, 64, 128), (144, 16, 32), (192, 32, 64), (384, 16, 32))
 
-_STATE: Dict[str, object] = {}  # 'path' -> the file read, 'table' -> {cout: bool direct} (None: no file)
+_STATE: Dict[str, object] = {}  # 'key' -> (threads, cache dir) read for, 'table' -> {cout: direct} (None: no file)
 
 
 def tune_key() -> Dict[str, object]:
@@ -116,14 +116,16 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
 
 
 def load_tuned(measure_missing: bool = False) -> Optional[Dict[int, bool]]:
-    """This machine's tuned table {channels: direct is faster}, read once per process (None: not tuned).
+    """This machine's tuned table {channels: direct is faster}, read once per process and thread count (None: not
+    tuned). Called for every masked conv, so the check is two cheap lookups once the file was read.
 
     Args:
         measure_missing (bool): Measure and save it now when there is no file (``MMSEG_CBT_CPU_ALGO=tune``).
     """
-    path = tune_path()
-    if _STATE.get('path') == path:
+    state_key = (torch.get_num_threads(), os.environ.get('MMSEG_CBT_CACHE_DIR'))
+    if _STATE.get('key') == state_key and not (measure_missing and _STATE['table'] is None):
         return _STATE['table']  # type: ignore[return-value]
+    path = tune_path()
     table = None
     if osp.exists(path):
         try:
@@ -134,7 +136,7 @@ def load_tuned(measure_missing: bool = False) -> Optional[Dict[int, bool]]:
             table = None  # a damaged file is ignored (re-tune to replace it)
     if table is None and measure_missing:
         table = {int(k): bool(v['direct']) for k, v in measure_algorithms()['widths'].items()}
-    _STATE.update(path=path, table=table)
+    _STATE.update(key=state_key, table=table)
     return table
 
 
