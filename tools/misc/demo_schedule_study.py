@@ -5,8 +5,9 @@
 Every variant is the tiny test config (``configs/ee_hrnet/ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py``, the demo
 model before this study) with a few fields changed (listed by ``--list``), trained with mmseg's ``tools/train.py``
 in its own work dir and validated once at the end (the CBT calibration hook is switched off: it does not change the
-dense numbers). The table gives the training minutes, every exit's mIoU and the final exit's per-class IoU, read from the run's own log; classes that
-cover at least ``--min-share`` of the val pixels are checked against ``--min-iou``. A finished variant is not
+dense numbers). The table gives the training minutes, every exit's mIoU and the final exit's per-class IoU, read
+from the run's own log; classes that cover at least ``--min-share`` of the val pixels are checked against
+``--min-iou``. A finished variant is not
 trained again (its log is read), so a study can be extended one variant at a time.
 """
 import argparse
