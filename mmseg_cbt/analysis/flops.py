@@ -145,10 +145,12 @@ class EarlyExitFlopCounter:
         # Dense contributions stay Python ints, so dense counts are exact integers.
         dense = [0] * n_ex
         dense_backbone = [0] * n_ex
-        masked = [torch.zeros(b, dtype=torch.float64) for _ in range(n_ex)]
-        masked_backbone = [torch.zeros(b, dtype=torch.float64) for _ in range(n_ex)]
-        fill = [torch.zeros(b, dtype=torch.float64) for _ in range(n_ex)]
-        p_cache: Dict[Tuple[int, Tuple[int, ...]], Tensor] = {}
+        # per-image float64 sums as Python floats: the same IEEE operations in the same order as float64 tensors,
+        # without a tensor op per layer (a sweep counts every setting)
+        masked = [[0.0] * b for _ in range(n_ex)]
+        masked_backbone = [[0.0] * b for _ in range(n_ex)]
+        fill = [[0.0] * b for _ in range(n_ex)]
+        p_cache: Dict[Tuple[int, Tuple[int, ...]], List[float]] = {}
         for call in trace:
             e = (call.exit or 1) - 1
             active = actives[e]
@@ -158,25 +160,26 @@ class EarlyExitFlopCounter:
                 if is_backbone:
                     dense_backbone[e] += call.macs
                 continue
-            work = self._token_work(call, active)
-            if work is not None:
-                masked[e] += work
+            token_work = self._token_work(call, active)
+            if token_work is not None:
+                works = token_work.tolist()
+            else:
+                key = (e, call.out_hw)
+                if key not in p_cache:
+                    p_cache[key] = self._active_fraction(active, call.out_hw).tolist()
+                works = []
+                for p in p_cache[key]:
+                    work = call.macs * p
+                    if self.fill == 'rbf':
+                        # ADP-C's charge for RBF-interpolating the stopped positions of this conv's output
+                        fw = (1.0 - p) * p * (call.out_channels * RBF_KERNEL_AREA * math.prod(call.out_hw))
+                        fill[e][len(works)] += fw
+                        work = work + fw
+                    works.append(work)
+            for i, work in enumerate(works):
+                masked[e][i] += work
                 if is_backbone:
-                    masked_backbone[e] += work
-                continue
-            key = (e, call.out_hw)
-            if key not in p_cache:
-                p_cache[key] = self._active_fraction(active, call.out_hw)
-            p = p_cache[key]
-            work = call.macs * p
-            if self.fill == 'rbf':
-                # ADP-C's charge for RBF-interpolating the stopped positions of this conv's output
-                fw = (1.0 - p) * p * (call.out_channels * RBF_KERNEL_AREA * math.prod(call.out_hw))
-                fill[e] += fw
-                work = work + fw
-            masked[e] += work
-            if is_backbone:
-                masked_backbone[e] += work
+                    masked_backbone[e][i] += work
         has_mask = [a is not None for a in actives]
         exits: List[ExitFlops] = []
         running: List[Number] = [0] * b
