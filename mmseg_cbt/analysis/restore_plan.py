@@ -69,12 +69,14 @@ class RestorePlan:
                  first_hw: Tuple[int, int],
                  meta: dict,
                  dtype: torch.dtype = torch.float32):
-        self.rows = self._taps(_axis_weights(model, low_hw[0], meta, first_hw[0], 0, dtype))
-        self.cols = self._taps(_axis_weights(model, low_hw[1], meta, first_hw[1], 1, dtype))
+        self.rows = self._axis_taps(_axis_weights(model, low_hw[0], meta, first_hw[0], 0, dtype))
+        self.cols = self._axis_taps(_axis_weights(model, low_hw[1], meta, first_hw[1], 1, dtype))
         self.out_hw = (self.rows[0].shape[0], self.cols[0].shape[0])
+        self._low_hw = tuple(low_hw)
+        self._taps: Optional[Tuple[Tensor, Tensor]] = None
 
     @staticmethod
-    def _taps(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
+    def _axis_taps(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
         """Per output index along one axis: (out, T) source indices (padded by repeating the first, weight 0) and
         weights of the non-zero taps, and the start of a window of ``span`` sources that holds all of them."""
         nz = weights != 0
@@ -101,15 +103,22 @@ class RestorePlan:
 
         return lookup(lo), lookup(hi)
 
+    def _flat_taps(self) -> Tuple[Tensor, Tensor]:
+        """(H * W, Tr * Tc) flat low-resolution source index and weight of every output pixel (built once)."""
+        if self._taps is None:
+            (ri, rw), (ci, cw) = self.rows[:2], self.cols[:2]
+            w = int(self._low_hw[1])
+            idx = ri[:, None, :, None] * w + ci[None, :, None, :]  # (H, W, Tr, Tc)
+            wt = rw[:, None, :, None] * cw[None, :, None, :]
+            self._taps = (idx.reshape(-1, idx.shape[2] * idx.shape[3]), wt.reshape(-1, idx.shape[2] * idx.shape[3]))
+        return self._taps
+
     def sources(self, held: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
-        """(n, T) source rows and weights of output pixels ``pos`` ((n, 2)), rows numbered as in the logits' rows
-        table ((E * h * w, K), row ``(e * h + y) * w + x``: the exit each source pixel holds)."""
-        h, w = held.shape
-        ri, rw = self.rows[0][pos[:, 0]], self.rows[1][pos[:, 0]]  # (n, Tr)
-        ci, cw = self.cols[0][pos[:, 1]], self.cols[1][pos[:, 1]]  # (n, Tc)
-        row_of = held.long() * (h * w) + torch.arange(h * w, device=held.device).view(h, w)
-        src = row_of.view(-1)[(ri[:, :, None] * w + ci[:, None, :]).view(-1)]
-        return src.view(pos.shape[0], -1), (rw[:, :, None] * cw[:, None, :]).view(pos.shape[0], -1)
+        """(n, T) source rows and weights of the output pixels at flat positions ``pos`` ((n,)), rows numbered as in
+        the logits' rows table ((E * h * w, K), row ``(e * h + y) * w + x``: the exit each source pixel holds)."""
+        taps, weights = self._flat_taps()
+        t = taps[pos]
+        return held.reshape(-1)[t].long() * held.numel() + t, weights[pos]
 
     @staticmethod
     def values(rows: Tensor, src: Tensor, weight: Tensor) -> Tensor:
@@ -179,35 +188,37 @@ class ExitLabelRestorer:
         if self._maps is None or self._maps.shape[0] <= vmax:
             self._maps = torch.stack([self.exit_labels(v) for v in range(vmax + 1)])
         pred = self._maps.gather(0, lo[None])[0]
-        pos = (lo != hi).nonzero()
+        flat = pred.view(-1)
+        pos = (lo != hi).view(-1).nonzero().squeeze(1)
         self.border_pixels += pos.shape[0]
         if pos.numel():
             self._prepare_rows()
             src, weight = self.plan.sources(held, pos)
             # a weighted mean of score vectors that all rank one class first by a clear margin ranks it first too:
             # only border pixels whose sources disagree (or nearly tie) are recomputed
-            lab = self._row_label[src]
-            sure = (lab == lab[:, :1]).all(1) & (
-                self._row_margin[src].amin(1) > _TIE_TOL * self._row_scale[src].amax(1))
-            pred[pos[sure, 0], pos[sure, 1]] = lab[sure, 0]
-            pos, src, weight = pos[~sure], src[~sure], weight[~sure]
+            code = self._row_code[src]
+            sure = (code == code[:, :1]).all(1) & (code[:, 0] >= 0)
+            flat[pos[sure]] = code[sure, 0]
+            rest = ~sure
+            pos, src, weight = pos[rest], src[rest], weight[rest]
             if pos.numel():
                 val = self.plan.values(self._rows, src, weight)
                 top = val.topk(2, dim=1).values
                 scale = val.abs().amax(1).clamp(min=1.0)
                 if bool((top[:, 0] - top[:, 1] <= _TIE_TOL * scale).any()):
                     return self._fallback(held)
-                pred[pos[:, 0], pos[:, 1]] = val.argmax(1)
+                flat[pos] = val.argmax(1)
         return pred
 
     def _prepare_rows(self) -> None:
-        """The logits as channels-last rows, with every row's top label, top-two margin and scale (once)."""
+        """The logits as channels-last rows and every row's top label where it leads by a clear margin (-1 where
+        not: the margin against the image's largest score, so that any mix of such rows keeps that label)."""
         if self._rows is None:
             self._rows = torch.stack(self.dense).permute(0, 2, 3, 1).reshape(-1, self.dense[0].shape[0])
             top = self._rows.topk(2, dim=1)
-            self._row_label = top.indices[:, 0]
-            self._row_margin = top.values[:, 0] - top.values[:, 1]
-            self._row_scale = self._rows.abs().amax(1).clamp(min=1.0)
+            scale = float(self._rows.abs().amax().clamp(min=1.0))
+            clear = top.values[:, 0] - top.values[:, 1] > _TIE_TOL * scale
+            self._row_code = torch.where(clear, top.indices[:, 0], torch.full_like(top.indices[:, 0], -1))
 
     def _fallback(self, held: Tensor) -> Tensor:
         self.fallbacks += 1
