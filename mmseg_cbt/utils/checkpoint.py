@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    'CALIBRATION_PREFIX', 'CheckpointMismatchError', 'compare_state_dicts', 'read_checkpoint', 'load_checkpoint_strict'
+    'CALIBRATION_PREFIX', 'CheckpointMismatchError', 'build_segmentor_strict', 'compare_state_dicts', 'read_checkpoint',
+    'load_checkpoint_strict'
 ]
 
 #: State-dict prefix of the segmentor's calibration buffers (thresholds, statistics, flags).
@@ -160,3 +161,27 @@ def load_checkpoint_strict(model: nn.Module,
         from mmengine.logging import print_log
         print_log(msg, logger=logger, level=30)  # logging.WARNING
     return ckpt
+
+
+def build_segmentor_strict(config: str, checkpoint: str) -> Tuple[Any, nn.Module]:
+    """The config's model (``pretrained`` off, registries set up) with ``checkpoint`` loaded strictly, in eval mode.
+
+    Args:
+        config (str): Config file.
+        checkpoint (str): Checkpoint for the model that config builds.
+
+    Returns:
+        tuple: The loaded ``Config`` and the model.
+    """
+    from mmengine.config import Config
+
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    import mmseg_cbt  # noqa: F401  (registers the plugin's modules)
+    register_all_modules()
+    cfg = Config.fromfile(config)
+    cfg.model.pretrained = None
+    model = MODELS.build(cfg.model)
+    load_checkpoint_strict(model, checkpoint, config=config, logger=None)
+    return cfg, model.eval()

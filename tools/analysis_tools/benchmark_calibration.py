@@ -14,7 +14,6 @@ import sys
 import time
 
 import torch
-from mmengine.config import Config
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
@@ -26,18 +25,9 @@ def main(argv=None) -> dict:
     p.add_argument('--max-batches', type=int, default=50)
     p.add_argument('--repeats', type=int, default=3)
     args = p.parse_args(argv)
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    import mmseg_cbt  # noqa: F401
     from mmseg_cbt.calibration.calibrate import build_calibration_dataloader, gather_class_prob_stats
-    from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    cfg.model.pretrained = None
-    model = MODELS.build(cfg.model)
-    load_checkpoint_strict(model, args.checkpoint, config=args.config, logger=None)
-    model.eval()
+    from mmseg_cbt.utils.checkpoint import build_segmentor_strict
+    cfg, model = build_segmentor_strict(args.config, args.checkpoint)
     model.test_cfg.exit_mode = 'dense'
     loader = build_calibration_dataloader(cfg, num_workers=0)
     batches = []

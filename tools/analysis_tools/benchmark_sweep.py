@@ -40,22 +40,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     import torch
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    import mmseg_cbt  # noqa: F401
     from mmseg_cbt.analysis.sweep import SweepEvaluator, resolve_thresholds
     from mmseg_cbt.analysis.sweep_spec import Setting
-    from mmseg_cbt.utils.checkpoint import load_checkpoint_strict
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    cfg.model.pretrained = None
-    model = MODELS.build(cfg.model)
-    load_checkpoint_strict(model, args.checkpoint, config=args.config, logger=None)
-    model.eval()
+    from mmseg_cbt.utils.checkpoint import build_segmentor_strict
+    cfg, model = build_segmentor_strict(args.config, args.checkpoint)
     resolve_thresholds(model, [args.sweep, args.single])
     loader = Runner.build_dataloader(copy.deepcopy(cfg.test_dataloader))
     batches = []
