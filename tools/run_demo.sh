@@ -3,7 +3,7 @@
 # config, widths 16/32/64/128; CONFIG=... selects another) with
 # mmseg's tools/train.py (CBT calibration hook on), mmseg's tools/test.py with per-exit mIoU (dense and CBT), and the
 # mIoU-versus-GFLOPs report (dense / ADP-C / CBT / CBT-ns) with its plot, and exit-map pictures of a few val images.
-#   bash tools/run_demo.sh                 # everything, ~15 min on 2 CPU cores after set-up
+#   bash tools/run_demo.sh                 # everything, ~19 min on 2 CPU cores after set-up (15 of them training)
 #   WORK_DIR=work_dirs/x MAX_ITERS=300 bash tools/run_demo.sh
 #   FINETUNE=1 bash tools/run_demo.sh       # plus 300 iterations of fine-tuning with the stop masks on (~4 min)
 #   VIT=1 bash tools/run_demo.sh            # the plain-ViT demo instead (DToP's host, see run_vit_demo below)
