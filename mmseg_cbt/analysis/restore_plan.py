@@ -158,7 +158,7 @@ class ExitLabelRestorer:
             self.plan = RestorePlan(model, (h, w), self.first_hw, meta, self.dense[0].dtype)
             if plans is not None:
                 plans[key] = self.plan
-        self.finite = all(bool(torch.isfinite(d).all()) for d in self.dense)
+        self.finite = all(bool(torch.isfinite(d.sum())) for d in self.dense)  # a finite sum: all finite
         self._labels: Dict[int, Tensor] = {}
         self._maps: Optional[Tensor] = None  # (V, H, W) labels of exits 0..V-1
         self._rows: Optional[Tensor] = None  # (E * h * w, K) the logits as channels-last rows

@@ -394,8 +394,9 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
                 raise ValueError(f'unknown flip_direction {direction!r}')
             logits = logits.flip(dims=(3, ) if direction == 'horizontal' else (2, ))
         same = tuple(logits.shape[2:]) == tuple(img_meta['ori_shape'][:2])
-        if same and (mode == 'nearest' or (not self.align_corners and bool(torch.isfinite(logits).all()))):
-            # resizing to the same size reproduces every finite value (weights 1 and 0): skip it
+        # resizing to the same size reproduces every finite value (weights 1 and 0): skip it (a finite sum means
+        # every value is finite; one reduction instead of a mask)
+        if same and (mode == 'nearest' or (not self.align_corners and bool(torch.isfinite(logits.sum())))):
             return logits.squeeze(0)
         align = self.align_corners if mode != 'nearest' else None  # torch rejects align_corners for nearest
         return resize(logits, size=img_meta['ori_shape'], mode=mode, align_corners=align, warning=False).squeeze(0)
