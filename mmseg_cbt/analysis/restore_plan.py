@@ -6,11 +6,11 @@ rule's logits are, per low-resolution pixel, the dense logits of the exit where 
 all of whose source pixels (those read with a non-zero weight) hold the same exit ``v`` therefore gets exactly the
 value, bit for bit, that the resize of exit ``v``'s dense logits gives it (same inputs, same arithmetic; a zero
 weight times a finite value adds nothing), so its label is read from one precomputed map per exit. Only output
-pixels at the borders between exits mix sources; they are recomputed from the resampling weights (measured from
-torch's own resize), and the label is taken when the top two scores are apart by far more than the rounding of
-either computation could move them; otherwise (near ties) and for non-finite logits the rule falls back to the real
-resize. The result is the
-label map of the real chain in every case.
+pixels at the borders between exits mix sources. One whose sources all rank one class first by a clear margin takes
+that class (a weighted mean of such score vectors ranks it first too); the others are recomputed from the resampling
+weights (measured from torch's own resize) and take their argmax when the top two scores are apart by far more than
+the rounding of either computation could move them. Near ties and non-finite logits fall back to the real resize.
+The result is the label map of the real chain in every case.
 """
 from typing import Dict, Optional, Sequence, Tuple
 
