@@ -1,4 +1,5 @@
-"""The demo-model study tool: its shipped variant is the demo config, its log reader and class shares are exact."""
+"""The demo-model study tool (its shipped variant is the demo config; log reader and class shares exact) and the
+sweep benchmark's option checks."""
 import os.path as osp
 
 from utils import ROOT, load_tool, usage_error
@@ -45,3 +46,12 @@ def test_log_reader_and_class_shares(tmp_path):
     cv2.imwrite(str(labels / 'a_gtFine_labelTrainIds.png'), lab)
     shares = study.val_class_shares(['road', 'sidewalk', 'building'], root=str(tmp_path / 'gt'))
     assert shares == {'road': 100 * 17 / 20, 'sidewalk': 100 * 2 / 20, 'building': 0.0}
+
+
+def test_sweep_benchmark_rejects_bad_options(capsys, tmp_path):
+    bench = load_tool('analysis_tools/benchmark_sweep.py')
+    cfg = osp.join(ROOT, 'configs', 'ee_hrnet', 'ee-fcn_hr-tiny_1xb4-1k_toycity-256x512.py')
+    assert 'no such file' in usage_error(capsys, bench.parse_args, [cfg, str(tmp_path / 'missing.pth')])
+    ckpt = tmp_path / 'c.pth'
+    ckpt.write_bytes(b'')
+    assert 'one setting expected' in usage_error(capsys, bench.parse_args, [cfg, str(ckpt), '--single', 'adpc:0.8,0.9'])
