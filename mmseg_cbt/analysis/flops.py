@@ -168,12 +168,12 @@ class EarlyExitFlopCounter:
                 if key not in p_cache:
                     p_cache[key] = self._active_fraction(active, call.out_hw).tolist()
                 works = []
-                for p in p_cache[key]:
+                for i, p in enumerate(p_cache[key]):
                     work = call.macs * p
                     if self.fill == 'rbf':
                         # ADP-C's charge for RBF-interpolating the stopped positions of this conv's output
                         fw = (1.0 - p) * p * (call.out_channels * RBF_KERNEL_AREA * math.prod(call.out_hw))
-                        fill[e][len(works)] += fw
+                        fill[e][i] += fw
                         work = work + fw
                     works.append(work)
             for i, work in enumerate(works):

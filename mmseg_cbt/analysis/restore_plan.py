@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmseg_cbt.utils.meta import meta_padding
+
 __all__ = ['RestorePlan', 'ExitLabelRestorer']
 
 # float32 rounding of a two-stage bilinear chain and of the recomputation move a score by a few ulps of the largest
@@ -40,8 +42,8 @@ def _axis_weights(model, size: int, meta: dict, first_size: int, axis: int, dtyp
         x = probe.view(1, size, 1, size)
         first = (1, first_size)
         ori = (1, int(meta['ori_shape'][1]))
-    pad = list(meta.get('img_padding_size', meta.get('padding_size', [0] * 4)))
-    pad = [0, 0, pad[2], pad[3]] if axis == 0 else [pad[0], pad[1], 0, 0]
+    left, right, top, bottom = meta_padding(meta)
+    pad = [0, 0, top, bottom] if axis == 0 else [left, right, 0, 0]
     flip = meta.get('flip', None)
     along = 'vertical' if axis == 0 else 'horizontal'
     probe_meta = dict(
@@ -149,8 +151,7 @@ class ExitLabelRestorer:
         self.model, self.meta, self.first_hw, self.argmax = model, meta, tuple(first_hw), argmax
         self.dense = list(dense)
         h, w = self.dense[0].shape[-2:]
-        pad = tuple(meta.get('img_padding_size', meta.get('padding_size', [0] * 4)))
-        key = ((h, w), self.first_hw, pad, bool(meta.get('flip', False)), meta.get('flip_direction'),
+        key = ((h, w), self.first_hw, meta_padding(meta), bool(meta.get('flip', False)), meta.get('flip_direction'),
                tuple(meta['ori_shape']), model.align_corners, self.dense[0].dtype)
         if plans is not None and key in plans:
             self.plan = plans[key]
@@ -163,7 +164,6 @@ class ExitLabelRestorer:
         self._maps: Optional[Tensor] = None  # (V, H, W) labels of exits 0..V-1
         self._rows: Optional[Tensor] = None  # (E * h * w, K) the logits as channels-last rows
         self.fallbacks = 0
-        self.border_pixels = 0  # output pixels whose sources hold different exits (for the record)
 
     def real(self, logits: Tensor) -> Tensor:
         """The real chain: resize, restore, argmax of (K, h, w) logits."""
@@ -190,7 +190,6 @@ class ExitLabelRestorer:
         pred = self._maps.gather(0, lo[None])[0]
         flat = pred.view(-1)
         pos = (lo != hi).view(-1).nonzero().squeeze(1)
-        self.border_pixels += pos.shape[0]
         if pos.numel():
             self._prepare_rows()
             src, weight = self.plan.sources(held, pos)

@@ -174,10 +174,10 @@ class SweepEvaluator:
         scores = [exit_scores(head, d) for head, d in zip(model.exits, dense)]
         k = self.num_classes
         cache: List[Dict[Tuple[int, bytes], Tensor]] = [dict() for _ in samples]
+        per_image = [[d[i] for d in dense] for i in range(len(samples))]
         restorers = [
-            ExitLabelRestorer(model, [d[i]
-                                      for d in dense], metas[0]['img_shape'], metas[i], argmax_channels, self._plans)
-            for i in range(len(samples))
+            ExitLabelRestorer(model, logits, metas[0]['img_shape'], meta, argmax_channels, self._plans)
+            for logits, meta in zip(per_image, metas)
         ]
         saved = (model.cbt_thresholds.clone(), model.cbt_calibrated.clone())
         try:

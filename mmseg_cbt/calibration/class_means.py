@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmseg_cbt.utils.meta import meta_padding
+
 __all__ = [
     'FEATURE_FRAC_BITS', 'MAX_ABS_FEATURE', 'MAX_FEATURE_PIXELS_PER_CLASS', 'ClassFeatureStats',
     'labels_on_feature_map', 'backbone_exit_features', 'gather_class_feature_stats'
@@ -254,9 +256,9 @@ def labels_on_feature_map(label: Tensor, meta: dict, input_hw: Sequence[int], fe
     img_hw = tuple(int(s) for s in meta.get('img_shape', lab.shape[2:])[:2])
     if tuple(lab.shape[2:]) != img_hw:
         lab = F.interpolate(lab, size=img_hw, mode='nearest')
-    left, right, top, bottom = meta.get('img_padding_size', meta.get('padding_size', [0, 0, 0, 0]))
+    left, right, top, bottom = meta_padding(meta)
     if left or right or top or bottom:
-        lab = F.pad(lab, (int(left), int(right), int(top), int(bottom)), value=float(ignore_index))
+        lab = F.pad(lab, (left, right, top, bottom), value=float(ignore_index))
     in_hw = tuple(int(s) for s in input_hw)
     if tuple(lab.shape[2:]) != in_hw:  # batch padding beyond the recorded one (bottom/right)
         dh, dw = in_hw[0] - lab.shape[2], in_hw[1] - lab.shape[3]

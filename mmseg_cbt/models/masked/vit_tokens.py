@@ -94,7 +94,7 @@ class TokenSlots(NamedTuple):
     width: int
     slot: Optional[Tensor]
     valid: Optional[Tensor]
-    counts: Tuple[int, ...] = ()
+    counts: Tuple[int, ...]
 
 
 def token_slots(keep: Tensor) -> TokenSlots:

@@ -12,6 +12,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, OptSampleList, SampleList
 
 from mmseg_cbt.calibration.thresholds import entropy_stop_mask, global_stop_mask, stop_mask_from_probs
+from mmseg_cbt.utils.meta import meta_padding
 from ..backbones.base import EarlyExitBackboneMixin
 from ..masked import check_fill, forward_head_masked
 from ..masked.vit_stop_rules import dtop_stop_mask, exit_scores
@@ -384,8 +385,7 @@ class EarlyExitEncoderDecoder(EncoderDecoder):
         exactly the logits the final prediction is made from. ``mode='nearest'`` restores a label map (exit map).
         """
         _, _, h, w = logits.shape
-        pad = img_meta.get('img_padding_size', img_meta.get('padding_size', [0] * 4))
-        left, right, top, bottom = pad
+        left, right, top, bottom = meta_padding(img_meta)
         logits = logits[:, :, top:h - bottom, left:w - right]
         flip = img_meta.get('flip', None)
         if flip:
