@@ -1,5 +1,5 @@
 """The demo-model study tool (its shipped variant is the demo config; log reader and class shares exact) and the
-sweep benchmark's option checks."""
+sweep and ViT-pruning benchmarks' option checks."""
 import os.path as osp
 
 from utils import ROOT, load_tool, usage_error
@@ -11,6 +11,7 @@ def test_bad_options_are_named(capsys):
     study = load_tool('misc/demo_schedule_study.py')
     assert 'unknown' in usage_error(capsys, study.parse_args, ['--variants', 'nope'])
     assert '--min-share' in usage_error(capsys, study.parse_args, ['--min-share', '1.5'])
+    assert '--min-iou' in usage_error(capsys, study.parse_args, ['--min-iou', '101'])
 
 
 def test_shipped_variant_is_the_demo_config(tmp_path):
@@ -55,3 +56,9 @@ def test_sweep_benchmark_rejects_bad_options(capsys, tmp_path):
     ckpt = tmp_path / 'c.pth'
     ckpt.write_bytes(b'')
     assert 'one setting expected' in usage_error(capsys, bench.parse_args, [cfg, str(ckpt), '--single', 'adpc:0.8,0.9'])
+
+
+def test_vit_pruning_benchmark_rejects_bad_options(capsys):
+    bench = load_tool('analysis_tools/benchmark_vit_pruning.py')
+    assert '--removed' in usage_error(capsys, bench.main, ['--removed', '100'])
+    assert '--repeats' in usage_error(capsys, bench.main, ['--repeats', '0'])

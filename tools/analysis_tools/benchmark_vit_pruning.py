@@ -79,7 +79,9 @@ def main(argv=None) -> List[dict]:
     p.add_argument('--repeats', type=int, default=5)
     args = p.parse_args(argv)
     if any(not 0 <= r < 100 for r in args.removed):
-        raise SystemExit(f'--removed must lie in [0, 100), got {args.removed}')
+        p.error(f'argument --removed: must lie in [0, 100), got {args.removed}')
+    if args.repeats < 1:
+        p.error(f'argument --repeats: must be >= 1, got {args.repeats}')
     from mmseg_cbt.models.masked.vit_tokens import block_forward, sparse_blocks, token_keep
     vit, size = build_vit(args.model)
     layers = [vit.layers[i] for s in range(2, vit.num_stages + 1) for i in vit.stage_blocks(s)]

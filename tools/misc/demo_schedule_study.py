@@ -104,6 +104,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f'argument --variants: unknown {bad}; allowed: {sorted(VARIANTS)}')
     if not 0.0 <= args.min_share < 1.0:
         p.error(f'argument --min-share: must be in [0, 1), got {args.min_share}')
+    if not 0.0 <= args.min_iou <= 100.0:
+        p.error(f'argument --min-iou: must be in [0, 100], got {args.min_iou}')
     return args
 
 
