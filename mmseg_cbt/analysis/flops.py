@@ -105,6 +105,7 @@ class EarlyExitFlopCounter:
         self._params_exit_only = params
         self._params_cum = [sum(params[:i + 1]) for i in range(len(params))]
         self._traces: Dict[Tuple[int, ...], List[LayerCall]] = {}
+        self._groups: Dict[int, tuple] = {}  # per cached trace (its id): _call_groups
         # tokens in front of a ViT's grid (class token): processed by every block, never stopped
         self._extra_tokens = int(getattr(getattr(model, 'backbone', None), 'num_extra_tokens', 0) or 0)
 
@@ -150,35 +151,32 @@ class EarlyExitFlopCounter:
         masked = [[0.0] * b for _ in range(n_ex)]
         masked_backbone = [[0.0] * b for _ in range(n_ex)]
         fill = [[0.0] * b for _ in range(n_ex)]
-        p_cache: Dict[Tuple[int, Tuple[int, ...]], List[float]] = {}
-        for call in trace:
+        rbf = self.fill == 'rbf'
+        positional, token_calls = self._call_groups(trace)
+        # positional calls by (exit, output size): one active fraction and a few float operations per group
+        fractions = self._group_fractions(positional, actives)
+        for (e, out_hw), (macs, macs_bb, area, area_bb) in positional.items():
+            if actives[e] is None:
+                dense[e] += macs
+                dense_backbone[e] += macs_bb
+                continue
+            for i, p in enumerate(fractions[e, out_hw]):
+                # ADP-C's charge for RBF-interpolating the stopped positions of these convs' outputs
+                fw, fw_bb = ((1.0 - p) * p * area, (1.0 - p) * p * area_bb) if rbf else (0.0, 0.0)
+                fill[e][i] += fw
+                masked[e][i] += macs * p + fw
+                masked_backbone[e][i] += macs_bb * p + fw_bb
+        for call in token_calls:
             e = (call.exit or 1) - 1
             active = actives[e]
-            is_backbone = call.part == 'backbone'
             if active is None:
                 dense[e] += call.macs
-                if is_backbone:
+                if call.part == 'backbone':
                     dense_backbone[e] += call.macs
                 continue
-            token_work = self._token_work(call, active)
-            if token_work is not None:
-                works = token_work.tolist()
-            else:
-                key = (e, call.out_hw)
-                if key not in p_cache:
-                    p_cache[key] = self._active_fraction(active, call.out_hw).tolist()
-                works = []
-                for i, p in enumerate(p_cache[key]):
-                    work = call.macs * p
-                    if self.fill == 'rbf':
-                        # ADP-C's charge for RBF-interpolating the stopped positions of this conv's output
-                        fw = (1.0 - p) * p * (call.out_channels * RBF_KERNEL_AREA * math.prod(call.out_hw))
-                        fill[e][i] += fw
-                        work = work + fw
-                    works.append(work)
-            for i, work in enumerate(works):
+            for i, work in enumerate(self._token_work(call, active).tolist()):
                 masked[e][i] += work
-                if is_backbone:
+                if call.part == 'backbone':
                     masked_backbone[e][i] += work
         has_mask = [a is not None for a in actives]
         exits: List[ExitFlops] = []
@@ -207,6 +205,28 @@ class EarlyExitFlopCounter:
             fill=self.fill,
             input_shapes=[tuple(int(s) for s in inputs.shape[2:])] * b)
 
+    def _call_groups(self, trace: List[LayerCall]):
+        """The trace's calls without token sequences summed per (exit, output size) (exact integers: MACs, backbone
+        MACs, and ``C_out * 49 * H * W`` of the rbf charge, all and backbone), and the calls with token sequences;
+        cached per trace."""
+        key = id(trace)
+        if key not in self._groups:
+            positional: Dict[Tuple[int, Tuple[int, ...]], List[int]] = {}
+            tokens = []
+            for call in trace:
+                if call.seq_lens:
+                    tokens.append(call)
+                    continue
+                g = positional.setdefault(((call.exit or 1) - 1, tuple(call.out_hw)), [0, 0, 0, 0])
+                area = call.out_channels * RBF_KERNEL_AREA * math.prod(call.out_hw)
+                g[0] += call.macs
+                g[2] += area
+                if call.part == 'backbone':
+                    g[1] += call.macs
+                    g[3] += area
+            self._groups[key] = (positional, tokens)
+        return self._groups[key]
+
     def _token_work(self, call: LayerCall, active: Tensor) -> Optional[Tensor]:
         """Per-image MACs (B,) of a call on token sequences at the tokens really processed, or None when the call
         has no token sequence (then the positional rule applies); sequences off the grid count densely."""
@@ -229,13 +249,30 @@ class EarlyExitFlopCounter:
         return a * counts[0] + b * counts[1] + c * counts[0] * counts[1]
 
     @staticmethod
-    def _active_fraction(active: Tensor, out_hw: Tuple[int, ...]) -> Tensor:
-        """Per-image fraction of still-computed positions at ``out_hw`` (nearest resize of the 1/4 mask)."""
-        m = active.float().unsqueeze(1)
-        if out_hw and tuple(m.shape[2:]) != tuple(out_hw):
-            m = F.interpolate(m, size=tuple(out_hw), mode='nearest')
-        # linear layers (no spatial output): the global fraction of the mask
-        return m.flatten(1).double().mean(dim=1).cpu()
+    def _group_fractions(positional: dict, actives: Sequence[Optional[Tensor]]) -> Dict[tuple, List[float]]:
+        """Per masked group (exit, output size) the per-image fraction of still-computed positions: the mean of the
+        1/4 mask resized with nearest interpolation to the output size (linear layers: of the mask itself), as an
+        exact count over the size, read back in one transfer."""
+        keys, counts, sizes = [], [], []
+        for e, out_hw in positional:
+            active = actives[e]
+            if active is None:
+                continue
+            hw = tuple(out_hw)
+            if not hw or hw == tuple(active.shape[1:]):
+                sub = active
+            elif all(s % o == 0 for s, o in zip(active.shape[1:], hw)):
+                # nearest resize by an integer factor picks every f-th position (scale exactly f)
+                sub = active[:, ::active.shape[1] // hw[0], ::active.shape[2] // hw[1]]
+            else:
+                sub = F.interpolate(active.float().unsqueeze(1), size=hw, mode='nearest')[:, 0] > 0.5
+            keys.append((e, out_hw))
+            counts.append(sub.flatten(1).sum(dim=1))
+            sizes.append(sub[0].numel())
+        if not keys:
+            return {}
+        values = torch.stack(counts).tolist()
+        return {key: [c / n for c in row] for key, row, n in zip(keys, values, sizes)}
 
 
 def count_flops(model: nn.Module,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mmseg_cbt.utils.meta import meta_padding
 
-__all__ = ['RestorePlan', 'ExitLabelRestorer']
+__all__ = ['RestorePlan', 'ExitLabelRestorer', 'CellConfusion']
 
 # float32 rounding of a two-stage bilinear chain and of the recomputation move a score by a few ulps of the largest
 # input (~2^-21 of it): 2^-18 leaves a margin of 8
@@ -76,6 +76,7 @@ class RestorePlan:
         self.out_hw = (self.rows[0].shape[0], self.cols[0].shape[0])
         self._low_hw = tuple(low_hw)
         self._taps: Optional[Tuple[Tensor, Tensor]] = None
+        self._cells: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     @staticmethod
     def _axis_taps(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
@@ -92,18 +93,51 @@ class RestorePlan:
         start = lo.clamp(max=weights.shape[1] - span)  # a window of span sources from here covers [lo, hi]
         return idx, torch.where(keep, w, torch.zeros_like(w)), start, span
 
+    def pooled(self, maps: Tensor) -> Tuple[Tensor, ...]:
+        """Lowest and highest value over every window of ``span`` sources (indexed by window start) of each of the
+        (n, h, w) integer maps (small values, exact in float32): (lo_0, hi_0, lo_1, hi_1, ...), one pooling call."""
+        x = maps.to(torch.float32)
+        out = F.max_pool2d(torch.cat([x, -x])[None], (self.rows[3], self.cols[3]), stride=1)[0]
+        n = maps.shape[0]
+        return tuple(t for i in range(n) for t in (-out[n + i], out[i]))
+
     def mixed(self, held: Tensor) -> Tuple[Tensor, Tensor]:
         """(out_h, out_w) lowest and highest held-exit index over a window holding each output pixel's sources (a
         window min / max at the low resolution, then looked up: equal means every source holds that exit)."""
-        x = held.to(torch.float32)[None, None]
-        window = (self.rows[3], self.cols[3])
-        hi = F.max_pool2d(x, window, stride=1)[0, 0]
-        lo = -F.max_pool2d(-x, window, stride=1)[0, 0]
+        lo, hi = self.pooled(held[None])
 
         def lookup(t: Tensor) -> Tensor:
             return t.index_select(0, self.rows[2]).index_select(1, self.cols[2]).to(torch.int64)
 
         return lookup(lo), lookup(hi)
+
+    def mixed_at(self, held: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`mixed` at the flat output positions ``pos`` only ((n,) each)."""
+        lo, hi = self.pooled(held[None])
+        y, x = pos // self.out_hw[1], pos % self.out_hw[1]
+        r, c = self.rows[2][y], self.cols[2][x]
+        return lo[r, c].to(torch.int64), hi[r, c].to(torch.int64)
+
+    def cells(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The output pixels grouped by source window ("cell": window start ``(r, c)``, id ``r * n_c + c``; all
+        pixels of a cell read sources in the same window): (H * W,) pixel order by cell, (H * W,) cell of each
+        pixel in that order, (cells,) first offset and pixel count of each cell. Built once."""
+        if self._cells is None:
+            n_c = self._low_hw[1] - self.cols[3] + 1
+            n_cells = (self._low_hw[0] - self.rows[3] + 1) * n_c
+            cell = (self.rows[2][:, None] * n_c + self.cols[2][None, :]).reshape(-1)
+            order = torch.sort(cell, stable=True).indices
+            counts = torch.bincount(cell, minlength=n_cells)
+            self._cells = (order, cell[order], torch.cumsum(counts, 0) - counts, counts)
+        return self._cells
+
+    def pixels_of_cells(self, cells: Tensor) -> Tensor:
+        """Flat output positions ((n,), each once) of the pixels of the given cells ((m,) int64)."""
+        order, _, first, counts = self.cells()
+        per = counts[cells]
+        owner = torch.repeat_interleave(torch.arange(cells.numel()), per)
+        local = torch.arange(int(per.sum())) - (torch.cumsum(per, 0) - per)[owner]
+        return order[first[cells][owner] + local]
 
     def _flat_taps(self) -> Tuple[Tensor, Tensor]:
         """(H * W, Tr * Tc) flat low-resolution source index and weight of every output pixel (built once)."""
@@ -185,29 +219,55 @@ class ExitLabelRestorer:
         if not self.finite:
             return self._fallback(held)
         lo, hi = self.plan.mixed(held)
-        if self._maps is None or self._maps.shape[0] <= vmax:
-            self._maps = torch.stack([self.exit_labels(v) for v in range(vmax + 1)])
-        pred = self._maps.gather(0, lo[None])[0]
+        pred = self._exit_maps(vmax).gather(0, lo[None])[0]
         flat = pred.view(-1)
         pos = (lo != hi).view(-1).nonzero().squeeze(1)
         if pos.numel():
-            self._prepare_rows()
-            src, weight = self.plan.sources(held, pos)
-            # a weighted mean of score vectors that all rank one class first by a clear margin ranks it first too:
-            # only border pixels whose sources disagree (or nearly tie) are recomputed
-            code = self._row_code[src]
-            sure = (code == code[:, :1]).all(1) & (code[:, 0] >= 0)
-            flat[pos[sure]] = code[sure, 0]
-            rest = ~sure
-            pos, src, weight = pos[rest], src[rest], weight[rest]
-            if pos.numel():
-                val = self.plan.values(self._rows, src, weight)
-                top = val.topk(2, dim=1).values
-                scale = val.abs().amax(1).clamp(min=1.0)
-                if bool((top[:, 0] - top[:, 1] <= _TIE_TOL * scale).any()):
-                    return self._fallback(held)
-                flat[pos] = val.argmax(1)
+            border = self._border_labels(held, pos)
+            if border is None:
+                return self._fallback(held)
+            flat[pos] = border
         return pred
+
+    def labels_at(self, held: Tensor, pos: Tensor) -> Optional[Tensor]:
+        """The labels of :meth:`labels` at the flat output positions ``pos`` only, or None where that would need
+        the real chain (a near tie among them, non-finite logits): then call :meth:`labels`."""
+        if not self.finite:
+            return None
+        lo, hi = self.plan.mixed_at(held, pos)
+        maps = self._exit_maps(int(held.max()))
+        out = maps.view(maps.shape[0], -1)[lo, pos]
+        mix = (lo != hi).nonzero().squeeze(1)
+        if mix.numel():
+            border = self._border_labels(held, pos[mix])
+            if border is None:
+                return None
+            out[mix] = border
+        return out
+
+    def _exit_maps(self, vmax: int) -> Tensor:
+        """(V, H, W) label maps of exits 0..V-1, V > vmax."""
+        if self._maps is None or self._maps.shape[0] <= vmax:
+            self._maps = torch.stack([self.exit_labels(v) for v in range(vmax + 1)])
+        return self._maps
+
+    def _border_labels(self, held: Tensor, pos: Tensor) -> Optional[Tensor]:
+        """Labels of output pixels ``pos`` whose sources hold different exits (None at a near tie)."""
+        self._prepare_rows()
+        src, weight = self.plan.sources(held, pos)
+        # a weighted mean of score vectors that all rank one class first by a clear margin ranks it first too:
+        # only border pixels whose sources disagree (or nearly tie) are recomputed
+        code = self._row_code[src]
+        out = code[:, 0].clone()
+        rest = ~((code == code[:, :1]).all(1) & (code[:, 0] >= 0))
+        if bool(rest.any()):
+            val = self.plan.values(self._rows, src[rest], weight[rest])
+            top = val.topk(2, dim=1).values
+            scale = val.abs().amax(1).clamp(min=1.0)
+            if bool((top[:, 0] - top[:, 1] <= _TIE_TOL * scale).any()):
+                return None
+            out[rest] = val.argmax(1)
+        return out
 
     def _prepare_rows(self) -> None:
         """The logits as channels-last rows and every row's top label where it leads by a clear margin (-1 where
@@ -224,3 +284,109 @@ class ExitLabelRestorer:
         idx = held.long()[None, None].expand(1, self.dense[0].shape[0], -1, -1)
         logits = torch.stack(self.dense).gather(0, idx)[0]
         return self.real(logits)
+
+
+class CellConfusion:
+    """One image's confusion counts for any map of held exits, counted per cell (:meth:`RestorePlan.cells`) rather
+    than per output pixel: the counts a sweep needs for every setting, bit-equal to counting
+    :meth:`ExitLabelRestorer.labels`.
+
+    * A cell whose window holds one exit ``v`` takes exit ``v``'s labels (as in ``labels``): its counts are
+      precomputed per exit as runs of equal (label row, prediction) among the cell's pixels.
+    * A mixed cell whose window's pixels all rank one class ``c`` first by a clear margin takes ``c`` at every pixel
+      (every pixel's sources are in the window, so ``labels`` gives ``c`` too): its counts are its label rows'
+      runs shifted by ``c``.
+    * The pixels of the other cells are labelled one by one (:meth:`ExitLabelRestorer.labels_at`); where that
+      needs the real chain (a near tie, non-finite logits), the whole map is labelled by ``labels``.
+
+    So a setting costs a few operations on the low-resolution map and on the runs (a few per cell), not on every
+    output pixel.
+
+    Args:
+        restorer (ExitLabelRestorer): The image's restorer.
+        row_offset (Tensor): int64 (H * W,) ``label row * K`` per output pixel (labels outside [0, K) in row K),
+            -1 where the pixel is not evaluated (ignore index).
+        num_classes (int): K.
+    """
+
+    def __init__(self, restorer: ExitLabelRestorer, row_offset: Tensor, num_classes: int):
+        self.restorer = restorer
+        self.row_offset = row_offset
+        self.num_classes = int(num_classes)
+        self.size = (num_classes + 1) * num_classes
+        order, cell, _, _ = restorer.plan.cells()
+        labelled = (row_offset[order] >= 0).nonzero().squeeze(1)
+        self._pixels = order[labelled]  # labelled pixels in cell order
+        self._cell_of = cell[labelled]
+        self._rows = row_offset[self._pixels]
+        self._row_runs = self._runs(self._cell_of, self._rows)
+        self._exit_runs: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None  # cell, bin, count, exit
+        self._runs_vmax = -1
+        self._flat = torch.arange(restorer.dense[0][0].numel())
+        self._exit_counts: Dict[int, Tensor] = {}
+        self.full_counts = 0
+
+    def _runs(self, cell: Tensor, bins: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(cell, bin, count) of the runs of equal (cell, bin) in cell order (equal pairs may form several runs)."""
+        key = cell * self.size + bins
+        if key.numel() == 0:
+            return key, key, key
+        start = torch.cat([key.new_zeros(1), (key[1:] != key[:-1]).nonzero().squeeze(1) + 1])
+        count = torch.diff(start, append=key.new_full((1, ), key.numel()))
+        key = key[start]
+        return key // self.size, key % self.size, count
+
+    def _exits(self, vmax: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every exit's runs up to ``vmax``, concatenated, with their exit."""
+        if self._exit_runs is None or self._runs_vmax < vmax:
+            parts = []
+            for v in range(vmax + 1):
+                pred = self.restorer.exit_labels(v).reshape(-1)[self._pixels]
+                c, b, n = self._runs(self._cell_of, self._rows + pred)
+                parts.append((c, b, n, torch.full_like(c, v)))
+            self._exit_runs = tuple(torch.cat(t) for t in zip(*parts))
+            self._runs_vmax = vmax
+        return self._exit_runs
+
+    def _count(self, pos: Tensor, pred: Tensor) -> Tensor:
+        rows = self.row_offset[pos]
+        keep = rows >= 0
+        return torch.bincount(rows[keep] + pred[keep], minlength=self.size)
+
+    def _full(self, held: Tensor) -> Tensor:
+        self.full_counts += 1
+        pred = self.restorer.labels(held).reshape(-1)
+        return self._count(self._pixels, pred[self._pixels])
+
+    def counts(self, held: Tensor) -> Tensor:
+        """The (K + 1) * K flat confusion counts [label row * K + prediction] for held-exit map ``held`` (h, w)."""
+        restorer = self.restorer
+        vmin, vmax = torch.stack(torch.aminmax(held)).tolist()
+        if vmin == vmax:
+            if vmin not in self._exit_counts:
+                pred = restorer.exit_labels(vmin).reshape(-1)
+                self._exit_counts[vmin] = self._count(self._pixels, pred[self._pixels])
+            return self._exit_counts[vmin]
+        if not restorer.finite:
+            return self._full(held)
+        plan = restorer.plan
+        restorer._prepare_rows()
+        flat = held.reshape(-1).long()
+        code = restorer._row_code[flat * flat.numel() + self._flat]
+        lo, hi, c_lo, c_hi = plan.pooled(torch.stack([flat, code]).view(2, *held.shape))
+        pure = torch.where(lo == hi, lo, -1.0).reshape(-1)  # the one exit of a pure cell, -1 for mixed
+        sure = ((c_lo == c_hi) & (c_lo >= 0)).reshape(-1) & (pure < 0)
+        cell, bins, count, exit_ = self._exits(vmax)
+        out = torch.zeros(self.size, dtype=torch.int64)
+        out.index_add_(0, bins, count * (pure[cell] == exit_))
+        r_cell, r_bin, r_count = self._row_runs
+        cls = c_lo.reshape(-1).clamp(min=0).to(torch.int64)
+        out.index_add_(0, r_bin + cls[r_cell], r_count * sure[r_cell])
+        rest = ((pure < 0) & ~sure).nonzero().squeeze(1)
+        if rest.numel():
+            pos = plan.pixels_of_cells(rest)
+            pred = restorer.labels_at(held, pos)
+            if pred is None:
+                return self._full(held)
+            out += self._count(pos, pred)
+        return out

@@ -6,20 +6,21 @@ masks are then built post hoc exactly as ``EarlyExitEncoderDecoder.forward_exits
 the exits' logits, copy aggregation, the model's own ``_stop_mask_with``), a confusion matrix is accumulated at the
 label size (labels as ``predict``'s resize and restore give them, through
 :class:`~mmseg_cbt.analysis.restore_plan.ExitLabelRestorer`: one real resize per exit and image, exact
-recomputation only at the borders between exits) and the masked MACs are counted with
+recomputation only at the borders between exits, counted per source window rather than per output pixel,
+:class:`~mmseg_cbt.analysis.restore_plan.CellConfusion`) and the masked MACs are counted with
 :class:`~mmseg_cbt.analysis.EarlyExitFlopCounter`. The numbers equal those of separate runs per setting.
 """
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from mmseg_cbt.models.masked.vit_stop_rules import exit_scores
 from .flops import EarlyExitFlopCounter
-from .restore_plan import ExitLabelRestorer
+from .restore_plan import CellConfusion, ExitLabelRestorer
 from .sweep_spec import FAMILIES, Family, Setting
 
 __all__ = [
@@ -61,7 +62,11 @@ def resolve_thresholds(model,
             s.thresholds = thr.to(torch.float32).expand(n, k).clone()
 
 
-def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict], scores: Optional[Sequence] = None):
+def posthoc_exits(model,
+                  dense_logits: Sequence[Tensor],
+                  cfg: Optional[dict],
+                  scores: Optional[Sequence] = None,
+                  masks_only: bool = False):
     """Per-exit logits and masks of one stop rule, built from dense exit logits the way ``forward_exits`` builds
     them with ``feature_mask='none'`` (same loop, same mask calls, copy aggregation).
 
@@ -73,6 +78,8 @@ def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict], sc
             between rules. At the active positions they are the scores of the aggregated logits the model's loop
             scores, and a stop mask only counts there (``active & keep``; DToP's top-k competes among active
             positions only), so the masks are the same.
+        masks_only (bool): With ``scores``: only the masks are wanted; the returned logits are then the dense ones
+            (the aggregation is skipped, nothing else reads them).
 
     Returns:
         tuple[list[Tensor], list[Tensor | None]]: Logits and masks, as ``forward_exits(..., return_active=True)``.
@@ -87,7 +94,7 @@ def posthoc_exits(model, dense_logits: Sequence[Tensor], cfg: Optional[dict], sc
             actives += [active] * (num_exits - n)
             break
         out = dense_logits[n]
-        if active is not None:
+        if active is not None and not (masks_only and scores is not None):
             out = torch.where(active.unsqueeze(1), out, logits[-1])
         logits.append(out)
         actives.append(active)
@@ -152,14 +159,13 @@ class SweepEvaluator:
         self.time_forward = 0.0
         self.time_posthoc = 0.0
 
-    def _label_index(self, label: Tensor) -> Tuple[Tensor, Tensor]:
-        """Flat positions of the labelled pixels and their confusion row offsets ``row * K``."""
+    def _row_offsets(self, label: Tensor) -> Tensor:
+        """Per output pixel its confusion row offset ``row * K`` (labels outside [0, K) in row K), -1 where the
+        label is the ignore index."""
         k = self.num_classes
         label = label.reshape(-1).long()
-        pos = (label != self.ignore_index).nonzero().flatten()
-        rows = label[pos]
-        rows = torch.where((rows >= 0) & (rows < k), rows, torch.full_like(rows, k))
-        return pos, rows * k
+        rows = torch.where((label >= 0) & (label < k), label, torch.full_like(label, k)) * k
+        return torch.where(label != self.ignore_index, rows, torch.full_like(rows, -1))
 
     @torch.no_grad()
     def process(self, data: dict) -> None:
@@ -170,22 +176,22 @@ class SweepEvaluator:
         t0 = time.perf_counter()
         dense = model.forward_exits(inputs, exit_mode='dense', feature_mask='none')
         t1 = time.perf_counter()
-        labels = [self._label_index(s.gt_sem_seg.data) for s in samples]
+        offsets = [self._row_offsets(s.gt_sem_seg.data) for s in samples]
         scores = [exit_scores(head, d) for head, d in zip(model.exits, dense)]
         k = self.num_classes
-        cache: List[Dict[Tuple[int, bytes], Tensor]] = [dict() for _ in samples]
         per_image = [[d[i] for d in dense] for i in range(len(samples))]
         restorers = [
             ExitLabelRestorer(model, logits, metas[0]['img_shape'], meta, argmax_channels, self._plans)
             for logits, meta in zip(per_image, metas)
         ]
+        counters = [CellConfusion(r, off, k) for r, off in zip(restorers, offsets)]
         saved = (model.cbt_thresholds.clone(), model.cbt_calibrated.clone())
         try:
             for setting, result in zip(self.settings, self.results):
                 if setting.thresholds is not None:
                     model.cbt_thresholds.copy_(setting.thresholds.to(model.cbt_thresholds.device))
                     model.cbt_calibrated.fill_(True)
-                logits, actives = posthoc_exits(model, dense, setting.stop_cfg(), scores)
+                _, actives = posthoc_exits(model, dense, setting.stop_cfg(), scores, masks_only=True)
                 self.counter.exit_mode = (setting.stop_cfg() or {}).get('exit_mode', 'dense')  # the result's label
                 flops = self.counter.count(inputs, actives)
                 result.flops = flops if result.flops is None else result.flops.extend(flops)
@@ -196,16 +202,8 @@ class SweepEvaluator:
                     held += 1 if a is None else a.to(torch.uint8)
                 for e in self.exits:
                     clipped = held.clamp(max=e)
-                    for i, (pos, rows) in enumerate(labels):
-                        # equal maps of held exits mean bit-equal logits: restore and count once
-                        key = (e, clipped[i].cpu().numpy().tobytes())
-                        conf = cache[i].get(key)
-                        if conf is None:
-                            pred = restorers[i].labels(clipped[i])
-                            conf = torch.bincount(rows + pred.reshape(-1)[pos], minlength=(k + 1) * k)
-                            conf = conf.view(k + 1, k).cpu()
-                            cache[i][key] = conf
-                        result.confusion[e] += conf
+                    for i in range(len(samples)):
+                        result.confusion[e] += counters[i].counts(clipped[i]).view(k + 1, k).cpu()
         finally:
             model.cbt_thresholds.copy_(saved[0])
             model.cbt_calibrated.copy_(saved[1])

@@ -13,6 +13,7 @@ from typing import List, Tuple
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from utils import ROOT, build_tiny_model
 
 H, W = 128, 256  # input; the branches are at 1/4 .. 1/32 of it
@@ -352,3 +353,19 @@ def test_tool_w48_matches_published(capsys):
     assert plain['reference']['rows'][0]['published_gflops_2_30'] == 696.2
     printed = capsys.readouterr().out
     assert 'rel. diff' in printed and 'total' in printed
+
+
+def test_group_fractions_equal_the_nearest_resized_mask_mean():
+    """The grouped fractions equal the mean of the mask resized with nearest interpolation, bit for bit."""
+    from mmseg_cbt.analysis import EarlyExitFlopCounter
+    gen = torch.Generator().manual_seed(0)
+    active = torch.rand(2, 16, 24, generator=gen) < 0.4
+    sizes = [(16, 24), (8, 12), (4, 6), (7, 9), (32, 48), (5, 24), ()]
+    positional = {(1, hw): None for hw in sizes}
+    got = EarlyExitFlopCounter._group_fractions(positional, [None, active])
+    for hw in sizes:
+        m = active.float().unsqueeze(1)
+        if hw:
+            m = F.interpolate(m, size=hw, mode='nearest')
+        assert got[1, hw] == m.flatten(1).double().mean(dim=1).tolist(), hw
+    assert EarlyExitFlopCounter._group_fractions(positional, [None, None]) == {}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmseg_cbt.analysis.restore_plan import ExitLabelRestorer
+from mmseg_cbt.analysis.restore_plan import CellConfusion, ExitLabelRestorer
 from mmseg_cbt.analysis.sweep import argmax_channels
 from mmseg_cbt.models import EarlyExitEncoderDecoder
 
@@ -60,22 +60,22 @@ def test_near_ties_and_non_finite_fall_back_to_the_real_chain():
     model = _model(False)
     h, w = 12, 16
     gen = torch.Generator().manual_seed(2)
-    a = torch.randn(5, h, w, generator=gen)
-    b = a.clone()
-    b[1] = b[0]  # two channels exactly equal in exit 1: every border pixel is a tie
+    a, b = torch.randn(5, h, w, generator=gen), torch.randn(5, h, w, generator=gen)
+    for x in (a, b):
+        x[1] = x[0] = 10.0  # channels 0 and 1 equal and first in both exits: every border pixel is a tie
     held = torch.zeros(h, w, dtype=torch.uint8)
     held[:, w // 2:] = 1
     meta = dict(ori_shape=(45, 61))
     restorer = ExitLabelRestorer(model, [a, b], (48, 64), meta, argmax_channels)
     logits = torch.where(held.bool()[None], b, a)
     assert torch.equal(restorer.labels(held), restorer.real(logits))
-    before = restorer.fallbacks
+    assert restorer.fallbacks == 1
     a2 = a.clone()
     a2[:, 0, 0] = float('nan')
     nan_restorer = ExitLabelRestorer(model, [a2, b], (48, 64), meta, argmax_channels)
     logits = torch.where(held.bool()[None], b, a2)
     assert torch.equal(nan_restorer.labels(held), nan_restorer.real(logits))
-    assert nan_restorer.fallbacks == 1 and before >= 0
+    assert nan_restorer.fallbacks == 1
 
 
 def test_taps_are_the_sources_torch_reads():
@@ -101,3 +101,74 @@ def test_taps_are_the_sources_torch_reads():
         assert torch.equal(moved, listed), (i, j)
     for idx, _, start, span in (plan.rows, plan.cols):  # the lookup windows hold every tap
         assert bool(((idx >= start[:, None]) & (idx < start[:, None] + span)).all())
+
+
+def _want_counts(restorer, dense, held, offset, k):
+    h, w = held.shape
+    logits = torch.stack(dense).gather(0, held.long()[None, None].expand(1, k, h, w))[0]
+    pred = restorer.real(logits).reshape(-1)
+    keep = offset >= 0
+    return torch.bincount(offset[keep] + pred[keep], minlength=(k + 1) * k)
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+def test_cell_counts_equal_the_real_chain(geometry):
+    """Counts per cell (pure windows, clear mixed windows, the rest pixel by pixel) equal those of the real chain."""
+    (h, w), first, meta = geometry
+    model = _model(False)
+    gen = torch.Generator().manual_seed(4)
+    k = 7
+    # the exits agree on the class in the left half (clear mixed windows there), disagree on the right
+    base = torch.zeros(k, h, w)
+    base[2, :, :w // 2] = 20.0
+    dense = [base + torch.randn(k, h, w, generator=gen) for _ in range(4)]
+    for d in dense[1:]:
+        d[:, :, w // 2:] = 4 * torch.randn(k, h, w - w // 2, generator=gen)
+    restorer = ExitLabelRestorer(model, dense, first, meta, argmax_channels)
+    out_h, out_w = meta['ori_shape']
+    label = torch.randint(0, k + 2, (out_h * out_w, ), generator=gen)  # k + 1: ignored, k: outside [0, K)
+    offset = torch.where(label == k + 1, torch.full_like(label, -1), label * k)
+    counter = CellConfusion(restorer, offset, k)
+    calls = []
+    labels_at = restorer.labels_at
+    restorer.labels_at = lambda held, pos: calls.append(pos.numel()) or labels_at(held, pos)
+    mixed = 0
+    for seed in range(6):
+        held = _blobs(h, w, 4, seed)
+        assert torch.equal(counter.counts(held), _want_counts(restorer, dense, held, offset, k)), seed
+        lo, hi = restorer.plan.mixed(held)
+        mixed += int((lo != hi).sum())
+    uniform = torch.full((h, w), 3, dtype=torch.uint8)
+    assert torch.equal(counter.counts(uniform), _want_counts(restorer, dense, uniform, offset, k))
+    assert counter.full_counts == 0 and sum(calls) > 0  # no fallback; some pixels were labelled one by one
+    assert sum(calls) < mixed  # the clear mixed windows were counted per cell
+
+
+def test_cell_counts_fall_back_at_near_ties():
+    model = _model(False)
+    h, w, k = 12, 16, 5
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(k, h, w, generator=gen), torch.randn(k, h, w, generator=gen)
+    for x in (a, b):
+        x[1] = x[0] = 10.0  # channels 0 and 1 equal and first in both exits: every mixed pixel is a tie
+    held = torch.zeros(h, w, dtype=torch.uint8)
+    held[:, w // 2:] = 1
+    restorer = ExitLabelRestorer(model, [a, b], (48, 64), dict(ori_shape=(45, 61)), argmax_channels)
+    offset = torch.randint(0, k + 1, (45 * 61, ), generator=gen) * k
+    counter = CellConfusion(restorer, offset, k)
+    assert torch.equal(counter.counts(held), _want_counts(restorer, [a, b], held, offset, k))
+    assert counter.full_counts == 1
+
+
+def test_pixels_of_cells_are_the_pixels_reading_that_window():
+    model = _model(False)
+    h, w = 12, 16
+    meta = dict(ori_shape=(45, 61), flip=True, flip_direction='horizontal')
+    plan = ExitLabelRestorer(model, [torch.zeros(3, h, w)], (48, 64), meta, argmax_channels).plan
+    n_c = w - plan.cols[3] + 1
+    for r, c in [(0, 0), (5, 9), (h - plan.rows[3], n_c - 1)]:
+        pos = plan.pixels_of_cells(torch.tensor([r * n_c + c]))
+        want = ((plan.rows[2] == r)[:, None] & (plan.cols[2] == c)[None, :]).reshape(-1).nonzero().squeeze(1)
+        assert torch.equal(pos.sort().values, want) and want.numel() > 0
+    order, _, _, counts = plan.cells()
+    assert int(counts.sum()) == 45 * 61 and torch.equal(order.sort().values, torch.arange(45 * 61))
