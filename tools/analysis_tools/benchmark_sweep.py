@@ -72,8 +72,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     best = {k: sum(v) / len(v) for k, v in per_image.items()}
     ratio = best['sweep'] / best['single']
     print(f"{len(batches)} images, per-image best of {args.rounds} alternating rounds, "
-          f"{torch.get_num_threads()} threads: 1 setting {best['single']:.1f} ms/image, {len(args.sweep.settings)} settings {best['sweep']:.1f} "
-          f"ms/image (both + dense): ratio {ratio:.2f}")
+          f"{torch.get_num_threads()} threads: 1 setting {best['single']:.1f} ms/image, "
+          f"{len(args.sweep.settings)} settings {best['sweep']:.1f} ms/image (both + dense): ratio {ratio:.2f}")
     return dict(best, ratio=ratio)
 
 
