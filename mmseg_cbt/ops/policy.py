@@ -38,7 +38,8 @@ __all__ = [
 #: ``auto``: the direct algorithm for float32 convs where the kernel has it (on Intel CPUs up to
 #: :data:`DIRECT_MAX_COUT` output channels), the gather + GEMM otherwise.
 #: ``tune``: as ``auto``, measuring this CPU first where it has no tuning result yet (:mod:`.sparse_conv.tune`).
-CPU_ALGORITHMS = ('auto', 'gemm', 'direct', 'tune')
+#: ``direct-vtail``: the direct algorithm, its thin variant computing a short channel tail as one more vector.
+CPU_ALGORITHMS = ('auto', 'gemm', 'direct', 'direct-vtail', 'tune')
 
 #: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm on Intel CPUs: at 144-384
 #: channels MKL's GEMM is as fast as the direct algorithm's wide variant or up to 1.2x faster there
@@ -78,28 +79,39 @@ def cpu_algorithm(name: str) -> Iterator[None]:
         set_cpu_algorithm(old)
 
 
-def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bool:
+def _direct_choice(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> Optional[str]:
+    """'direct', 'direct-vtail' or None (the gather + GEMM) for one conv, forced or by the table / vendor rule."""
     if ext is None or dtype != torch.float32 or not ext.has_direct():
-        return False
+        return None
     algo = get_cpu_algorithm()
-    if algo in ('direct', 'gemm'):
-        return algo == 'direct'
-    from .sparse_conv.tune import tuned_direct  # late: tune times the kernel through the dispatch, which needs us
-    tuned = tuned_direct(cout, measure_missing=algo == 'tune')
+    if algo in ('direct', 'direct-vtail', 'gemm'):
+        return None if algo == 'gemm' else algo
+    from .sparse_conv.tune import tuned_algorithm  # late: tune times the kernel through the dispatch, which needs us
+    tuned = tuned_algorithm(cout, measure_missing=algo == 'tune')
     if tuned is not None:
-        return tuned
-    return cout <= DIRECT_MAX_COUT or not _GEMM_WIDE
+        return None if tuned == 'gemm' else tuned
+    return 'direct' if cout <= DIRECT_MAX_COUT or not _GEMM_WIDE else None
+
+
+def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bool:
+    return _direct_choice(ext, cout, dtype) is not None
 
 
 def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
-    """The kernel's ``direct`` argument for one conv: 1 runs the direct algorithm, 0 the gather + GEMM.
+    """The kernel's ``direct`` argument for one conv: 1 runs the direct algorithm, 4 its thin variant with a vector
+    tail (where the conv has a short tail, see :func:`~.sparse_conv.tune.has_short_tail`), 0 the gather + GEMM.
 
     A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no direct algorithm in the
     build): the kernel then refuses with its message instead of silently running the GEMM.
     """
-    if get_cpu_algorithm() == 'direct':
+    algo = get_cpu_algorithm()
+    if algo == 'direct':
         return 1
-    return int(_runs_direct(ext, cout, dtype))
+    choice = _direct_choice(ext, cout, dtype)
+    if choice is None:
+        return 0
+    from .sparse_conv.tune import has_short_tail
+    return 4 if choice == 'direct-vtail' and has_short_tail(ext, cout) else 1
 
 
 def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:

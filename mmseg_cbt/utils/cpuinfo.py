@@ -2,7 +2,7 @@
 import functools
 from typing import List, Sequence, Tuple
 
-__all__ = ['cpuinfo_lines', 'cpu_vendor', 'cpu_model_name']
+__all__ = ['cpuinfo_lines', 'cpu_vendor', 'cpu_model_name', 'cpu_signature']
 
 
 def cpuinfo_lines(prefixes: Sequence[str]) -> List[str]:
@@ -20,8 +20,11 @@ def _lines(prefixes: Tuple[str, ...]) -> Tuple[str, ...]:
 
 
 def _field(name: str) -> str:
-    lines = cpuinfo_lines([name])
-    return lines[0].split(':', 1)[1].strip() if lines else ''
+    for line in cpuinfo_lines([name]):
+        key, _, value = line.partition(':')
+        if key.strip() == name:  # 'model' must not match 'model name'
+            return value.strip()
+    return ''
 
 
 def cpu_vendor() -> str:
@@ -32,3 +35,11 @@ def cpu_vendor() -> str:
 def cpu_model_name() -> str:
     """``model name`` (e.g. ``AMD EPYC``), empty where unknown."""
     return _field('model name')
+
+
+def cpu_signature() -> str:
+    """Vendor, family, model and stepping (e.g. ``AuthenticAMD 26/2/0``): tells CPU generations apart whose
+    ``model name`` is the same (cloud VMs report "AMD EPYC" for Zen 4 and Zen 5 alike); empty where unknown."""
+    parts = [_field('cpu family'), _field('model'), _field('stepping')]
+    vendor = cpu_vendor()
+    return f"{vendor} {'/'.join(parts)}" if vendor or any(parts) else ''

@@ -1,6 +1,6 @@
-"""The compiled CPU kernel's direct algorithm, both variants (thin: per-tile blocks of output vectors; wide: cache
-blocked), against the PyTorch path and F.conv2d, for the build's instruction set and (in a subprocess) for the AVX2
-build (``MMSEG_CBT_CPU_ISA=avx2``); the ISA switch of the build."""
+"""The compiled CPU kernel's direct algorithm, its variants (thin: per-tile blocks of output vectors, also with a vector
+tail; wide: cache blocked), against the PyTorch path and F.conv2d, for the build's instruction set and (in a subprocess)
+for the AVX2 build (``MMSEG_CBT_CPU_ISA=avx2``); the ISA switch of the build."""
 import os
 import subprocess
 import sys
@@ -14,7 +14,7 @@ from utils import require_cpu_ext, stage_conv, two_masks
 from mmseg_cbt.ops import ext_loader
 from mmseg_cbt.ops.sparse_conv import cpp_impl
 
-THIN, WIDE = 2, 3  # the kernel's `direct` values forcing one variant
+THIN, WIDE, THIN_VECTOR_TAIL = 2, 3, 4  # the kernel's `direct` values forcing one variant
 
 
 def _has_avx2() -> bool:
@@ -63,7 +63,7 @@ def test_direct_variants_match_torch_path(cout, k, stride, monkeypatch):
             ref = F.relu(ref)
         torch_path = _run(monkeypatch, None, x, w, bias, mask, stride, prev, residual, relu)
         assert ref[keep].isnan().any()
-        for mode in (THIN, WIDE):
+        for mode in (THIN, WIDE, THIN_VECTOR_TAIL):
             y = _run(monkeypatch, mode, x, w, bias, mask, stride, prev, residual, relu)
             assert torch.equal(y[keep].isnan(), ref[keep].isnan()), mode
             fin = ref[keep].isfinite()

@@ -34,7 +34,9 @@ def _write(widths):
                 key=tune.tune_key(),
                 active=0.5,
                 widths={
-                    str(c): dict(shape=[8, 8], direct_ms=1.0, gemm_ms=1.0, direct=d)
+                    str(c):
+                    dict(shape=[8, 8], direct_ms=1.0, gemm_ms=1.0, direct=d) if isinstance(d, bool) else dict(
+                        shape=[8, 8], direct_ms=1.0, gemm_ms=1.0, direct=d != 'gemm', algorithm=d)
                     for c, d in widths.items()
                 }), f)
     tune.clear_tuned()
@@ -43,9 +45,10 @@ def _write(widths):
 
 def test_key_names_cpu_isa_threads_and_paths_differ(cache_dir):
     key = tune.tune_key()
-    assert set(key) == {'cpu', 'isa', 'threads'}
+    assert set(key) == {'cpu', 'cpu_id', 'isa', 'threads'}
     assert tune.tune_path().startswith(str(cache_dir))
     assert tune.tune_path(dict(key, threads=key['threads'] + 1)) != tune.tune_path()
+    assert tune.tune_path(dict(key, cpu_id=key['cpu_id'] + 'x')) != tune.tune_path()  # same name, other generation
 
 
 @needs_direct
@@ -73,7 +76,13 @@ def test_measure_saves_a_result_that_auto_reads(cache_dir, monkeypatch):
     assert set(result['widths']) == {'8', '64'}
     for row in result['widths'].values():
         assert row['direct_ms'] > 0 and row['gemm_ms'] > 0
-        assert row['direct'] == (row['direct_ms'] <= row['gemm_ms'])
+        times = dict(direct=row['direct_ms'], gemm=row['gemm_ms'])
+        if 'vtail_ms' in row:
+            times['direct-vtail'] = row['vtail_ms']
+        assert times[row['algorithm']] == min(times.values())
+        assert row['direct'] == (row['algorithm'] != 'gemm')
+    assert 'vtail_ms' not in result['widths']['64']  # no short tail: nothing else to time
+    assert ('vtail_ms' in result['widths']['8']) == tune.has_short_tail(load_cpu_ext(), 8)
     with open(tune.tune_path()) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     with cpu_algorithm('auto'):
@@ -105,3 +114,36 @@ def test_tool_keeps_a_result_unless_forced(cache_dir):
     assert kept.returncode == 0 and 'stored result' in kept.stdout
     with open(path) as f:
         assert list(json.load(f)['widths']) == ['18']  # not measured again
+
+
+@needs_direct
+def test_vector_tail_is_chosen_per_width_and_computes_the_same(cache_dir):
+    import torch
+    import torch.nn.functional as F
+
+    from mmseg_cbt.ops import sparse_conv2d
+    from mmseg_cbt.ops.policy import direct_flag
+    ext = load_cpu_ext()
+    lanes = 16 if ext.isa() == 'avx512' else 8
+    tail, none = lanes * 2 + 4, lanes * 2  # 36 / 32 channels on AVX-512
+    assert tune.has_short_tail(ext, tail) and not tune.has_short_tail(ext, none)
+    with cpu_algorithm('auto'):
+        _write({tail: 'direct-vtail', none: 'direct', 384: 'gemm'})
+        assert tune.load_tuned()[tail] == 'direct-vtail'
+        assert direct_flag(ext, tail, torch.float32) == 4
+        assert direct_flag(ext, none, torch.float32) == 1  # nearest is the vtail width, but no short tail here
+        assert direct_flag(ext, 384, torch.float32) == 0
+        assert cpu_kernel_direct(tail) and not cpu_kernel_direct(384)
+        x = torch.randn(1, tail, 13, 17)
+        w = torch.randn(tail, tail, 3, 3) * 0.1
+        mask = torch.rand(1, 13, 17) < 0.4
+        got = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0)
+    with cpu_algorithm('direct'):
+        ref = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0)
+    dense = F.conv2d(x, w, None, 1, 1)
+    assert torch.allclose(got[mask.unsqueeze(1).expand_as(got)], dense[mask.unsqueeze(1).expand_as(dense)], atol=1e-4)
+    assert torch.allclose(got, ref, atol=1e-4)
+    with open(tune.tune_path(), 'w') as f:  # an unknown algorithm name: the file is ignored
+        json.dump(dict(key=tune.tune_key(), active=0.5, widths={'8': dict(direct=True, algorithm='fast')}), f)
+    tune.clear_tuned()
+    assert tune.load_tuned() is None

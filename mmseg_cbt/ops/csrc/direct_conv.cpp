@@ -7,7 +7,7 @@
 //      Isa::kThinMaxBlock vectors;
 //      R <= 4 remaining channels as dot products along the window: out[p, LNB+t] = sum_j x[p, j] * W[j, LNB+t], L
 //      window values per FMA (each strip is contiguous), one horizontal sum per channel and position;
-//      (R > 4: one more vector whose unused lanes have zero weights and are not stored.)
+//      (R > 4, or mode kThinVectorTail: one more vector whose unused lanes have zero weights and are not stored.)
 //    For 18 channels on AVX-512 that is 162 + 24 FMAs per position instead of 324, and no gather.
 //  - wide (many output vectors; the thin variant would re-read the whole window's weights, kk x L*NB floats, for
 //    every tile of 8 positions): cache-blocked. A chunk of up to wide_chunk() positions at a time; the window is cut
@@ -72,14 +72,15 @@ struct ThinPlan {
 
 // Fills pl (kept by the calling thread between calls: its vectors keep their capacity, so a call does not pay the
 // page faults of fresh 10-200 KiB allocations).
-void make_plan(ThinPlan& pl, int64_t k, int64_t cin, const float* w, int64_t cout, const float* bias) {
+void make_plan(ThinPlan& pl, int64_t k, int64_t cin, const float* w, int64_t cout, const float* bias,
+               bool vector_tail) {
   pl.k = k;
   pl.cin = cin;
   pl.kc = k * cin;
   pl.kk = k * pl.kc;
   pl.cout = cout;
   const int64_t r = cout % L;
-  pl.tail = (r > 0 && r <= 4) ? r : 0;
+  pl.tail = (!vector_tail && r > 0 && r <= 4) ? r : 0;
   pl.nmain = cout - pl.tail;
   pl.nb = (pl.nmain + L - 1) / L;
   pl.kcl = (pl.kc + L - 1) / L * L;
@@ -179,10 +180,11 @@ __attribute__((noinline)) void thin_block(const ThinPlan& pl, const float* const
 }
 
 void run_thin(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
-              const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows) {
+              const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
+              bool vector_tail) {
   const at::Tensor w = wmat.contiguous();
   thread_local ThinPlan plan;
-  make_plan(plan, k, src.size(1), w.data_ptr<float>(), wmat.size(1), bias);
+  make_plan(plan, k, src.size(1), w.data_ptr<float>(), wmat.size(1), bias, vector_tail);
   const ThinPlan& pl = plan;
   const float* s = src.data_ptr<float>();
   const int64_t* st = strips.data_ptr<int64_t>();
@@ -411,7 +413,7 @@ void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, cons
   if (wide) {
     run_wide(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows);
   } else {
-    run_thin(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows);
+    run_thin(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, mode == kThinVectorTail);
   }
 #else
   (void)src, (void)strips, (void)k, (void)wmat, (void)bias, (void)res, (void)res_rows, (void)relu, (void)dst,

@@ -14,6 +14,8 @@ enum DirectMode : int64_t {
   kDirect = 1,  // the direct algorithm, thin or wide variant chosen here by the conv's width (direct_wide)
   kThin = 2,    // forced thin variant (tests)
   kWide = 3,    // forced wide, cache-blocked variant (tests)
+  kThinVectorTail = 4,  // thin variant, the last cout % L <= 4 channels as one more masked vector instead of dot
+                        // products (faster where horizontal sums are dear against full-width FMAs: per-CPU tuning)
 };
 
 // Whether this build has a direct algorithm (AVX-512 or AVX2 + FMA, not disabled).

@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "direct_conv.h"
@@ -206,7 +205,8 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
       TORCH_CHECK(res->size(0) == m, "compact res must have one row per position");
     }
   }
-  TORCH_CHECK(direct >= 0 && direct <= 3, "direct must be 0 (GEMM), 1 (direct kernel), 2 (thin) or 3 (wide)");
+  TORCH_CHECK(direct >= 0 && direct <= 4,
+              "direct must be 0 (GEMM), 1 (direct kernel), 2 (thin), 3 (wide) or 4 (thin, vector tail)");
   const bool can_direct = direct_supported(src.scalar_type());
   TORCH_CHECK(direct == 0 || can_direct, "the direct kernel runs float32 on an AVX-512 or AVX2 build (has_direct() "
               "says whether this build has it)");
@@ -297,6 +297,11 @@ inline int64_t transpose_channels8(const float* src, int64_t sc, int64_t c, int6
   }
   return ch;
 }
+// other dtypes: no vector transpose, the scalar copy does all channels
+template <typename T>
+inline int64_t transpose_channels8(const T*, int64_t, int64_t, int64_t, T*) {
+  return 0;
+}
 #endif
 
 // buf[b, pad + y, pad + x, c] = src[b, c, y, x] for rows r0 <= y < r1 (and, given need, only where need[b, y, x]),
@@ -353,9 +358,7 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
           }
           int64_t ch = 0;
 #if defined(__AVX2__)
-          if constexpr (std::is_same<scalar_t, float>::value) {
-            if (sw == 1) ch = transpose_channels8(srow + x0, sc, c, x1 - x0, dp);
-          }
+          if (sw == 1) ch = transpose_channels8(srow + x0, sc, c, x1 - x0, dp);
 #endif
           for (; ch < c; ++ch) {
             const scalar_t* sp = srow + ch * sc + x0 * sw;

@@ -1,13 +1,17 @@
 """Per-CPU choice of the compiled kernel's float32 algorithm (direct or gather + GEMM), measured on this machine.
 
 Which algorithm is faster for a conv width depends on the CPU (MKL's sgemm is fast on Intel CPUs and takes slower
-code paths elsewhere; core counts and caches differ), so a table measured on one machine is wrong on another. This
-module times both algorithms through the stage API on one 3x3 conv per HRNet branch width at half of the positions
-active (blob masks, as stop masks are) and stores the faster one per width in a JSON file per CPU:
-``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model, the kernel's
-instruction set and the torch thread count. The policy's ``auto`` reads it when it exists (the nearest tuned width
-decides) and falls back to its vendor rule otherwise; ``MMSEG_CBT_CPU_ALGO=tune`` measures on first use when no file
-exists. Re-tune with ``python tools/analysis_tools/tune_sparse_conv.py --force`` (or delete the file).
+code paths elsewhere; core counts, caches and vector datapaths differ), so a table measured on one machine is wrong
+on another. This module times the algorithms through the stage API on one 3x3 conv per HRNet branch width at half
+of the positions active (blob masks, as stop masks are): the gather + GEMM, the direct algorithm, and, for widths
+whose last ``cout % L <= 4`` channels the direct algorithm's thin variant computes as dot products (``L`` = 16
+lanes on AVX-512, 8 on AVX2), the same variant with those channels as one more masked vector (``direct-vtail``: on
+an AMD Zen 5 core, with its full-width FMAs, 1.4x faster at 36 channels and 1.7x slower at 18). The fastest is
+stored per width in a JSON file per CPU:
+``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model (name and
+family / model / stepping), the kernel's instruction set and the torch thread count. The policy's ``auto`` reads it
+when it exists (the nearest tuned width decides) and falls back to its vendor rule otherwise;
+``MMSEG_CBT_CPU_ALGO=tune`` measures on first use when no file exists. Re-tune with ``python tools/analysis_tools/tune_sparse_conv.py --force`` (or delete the file).
 """
 import hashlib
 import json
@@ -19,23 +23,41 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ...utils.cpuinfo import cpu_model_name
+from ...utils.cpuinfo import cpu_model_name, cpu_signature
 from ...utils.io import write_json_atomic
 from ..ext_loader import load_cpu_ext
 
-__all__ = ['TUNE_SHAPES', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_direct', 'clear_tuned']
+__all__ = [
+    'TUNE_SHAPES', 'TUNED_ALGORITHMS', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_direct',
+    'tuned_algorithm', 'clear_tuned', 'has_short_tail'
+]
 
 #: (output channels, H, W) of the tuned convs: one 3x3 conv per HRNet-W18-small / W48 branch at a 512x1024 input.
 TUNE_SHAPES: Tuple[Tuple[int, int, int], ...] = ((18, 128, 256), (36, 64, 128), (48, 128, 256), (72, 32, 64),
                                                  (96, 64, 128), (144, 16, 32), (192, 32, 64), (384, 16, 32))
 
-_STATE: Dict[str, object] = {}  # 'key' -> (threads, cache dir) read for, 'table' -> {cout: direct} (None: no file)
+#: What a tuned width can name: the kernel's algorithms as the policy forces them.
+TUNED_ALGORITHMS = ('direct', 'direct-vtail', 'gemm')
+
+_STATE: Dict[str, object] = {}  # 'key' -> (threads, cache dir) read for, 'table' -> {cout: algorithm} (None: no file)
+
+
+def has_short_tail(ext, cout: int) -> bool:
+    """Whether the direct algorithm's thin variant computes the last ``cout % L`` (1 to 4) channels of a conv as
+    dot products, i.e. whether ``direct-vtail`` is a different computation for it."""
+    lanes = {'avx512': 16, 'avx2': 8}.get(ext.isa() if ext is not None else 'none')
+    return lanes is not None and 0 < cout % lanes <= 4 and not ext.direct_wide(cout)
 
 
 def tune_key() -> Dict[str, object]:
-    """What a tuning result is valid for: the CPU model, the kernel's instruction set, the torch thread count."""
+    """What a tuning result is valid for: the CPU model (name and family / model / stepping), the kernel's
+    instruction set, the torch thread count."""
     ext = load_cpu_ext()
-    return dict(cpu=cpu_model_name(), isa=ext.isa() if ext is not None else 'none', threads=torch.get_num_threads())
+    return dict(
+        cpu=cpu_model_name(),
+        cpu_id=cpu_signature(),
+        isa=ext.isa() if ext is not None else 'none',
+        threads=torch.get_num_threads())
 
 
 def tune_path(key: Optional[Dict[str, object]] = None) -> str:
@@ -46,8 +68,13 @@ def tune_path(key: Optional[Dict[str, object]] = None) -> str:
     return osp.join(root, 'tune', f'{digest}.json')
 
 
-def _time_algorithms(cout: int, h: int, w: int, active: float, repeats: int) -> Tuple[float, float]:
-    """Best-of-``repeats`` ms of one masked 3x3 conv (cin = cout) through the stage API: (direct, gemm)."""
+def _time_algorithms(cout: int,
+                     h: int,
+                     w: int,
+                     active: float,
+                     repeats: int,
+                     algorithms: Sequence[str] = ('direct', 'gemm')) -> Dict[str, float]:
+    """Best-of-``repeats`` ms of one masked 3x3 conv (cin = cout) through the stage API, per algorithm."""
     from mmseg_cbt.ops.policy import cpu_algorithm
     from mmseg_cbt.utils.benchmark import blob_mask
     from .dispatch import sparse_conv_buffer
@@ -61,7 +88,7 @@ def _time_algorithms(cout: int, h: int, w: int, active: float, repeats: int) -> 
     buf, out = to_padded_nhwc(x), to_padded_nhwc(x)
     idx = SparseIndex.build(blob_mask(1, h, w, active, seed=0))
     wmat = conv_weight_matrix(weight)
-    best = {'direct': math.inf, 'gemm': math.inf}
+    best = {a: math.inf for a in algorithms}
     with torch.no_grad():
         for r in range(repeats + 1):
             for algo in best:  # interleaved, so that a noisy moment hits both
@@ -71,7 +98,7 @@ def _time_algorithms(cout: int, h: int, w: int, active: float, repeats: int) -> 
                     dt = (time.perf_counter() - t0) * 1e3
                 if r > 0:  # the first round warms caches and the kernel's buffers
                     best[algo] = min(best[algo], dt)
-    return best['direct'], best['gemm']
+    return best
 
 
 def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
@@ -88,7 +115,8 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
 
     Returns:
         dict: ``key`` (:func:`tune_key`), ``active``, ``widths``: per channel count ``direct_ms``, ``gemm_ms``,
-        ``direct`` (bool: the direct algorithm is faster).
+        ``vtail_ms`` (widths with a short tail only), ``algorithm`` (the fastest of :data:`TUNED_ALGORITHMS`) and
+        ``direct`` (bool: a direct variant is the fastest).
 
     Raises:
         RuntimeError: The compiled kernel or its direct algorithm is not available.
@@ -104,8 +132,13 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
         raise ValueError(f'repeats must be >= 1, got {repeats}')
     widths = {}
     for cout, h, w in shapes:
-        d, g = _time_algorithms(cout, h, w, active, repeats)
-        widths[str(cout)] = dict(shape=[h, w], direct_ms=round(d, 4), gemm_ms=round(g, 4), direct=d <= g)
+        algos = ('direct', 'direct-vtail', 'gemm') if has_short_tail(ext, cout) else ('direct', 'gemm')
+        ms = _time_algorithms(cout, h, w, active, repeats, algos)
+        fastest = min(algos, key=lambda a: ms[a])  # ties: the first (direct before its variant and the GEMM)
+        row = dict(shape=[h, w], direct_ms=round(ms['direct'], 4), gemm_ms=round(ms['gemm'], 4))
+        if 'direct-vtail' in ms:
+            row['vtail_ms'] = round(ms['direct-vtail'], 4)
+        widths[str(cout)] = dict(row, algorithm=fastest, direct=fastest != 'gemm')
     result = dict(key=tune_key(), active=active, widths=widths)
     if save:
         path = tune_path(result['key'])
@@ -115,8 +148,19 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
     return result
 
 
-def load_tuned(measure_missing: bool = False) -> Optional[Dict[int, bool]]:
-    """This machine's tuned table {channels: direct is faster}, read once per process and thread count (None: not
+def _table(widths: dict) -> Dict[int, str]:
+    """{channels: algorithm} of a result's ``widths`` (a file without ``algorithm`` names it by ``direct``)."""
+    table = {}
+    for k, v in widths.items():
+        algo = v.get('algorithm', 'direct' if v['direct'] else 'gemm')
+        if algo not in TUNED_ALGORITHMS:
+            raise ValueError(f'unknown algorithm {algo!r}')
+        table[int(k)] = algo
+    return table
+
+
+def load_tuned(measure_missing: bool = False) -> Optional[Dict[int, str]]:
+    """This machine's tuned table {channels: fastest algorithm}, read once per process and thread count (None: not
     tuned). Called for every masked conv, so the check is two cheap lookups once the file was read.
 
     Args:
@@ -131,23 +175,30 @@ def load_tuned(measure_missing: bool = False) -> Optional[Dict[int, bool]]:
         try:
             with open(path) as f:
                 data = json.load(f)
-            table = {int(k): bool(v['direct']) for k, v in data['widths'].items()}
+            table = _table(data['widths'])
         except (OSError, ValueError, KeyError, TypeError):
             table = None  # a damaged file is ignored (re-tune to replace it)
     if table is None and measure_missing:
-        table = {int(k): bool(v['direct']) for k, v in measure_algorithms()['widths'].items()}
+        table = _table(measure_algorithms()['widths'])
     _STATE.update(key=state_key, table=table)
     return table
 
 
-def tuned_direct(cout: int, measure_missing: bool = False) -> Optional[bool]:
-    """Whether the tuned table sends a conv with ``cout`` output channels to the direct algorithm (the nearest
-    tuned width on a log scale decides); None when this machine is not tuned."""
+def tuned_algorithm(cout: int, measure_missing: bool = False) -> Optional[str]:
+    """The tuned algorithm for a conv with ``cout`` output channels (the nearest tuned width on a log scale
+    decides); None when this machine is not tuned."""
     table = load_tuned(measure_missing)
     if not table:
         return None
     nearest = min(table, key=lambda c: (abs(math.log(c) - math.log(max(cout, 1))), c))
     return table[nearest]
+
+
+def tuned_direct(cout: int, measure_missing: bool = False) -> Optional[bool]:
+    """Whether the tuned table sends a conv with ``cout`` output channels to a direct variant (see
+    :func:`tuned_algorithm`); None when this machine is not tuned."""
+    algo = tuned_algorithm(cout, measure_missing)
+    return None if algo is None else algo != 'gemm'
 
 
 def clear_tuned() -> None:
