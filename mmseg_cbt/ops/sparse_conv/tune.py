@@ -11,7 +11,8 @@ stored per width in a JSON file per CPU:
 ``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model (name and
 family / model / stepping), the kernel's instruction set and the torch thread count. The policy's ``auto`` reads it
 when it exists (the nearest tuned width decides) and falls back to its vendor rule otherwise;
-``MMSEG_CBT_CPU_ALGO=tune`` measures on first use when no file exists. Re-tune with ``python tools/analysis_tools/tune_sparse_conv.py --force`` (or delete the file).
+``MMSEG_CBT_CPU_ALGO=tune`` measures on first use when no file exists. Re-tune with
+``python tools/analysis_tools/tune_sparse_conv.py --force`` (or delete the file).
 """
 import hashlib
 import json
