@@ -31,15 +31,20 @@ from ..utils.cpuinfo import cpu_vendor
 from .ext_loader import load_cpu_ext
 
 __all__ = [
-    'CPU_ALGORITHMS', 'DIRECT_MAX_COUT', 'cpu_algorithm', 'cpu_kernel_direct', 'default_max_active', 'dense_crossover',
-    'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm'
+    'CPU_ALGORITHMS', 'DIRECT_MAX_COUT', 'DIRECT_VARIANTS', 'cpu_algorithm', 'cpu_kernel_direct', 'default_max_active',
+    'dense_crossover', 'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm'
 ]
 
 #: ``auto``: the direct algorithm for float32 convs where the kernel has it (on Intel CPUs up to
 #: :data:`DIRECT_MAX_COUT` output channels), the gather + GEMM otherwise.
 #: ``tune``: as ``auto``, measuring this CPU first where it has no tuning result yet (:mod:`.sparse_conv.tune`).
-#: ``direct-vtail``: the direct algorithm, its thin variant computing a short channel tail as one more vector.
-CPU_ALGORITHMS = ('auto', 'gemm', 'direct', 'direct-vtail', 'tune')
+#: ``direct-thin`` / ``direct-wide`` / ``direct-vtail``: one variant of the direct algorithm forced (``direct`` lets
+#: the kernel pick thin or wide by the width): per-tile thin blocks, the cache-blocked wide variant, the thin variant
+#: computing a short channel tail as one more vector (see :data:`DIRECT_VARIANTS`).
+CPU_ALGORITHMS = ('auto', 'gemm', 'direct', 'direct-thin', 'direct-wide', 'direct-vtail', 'tune')
+
+#: The direct algorithm's variants by name, with the kernel's ``direct`` argument that runs them.
+DIRECT_VARIANTS = {'direct': 1, 'direct-thin': 2, 'direct-wide': 3, 'direct-vtail': 4}
 
 #: Widest conv (output channels) that ``auto`` sends to the kernel's direct algorithm on Intel CPUs: at 144-384
 #: channels MKL's GEMM is as fast as the direct algorithm's wide variant or up to 1.2x faster there
@@ -80,11 +85,12 @@ def cpu_algorithm(name: str) -> Iterator[None]:
 
 
 def _direct_choice(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> Optional[str]:
-    """'direct', 'direct-vtail' or None (the gather + GEMM) for one conv, forced or by the table / vendor rule."""
+    """A name of :data:`DIRECT_VARIANTS` or None (the gather + GEMM) for one conv, forced or by the table / vendor
+    rule."""
     if ext is None or dtype != torch.float32 or not ext.has_direct():
         return None
     algo = get_cpu_algorithm()
-    if algo in ('direct', 'direct-vtail', 'gemm'):
+    if algo == 'gemm' or algo in DIRECT_VARIANTS:
         return None if algo == 'gemm' else algo
     from .sparse_conv.tune import tuned_algorithm  # late: tune times the kernel through the dispatch, which needs us
     tuned = tuned_algorithm(cout, measure_missing=algo == 'tune')
@@ -98,8 +104,9 @@ def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bo
 
 
 def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
-    """The kernel's ``direct`` argument for one conv: 1 runs the direct algorithm, 4 its thin variant with a vector
-    tail (where the conv has a short tail, see :func:`~.sparse_conv.tune.has_short_tail`), 0 the gather + GEMM.
+    """The kernel's ``direct`` argument for one conv: 0 runs the gather + GEMM, the others a variant of the direct
+    algorithm (:data:`DIRECT_VARIANTS`; the vector tail only where the conv has a short tail, see
+    :func:`~.sparse_conv.tune.has_short_tail`, else the plain thin variant, which is then the same computation).
 
     A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no direct algorithm in the
     build): the kernel then refuses with its message instead of silently running the GEMM.
@@ -110,8 +117,10 @@ def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
     choice = _direct_choice(ext, cout, dtype)
     if choice is None:
         return 0
-    from .sparse_conv.tune import has_short_tail
-    return 4 if choice == 'direct-vtail' and has_short_tail(ext, cout) else 1
+    if choice == 'direct-vtail':
+        from .sparse_conv.tune import has_short_tail
+        return DIRECT_VARIANTS['direct-vtail' if has_short_tail(ext, cout) else 'direct-thin']
+    return DIRECT_VARIANTS[choice]
 
 
 def cpu_kernel_direct(cout: int, dtype: torch.dtype = torch.float32) -> bool:

@@ -76,10 +76,11 @@ def test_measure_saves_a_result_that_auto_reads(cache_dir, monkeypatch):
     assert set(result['widths']) == {'8', '64'}
     for row in result['widths'].values():
         assert row['direct_ms'] > 0 and row['gemm_ms'] > 0
-        times = dict(direct=row['direct_ms'], gemm=row['gemm_ms'])
+        times = {'direct-thin': row['thin_ms'], 'direct-wide': row['wide_ms'], 'gemm': row['gemm_ms']}
         if 'vtail_ms' in row:
             times['direct-vtail'] = row['vtail_ms']
         assert times[row['algorithm']] == min(times.values())
+        assert row['direct_ms'] == min(v for k, v in times.items() if k != 'gemm')
         assert row['direct'] == (row['algorithm'] != 'gemm')
     assert 'vtail_ms' not in result['widths']['64']  # no short tail: nothing else to time
     assert ('vtail_ms' in result['widths']['8']) == tune.has_short_tail(load_cpu_ext(), 8)
@@ -128,10 +129,11 @@ def test_vector_tail_is_chosen_per_width_and_computes_the_same(cache_dir):
     tail, none = lanes * 2 + 4, lanes * 2  # 36 / 32 channels on AVX-512
     assert tune.has_short_tail(ext, tail) and not tune.has_short_tail(ext, none)
     with cpu_algorithm('auto'):
-        _write({tail: 'direct-vtail', none: 'direct', 384: 'gemm'})
+        _write({tail: 'direct-vtail', 48: 'direct-wide', 100: 'direct', 384: 'gemm'})
         assert tune.load_tuned()[tail] == 'direct-vtail'
         assert direct_flag(ext, tail, torch.float32) == 4
-        assert direct_flag(ext, none, torch.float32) == 1  # nearest is the vtail width, but no short tail here
+        assert direct_flag(ext, none, torch.float32) == 2  # nearest is the vtail width, but no short tail here
+        assert direct_flag(ext, 48, torch.float32) == 3 and direct_flag(ext, 100, torch.float32) == 1
         assert direct_flag(ext, 384, torch.float32) == 0
         assert cpu_kernel_direct(tail) and not cpu_kernel_direct(384)
         x = torch.randn(1, tail, 13, 17)

@@ -1,5 +1,5 @@
-"""Measures which CPU algorithm of the masked conv (direct, its vector-tail variant, or gather + GEMM) is fastest on
-this machine, per width::
+"""Measures which CPU algorithm of the masked conv (a variant of the direct algorithm, or gather + GEMM) is fastest
+on this machine, per width::
 
     python tools/analysis_tools/tune_sparse_conv.py            # tune once (kept when a result exists)
     python tools/analysis_tools/tune_sparse_conv.py --force    # re-tune (after a torch or kernel update)
@@ -58,12 +58,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'measured and saved to {path}:')
     key = result['key']
     print(f"cpu {key['cpu']!r}, isa {key['isa']}, {key['threads']} threads, {result['active']:.0%} active")
-    print(' cout      HxW  direct ms   vtail ms    gemm ms  gemm/direct  choice')
+    print(' cout      HxW    thin ms    wide ms   vtail ms    gemm ms  gemm/direct  choice')
     for cout, row in result['widths'].items():
         h, w = row['shape']
-        vtail = f"{row['vtail_ms']:10.3f}" if 'vtail_ms' in row else f"{'-':>10}"
+        cols = ' '.join(f'{row[f]:10.3f}' if f in row else f"{'-':>10}" for f in ('thin_ms', 'wide_ms', 'vtail_ms'))
         choice = row.get('algorithm', 'direct' if row['direct'] else 'gemm')
-        print(f"{int(cout):5d} {h:4d}x{w:<4d} {row['direct_ms']:10.3f} {vtail} {row['gemm_ms']:10.3f} "
+        print(f"{int(cout):5d} {h:4d}x{w:<4d} {cols} {row['gemm_ms']:10.3f} "
               f"{row['gemm_ms'] / row['direct_ms']:12.2f}  {choice}")
     return 0
 

@@ -3,11 +3,13 @@
 Which algorithm is faster for a conv width depends on the CPU (MKL's sgemm is fast on Intel CPUs and takes slower
 code paths elsewhere; core counts, caches and vector datapaths differ), so a table measured on one machine is wrong
 on another. This module times the algorithms through the stage API on one 3x3 conv per HRNet branch width at half
-of the positions active (blob masks, as stop masks are): the gather + GEMM, the direct algorithm, and, for widths
-whose last ``cout % L <= 4`` channels the direct algorithm's thin variant computes as dot products (``L`` = 16
-lanes on AVX-512, 8 on AVX2), the same variant with those channels as one more masked vector (``direct-vtail``: on
-an AMD Zen 5 core, with its full-width FMAs, 1.4x faster at 36 channels and 1.7x slower at 18). The fastest is
-stored per width in a JSON file per CPU:
+of the positions active (blob masks, as stop masks are): the gather + GEMM and the direct algorithm's variants,
+thin (per-tile blocks of output vectors), wide (cache-blocked) and, for widths whose last ``cout % L <= 4``
+channels the thin variant computes as dot products (``L`` = 16 lanes on AVX-512, 8 on AVX2), thin with those channels as one more
+masked vector (``direct-vtail``). Where the kernel's built-in thin / wide rule and tail rule are best differs by CPU:
+on an AMD Zen 5 core, with its full-width FMAs, the wide variant is the fastest already at 36 and 48 channels, and
+the vector tail beats the dot products at 36 channels but not at 18. The fastest is stored per width in a JSON file
+per CPU:
 ``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model (name and
 family / model / stepping), the kernel's instruction set and the torch thread count. The policy's ``auto`` reads it
 when it exists (the nearest tuned width decides) and falls back to its vendor rule otherwise;
@@ -27,6 +29,7 @@ import torch
 from ...utils.cpuinfo import cpu_model_name, cpu_signature
 from ...utils.io import write_json_atomic
 from ..ext_loader import load_cpu_ext
+from ..policy import DIRECT_VARIANTS
 
 __all__ = [
     'TUNE_SHAPES', 'TUNED_ALGORITHMS', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_direct',
@@ -37,8 +40,11 @@ __all__ = [
 TUNE_SHAPES: Tuple[Tuple[int, int, int], ...] = ((18, 128, 256), (36, 64, 128), (48, 128, 256), (72, 32, 64),
                                                  (96, 64, 128), (144, 16, 32), (192, 32, 64), (384, 16, 32))
 
-#: What a tuned width can name: the kernel's algorithms as the policy forces them.
-TUNED_ALGORITHMS = ('direct', 'direct-vtail', 'gemm')
+#: What a tuned width can name: the kernel's algorithms as the policy forces them (``direct``: files of the first
+#: version, which timed the kernel's own thin / wide choice only).
+TUNED_ALGORITHMS = tuple(DIRECT_VARIANTS) + ('gemm', )
+
+_TIMED_MS = {'direct-thin': 'thin_ms', 'direct-wide': 'wide_ms', 'direct-vtail': 'vtail_ms', 'gemm': 'gemm_ms'}
 
 _STATE: Dict[str, object] = {}  # 'key' -> (threads, cache dir) read for, 'table' -> {cout: algorithm} (None: no file)
 
@@ -47,7 +53,7 @@ def has_short_tail(ext, cout: int) -> bool:
     """Whether the direct algorithm's thin variant computes the last ``cout % L`` (1 to 4) channels of a conv as
     dot products, i.e. whether ``direct-vtail`` is a different computation for it."""
     lanes = {'avx512': 16, 'avx2': 8}.get(ext.isa() if ext is not None else 'none')
-    return lanes is not None and 0 < cout % lanes <= 4 and not ext.direct_wide(cout)
+    return lanes is not None and 0 < cout % lanes <= 4
 
 
 def tune_key() -> Dict[str, object]:
@@ -115,9 +121,9 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
         save (bool): Write the result to :func:`tune_path` (atomically) and use it from now on.
 
     Returns:
-        dict: ``key`` (:func:`tune_key`), ``active``, ``widths``: per channel count ``direct_ms``, ``gemm_ms``,
-        ``vtail_ms`` (widths with a short tail only), ``algorithm`` (the fastest of :data:`TUNED_ALGORITHMS`) and
-        ``direct`` (bool: a direct variant is the fastest).
+        dict: ``key`` (:func:`tune_key`), ``active``, ``widths``: per channel count ``thin_ms``, ``wide_ms``,
+        ``vtail_ms`` (widths with a short tail only), ``gemm_ms``, ``direct_ms`` (the fastest direct variant),
+        ``algorithm`` (the fastest of all) and ``direct`` (bool: a direct variant is the fastest).
 
     Raises:
         RuntimeError: The compiled kernel or its direct algorithm is not available.
@@ -133,12 +139,11 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
         raise ValueError(f'repeats must be >= 1, got {repeats}')
     widths = {}
     for cout, h, w in shapes:
-        algos = ('direct', 'direct-vtail', 'gemm') if has_short_tail(ext, cout) else ('direct', 'gemm')
+        algos = ['direct-thin', 'direct-wide'] + (['direct-vtail'] if has_short_tail(ext, cout) else []) + ['gemm']
         ms = _time_algorithms(cout, h, w, active, repeats, algos)
-        fastest = min(algos, key=lambda a: ms[a])  # ties: the first (direct before its variant and the GEMM)
-        row = dict(shape=[h, w], direct_ms=round(ms['direct'], 4), gemm_ms=round(ms['gemm'], 4))
-        if 'direct-vtail' in ms:
-            row['vtail_ms'] = round(ms['direct-vtail'], 4)
+        fastest = min(algos, key=lambda a: ms[a])  # ties: the first listed
+        row = dict(shape=[h, w], **{_TIMED_MS[a]: round(ms[a], 4) for a in algos})
+        row['direct_ms'] = round(min(ms[a] for a in algos if a != 'gemm'), 4)
         widths[str(cout)] = dict(row, algorithm=fastest, direct=fastest != 'gemm')
     result = dict(key=tune_key(), active=active, widths=widths)
     if save:
