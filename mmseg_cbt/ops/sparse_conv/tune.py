@@ -1,20 +1,19 @@
 """Per-CPU choice of the compiled kernel's float32 algorithm (direct or gather + GEMM), measured on this machine.
 
-Which algorithm is faster for a conv width depends on the CPU (MKL's sgemm is fast on Intel CPUs and takes slower
-code paths elsewhere; core counts, caches and vector datapaths differ), so a table measured on one machine is wrong
-on another. This module times the algorithms through the stage API on one 3x3 conv per HRNet branch width at half
-of the positions active (blob masks, as stop masks are): the gather + GEMM and the direct algorithm's variants,
-thin (per-tile blocks of output vectors), wide (cache-blocked) and, for widths whose last ``cout % L <= 4``
-channels the thin variant computes as dot products (``L`` = 16 lanes on AVX-512, 8 on AVX2), thin with those channels as one more
-masked vector (``direct-vtail``). Where the kernel's built-in thin / wide rule and tail rule are best differs by CPU:
-on an AMD Zen 5 core, with its full-width FMAs, the wide variant is the fastest already at 36 and 48 channels, and
-the vector tail beats the dot products at 36 channels but not at 18. The fastest is stored per width in a JSON file
-per CPU:
-``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model (name and
-family / model / stepping), the kernel's instruction set and the torch thread count. The policy's ``auto`` reads it
-when it exists (the nearest tuned width decides) and falls back to its vendor rule otherwise;
-``MMSEG_CBT_CPU_ALGO=tune`` measures on first use when no file exists. Re-tune with
-``python tools/analysis_tools/tune_sparse_conv.py --force`` (or delete the file).
+Which algorithm is faster for a conv width depends on the CPU (MKL's sgemm is fast on Intel CPUs and takes slower code
+paths elsewhere; core counts, caches and vector datapaths differ), so a table measured on one machine is wrong on
+another. This module times the algorithms through the stage API on one 3x3 conv per HRNet branch width at half of the
+positions active (blob masks, as stop masks are): the gather + GEMM and the direct algorithm's variants, thin (per-tile
+blocks of output vectors), wide (cache-blocked) and, for widths whose last ``cout % L <= 4`` channels the thin variant
+computes as dot products (``L`` = 16 lanes on AVX-512, 8 on AVX2), thin with those channels as one more masked vector
+(``direct-vtail``). Where the kernel's built-in thin / wide rule and tail rule are best differs by CPU: on an AMD Zen 5
+core, with its full-width FMAs, the wide variant is the fastest already at 36 and 48 channels, and the vector tail beats
+the dot products at 36 channels but not at 18. The fastest is stored per width in a JSON file per CPU:
+``$MMSEG_CBT_CACHE_DIR`` (default ``~/.cache/mmseg_cbt``) ``/tune/<cpu>.json``, keyed by the CPU model (name and family
+/ model / stepping), the kernel's instruction set and the torch thread count. The policy's ``auto`` reads it when it
+exists (the nearest tuned width decides) and falls back to its vendor rule otherwise; ``MMSEG_CBT_CPU_ALGO=tune``
+measures on first use when no file exists. Re-tune with ``python tools/analysis_tools/tune_sparse_conv.py --force`` (or
+delete the file).
 """
 import hashlib
 import json
