@@ -131,3 +131,15 @@ def test_blocked_nchw_copy_equals_strided_copy(dtype):
         assert bool((got[border] == 0).all()) and torch.equal(got[:, 1:1 + h, 1:1 + w], inner)
     with pytest.raises(RuntimeError, match='r0 <= r1 <= H'):
         ext.nchw_rows_to_padded(x, torch.zeros(2, 9, 133, 19, dtype=dtype), 1, 3, 8)
+
+
+def test_full_mask_flag_follows_in_place_changes():
+    from mmseg_cbt.ops.sparse_conv.cache import cached_all
+    mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    x, w = torch.randn(1, 3, 5, 7), torch.randn(4, 3, 3, 3)
+    assert cached_all(mask)
+    assert torch.allclose(sparse_conv2d(x, w, None, mask, padding=1), F.conv2d(x, w, None, 1, 1), atol=1e-5)
+    mask[0, 2, 3] = False  # in place: the version counter moves, the flag is recomputed
+    assert not cached_all(mask)
+    y = sparse_conv2d(x, w, None, mask, padding=1)
+    assert float(y[0, :, 2, 3].abs().max()) == 0.0

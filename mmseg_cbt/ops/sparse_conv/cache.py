@@ -20,7 +20,10 @@ from torch import Tensor
 from .index import SparseIndex
 from .packing import conv_weight_matrix
 
-__all__ = ['MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'TensorCache', 'cached_index', 'cached_weight_matrix', 'clear_caches']
+__all__ = [
+    'MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'TensorCache', 'cached_all', 'cached_index', 'cached_weight_matrix',
+    'clear_caches'
+]
 
 #: Entries kept per cache (the weights of a network's masked convs). An index holds its mask, so a mask stays alive
 #: while its entry does: fewer of those are kept (:data:`MAX_INDEX_ENTRIES`).
@@ -93,12 +96,19 @@ class TensorCache:
 
 
 _INDEX = TensorCache(MAX_INDEX_ENTRIES)
+_ALL = TensorCache(MAX_INDEX_ENTRIES)
 _WMAT = TensorCache()
 
 
 def cached_index(mask: Tensor) -> SparseIndex:
     """:meth:`SparseIndex.build` of ``mask``, reused while the mask is alive and unchanged (its tables too)."""
     return _INDEX.get(mask, 'index', lambda: SparseIndex.build(mask))
+
+
+def cached_all(mask: Tensor) -> bool:
+    """``bool(mask.all())``, reused while the mask is alive and unchanged (a reduction and a sync of ~0.1 ms at
+    128x256 on 2 cores: a tenth of a thin conv)."""
+    return _ALL.get(mask, 'all', lambda: bool(mask.all()))
 
 
 def cached_weight_matrix(weight: Tensor) -> Tensor:
@@ -109,4 +119,5 @@ def cached_weight_matrix(weight: Tensor) -> Tensor:
 def clear_caches() -> None:
     """Empties the index and weight caches of :func:`~mmseg_cbt.ops.sparse_conv2d`."""
     _INDEX.clear()
+    _ALL.clear()
     _WMAT.clear()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import cached_index, cached_weight_matrix
+from .cache import cached_all, cached_index, cached_weight_matrix
 from .cpp_impl import cpu_ext_for
 from .dispatch import resolve_threshold, sparse_conv_buffer, sparse_conv_rows, use_triton
 from .index import SparseIndex, check_mask
@@ -115,7 +115,7 @@ def sparse_conv2d(input: Tensor,
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         keep = mask[:, None]
         return torch.where(keep, y, 0.0) if out is None else out.copy_(torch.where(keep, y, out))
-    if bool(mask.all()):
+    if cached_all(mask):
         # nothing stopped: the dense conv, without building an index (a full nonzero() costs ~0.7x a thin conv)
         y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
         return y if out is None else out.copy_(y)
