@@ -2,6 +2,7 @@
 reused only for the same, unchanged tensor; input pixels no active window reads are not copied (and the map of
 those it reads is exact); the blocked NCHW copy of the CPU kernel equals the strided copy."""
 import gc
+import threading
 
 import pytest
 import torch
@@ -94,6 +95,7 @@ def test_pixels_no_window_reads_are_never_read(stride, masks, monkeypatch):
         return nan_empty(*args, **kwargs).fill_(float('nan'))
 
     monkeypatch.setattr(functional.torch, 'empty', empty)
+    monkeypatch.setattr(functional, '_WORKSPACES', threading.local())  # a fresh workspace, made by torch.empty
     y = sparse_conv2d(x, w, None, mask, stride=stride, padding=1, dense_threshold=1.0)
     assert_active_close(y, F.conv2d(x, w, None, stride, 1), mask)
 
@@ -143,3 +145,21 @@ def test_full_mask_flag_follows_in_place_changes():
     assert not cached_all(mask)
     y = sparse_conv2d(x, w, None, mask, padding=1)
     assert float(y[0, :, 2, 3].abs().max()) == 0.0
+
+
+def test_reused_workspace_holds_no_stale_reads():
+    """The per-thread input buffer is reused between calls: values a previous call copied in are never read."""
+    from mmseg_cbt.ops.sparse_conv import functional as fn
+    torch.manual_seed(3)
+    w = torch.randn(6, 5, 3, 3)
+    first = torch.zeros(1, 24, 40, dtype=torch.bool)
+    first[0, :, :20] = True
+    big = torch.full((1, 5, 24, 40), 1e6)
+    sparse_conv2d(big, w, None, first, padding=1, dense_threshold=1.0)  # fills the left half of the buffer
+    buf = next(iter(fn._WORKSPACES.bufs.values()))
+    for seed in range(3):
+        x = torch.randn(1, 5, 24, 40)
+        mask = torch.rand(1, 24, 40, generator=torch.Generator().manual_seed(seed)) < 0.2
+        y = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0)
+        assert_active_close(y, F.conv2d(x, w, None, 1, 1), mask)
+        assert next(iter(fn._WORKSPACES.bufs.values())) is buf  # the same buffer each time
