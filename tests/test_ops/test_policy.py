@@ -1,5 +1,6 @@
 """The sparse-versus-dense policy: per-conv crossover tables, the threshold of one call, the whole-stage default by
 device and kernel, the CPU algorithm switch."""
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 from mmseg_cbt.ops import (cpu_algorithm, cpu_ext_available, cpu_kernel_direct, default_max_active, dense_crossover,
                            get_cpu_algorithm, set_cpu_algorithm)
 from mmseg_cbt.ops.ext_loader import load_cpu_ext
-from mmseg_cbt.ops.policy import TRITON_DENSE_THRESHOLD, dense_threshold
+from mmseg_cbt.ops.policy import CPU_ALGORITHMS, TRITON_DENSE_THRESHOLD, dense_threshold
 
 
 def test_default_max_active_by_device_and_kernel():
@@ -29,9 +30,9 @@ def test_cpu_algorithm_switch_restores_and_rejects_bad_names():
             assert get_cpu_algorithm() == 'gemm'
             raise RuntimeError
     assert get_cpu_algorithm() == 'auto'
-    with pytest.raises(
-            ValueError, match=r"CPU algorithm must be one of \('auto', 'gemm', 'direct', 'tune'\), got 'fast'"):
+    with pytest.raises(ValueError, match=re.escape(f"CPU algorithm must be one of {CPU_ALGORITHMS}, got 'fast'")):
         set_cpu_algorithm('fast')
+    assert CPU_ALGORITHMS == ('auto', 'gemm', 'direct', 'direct-thin', 'direct-wide', 'direct-vtail', 'tune')
 
 
 def test_bad_environment_variable_is_named():
@@ -42,7 +43,7 @@ def test_bad_environment_variable_is_named():
                            'MMSEG_CBT_CPU_ALGO': 'fast',
                            'PATH': '/usr/bin:/bin'
                        })
-    want = "MMSEG_CBT_CPU_ALGO must be one of ('auto', 'gemm', 'direct', 'tune'), got 'fast'"
+    want = f"MMSEG_CBT_CPU_ALGO must be one of {CPU_ALGORITHMS}, got 'fast'"
     assert r.returncode != 0 and want in r.stderr
 
 
