@@ -31,8 +31,8 @@ from ..ext_loader import load_cpu_ext
 from ..policy import DIRECT_VARIANTS
 
 __all__ = [
-    'TUNE_SHAPES', 'TUNED_ALGORITHMS', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_direct',
-    'tuned_algorithm', 'clear_tuned', 'has_short_tail'
+    'TUNE_SHAPES', 'TUNED_ALGORITHMS', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_algorithm',
+    'clear_tuned', 'has_short_tail'
 ]
 
 #: (output channels, H, W) of the tuned convs: one 3x3 conv per HRNet-W18-small / W48 branch at a 512x1024 input.
@@ -199,13 +199,6 @@ def tuned_algorithm(cout: int, measure_missing: bool = False) -> Optional[str]:
     if cout not in memo:
         memo[cout] = table[min(table, key=lambda c: (abs(math.log(c) - math.log(max(cout, 1))), c))]
     return memo[cout]
-
-
-def tuned_direct(cout: int, measure_missing: bool = False) -> Optional[bool]:
-    """Whether the tuned table sends a conv with ``cout`` output channels to a direct variant (see
-    :func:`tuned_algorithm`); None when this machine is not tuned."""
-    algo = tuned_algorithm(cout, measure_missing)
-    return None if algo is None else algo != 'gemm'
 
 
 def clear_tuned() -> None:
