@@ -227,11 +227,9 @@ class EarlyExitFlopCounter:
             self._groups[key] = (positional, tokens)
         return self._groups[key]
 
-    def _token_work(self, call: LayerCall, active: Tensor) -> Optional[Tensor]:
-        """Per-image MACs (B,) of a call on token sequences at the tokens really processed, or None when the call
-        has no token sequence (then the positional rule applies); sequences off the grid count densely."""
-        if not call.seq_lens:
-            return None
+    def _token_work(self, call: LayerCall, active: Tensor) -> Tensor:
+        """Per-image MACs (B,) of a call on token sequences (``call.seq_lens`` set; :meth:`_call_groups` sorts them
+        out) at the tokens really processed; sequences off the grid count densely."""
         grid = math.prod(active.shape[1:])
         n_active = active.flatten(1).sum(dim=1).double().cpu()
         counts, on_grid = [], False

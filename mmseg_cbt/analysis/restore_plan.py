@@ -301,7 +301,6 @@ class CellConfusion:
     def __init__(self, restorer: ExitLabelRestorer, row_offset: Tensor, num_classes: int):
         self.restorer = restorer
         self.row_offset = row_offset
-        self.num_classes = int(num_classes)
         self.size = (num_classes + 1) * num_classes
         order, cell, _, _ = restorer.plan.cells()
         labelled = (row_offset[order] >= 0).nonzero().squeeze(1)
@@ -342,10 +341,13 @@ class CellConfusion:
         keep = rows >= 0
         return torch.bincount(rows[keep] + pred[keep], minlength=self.size)
 
+    def _count_map(self, labels: Tensor) -> Tensor:
+        """The counts of a whole (H, W) label map."""
+        return self._count(self._pixels, labels.reshape(-1)[self._pixels])
+
     def _full(self, held: Tensor) -> Tensor:
         self.full_counts += 1
-        pred = self.restorer.labels(held).reshape(-1)
-        return self._count(self._pixels, pred[self._pixels])
+        return self._count_map(self.restorer.labels(held))
 
     def counts(self, held: Tensor) -> Tensor:
         """The (K + 1) * K flat confusion counts [label row * K + prediction] for held-exit map ``held`` (h, w)."""
@@ -353,8 +355,7 @@ class CellConfusion:
         vmin, vmax = torch.stack(torch.aminmax(held)).tolist()
         if vmin == vmax:
             if vmin not in self._exit_counts:
-                pred = restorer.exit_labels(vmin).reshape(-1)
-                self._exit_counts[vmin] = self._count(self._pixels, pred[self._pixels])
+                self._exit_counts[vmin] = self._count_map(restorer.exit_labels(vmin))
             return self._exit_counts[vmin]
         if not restorer.finite:
             return self._full(held)

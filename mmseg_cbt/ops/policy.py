@@ -90,8 +90,10 @@ def _direct_choice(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> 
     if ext is None or dtype != torch.float32 or not ext.has_direct():
         return None
     algo = get_cpu_algorithm()
-    if algo == 'gemm' or algo in DIRECT_VARIANTS:
-        return None if algo == 'gemm' else algo
+    if algo == 'gemm':
+        return None
+    if algo in DIRECT_VARIANTS:
+        return algo
     from .sparse_conv.tune import tuned_algorithm  # late: tune times the kernel through the dispatch, which needs us
     tuned = tuned_algorithm(cout, measure_missing=algo == 'tune')
     if tuned is not None:

@@ -74,12 +74,8 @@ def tune_path(key: Optional[Dict[str, object]] = None) -> str:
     return osp.join(root, 'tune', f'{digest}.json')
 
 
-def _time_algorithms(cout: int,
-                     h: int,
-                     w: int,
-                     active: float,
-                     repeats: int,
-                     algorithms: Sequence[str] = ('direct', 'gemm')) -> Dict[str, float]:
+def _time_algorithms(cout: int, h: int, w: int, active: float, repeats: int,
+                     algorithms: Sequence[str]) -> Dict[str, float]:
     """Best-of-``repeats`` ms of one masked 3x3 conv (cin = cout) through the stage API, per algorithm."""
     from mmseg_cbt.ops.policy import cpu_algorithm
     from mmseg_cbt.utils.benchmark import blob_mask
