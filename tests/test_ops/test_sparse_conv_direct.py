@@ -38,8 +38,9 @@ def test_direct_variants_match_torch_path(cout, k, stride, monkeypatch):
     """Thin and wide variants, with bias + residual (the output buffer itself) + ReLU and without any: equal to the
     PyTorch path and F.conv2d at active positions, stopped positions untouched. Widths: dot-product channels only
     (1), a partial vector (7, 9 on AVX2; 9 on AVX-512 past one vector), whole vectors (8, 16, 144, 192) and vectors
-    plus tail channels (18, 36, 100); Cin 45 at 3x3 cuts each 135-value strip into two K-blocks of the wide variant;
-    the bottom-right position is active (its last strip ends at the buffer's last value)."""
+    plus tail channels (18, 36, 100); Cin 45 at 3x3: the wide variant's three 135-value strips in one K-block (other
+    K-blockings: ``test_wide_variant_k_blocks``); the bottom-right position is active (its last strip ends at the
+    buffer's last value)."""
     ext = require_cpu_ext()
     if not ext.has_direct():
         pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
@@ -105,6 +106,28 @@ def test_avx2_build_in_subprocess():
                        text=True,
                        cwd=os.path.dirname(os.path.dirname(here)))
     assert r.returncode == 0, r.stdout[-4000:]
+
+
+@pytest.mark.parametrize('cin', [60, 150])
+@pytest.mark.parametrize('cout', [18, 48, 100])
+def test_wide_variant_k_blocks(cin, cout, monkeypatch):
+    """The wide variant's K-blocks other than one block of whole strips: Cin 60 at 3x3 (180-value strips: a block of two
+    strips, then one), Cin 150 (450-value strips, each cut into two pieces); rows equal F.conv2d's with bias, residual
+    and ReLU, stopped positions untouched."""
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
+    torch.manual_seed(cin + cout)
+    x = torch.randn(1, cin, 10, 14)
+    w, b = torch.randn(cout, cin, 3, 3) / (9 * cin)**0.5, torch.randn(cout)
+    mask = two_masks(1, 10, 14, seed=cout)
+    mask[0, -1, -1] = True
+    prev = torch.randn(1, cout, 10, 14)
+    y = _run(monkeypatch, WIDE, x, w, b, mask, 1, prev, True, True)
+    ref = F.relu(F.conv2d(x, w, b, padding=1) + prev)
+    keep = mask[:, None].expand_as(ref)
+    assert torch.allclose(y[keep], ref[keep], atol=ATOL, rtol=0)
+    assert torch.equal(y[~keep], prev[~keep])
 
 
 @pytest.mark.parametrize('cout', [9, 36, 144, 200])

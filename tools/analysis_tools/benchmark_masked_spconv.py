@@ -8,9 +8,13 @@ stride-1 convs at the HRNet branch shapes of section (a), in one process, interl
 
 * ``ours``: the stage API (padded channels-last buffer and index built once, as a masked network keeps them),
 * ``op``: the public ``sparse_conv2d`` (NCHW in and out, mask index and weight matrix cached on the tensors),
-* ``spconv``: ``SubMConv2d`` on a ``SparseConvTensor`` of the active rows, its index pairs computed once and reused
-  (``indice_key``), as a sparse network reuses them from layer to layer; its CPU path has no fused bias, so the bias
-  is added to its output rows in place (a few microseconds).
+* ``spconv``: a submanifold conv on a ``SparseConvTensor`` of the active rows, its index pairs computed once and
+  reused (``indice_key``), as a sparse network reuses them from layer to layer; its CPU path has no fused bias, so
+  the bias is added to its output rows in place (a few microseconds). It runs as ``SubMConv3d`` with a (1, 3, 3)
+  kernel on a depth-1 grid, because spconv 2.3.8's CPU ``SubMConv2d`` builds no index pairs besides the centre's.
+
+spconv's CPU conv is correct with one torch thread only (with two, rows come out wrong at random positions, a race
+in its accumulation), so the comparison is ``--sections spconv --threads 1``; at more threads the rows are marked.
 
 Parity is checked on every row: with the stopped inputs set to zero, ours must equal spconv at the active positions
 (``max|diff|`` column); a row where it does not is marked, as its spconv time then measures a wrong computation.
@@ -27,22 +31,29 @@ from mmseg_cbt.utils.benchmark import blob_mask, timed_quiet
 
 def _spconv_runner(spconv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    mask: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """``SubMConv2d`` with our weights on the active rows of ``x``; returns a callable giving the output rows."""
+    """spconv's submanifold conv with our weights on the active rows of ``x``; returns a callable giving the rows.
+
+    Run as ``SubMConv3d`` with a (1, 3, 3) kernel on a depth-1 grid: spconv 2.3.8's CPU ``SubMConv2d`` builds no
+    index pairs but the centre's (it computes one tap of nine), while its 3-D path builds them correctly.
+    """
     n, c, _, _ = x.shape
-    idx = mask.nonzero()  # (M, 3): batch, y, x (row-major, the order of our index)
+    idx = mask.nonzero().int()  # (M, 3): batch, y, x (row-major, the order of our index)
+    idx = torch.cat([idx[:, :1], torch.zeros_like(idx[:, :1]), idx[:, 1:]], 1).contiguous()  # batch, z=0, y, x
     feats = x.permute(0, 2, 3, 1)[mask].contiguous()
     # spconv's CPU path has no fused bias ("cpu don't support act and bias"): added to its output rows in place
-    conv = spconv.SubMConv2d(c, weight.shape[0], 3, padding=1, bias=False, indice_key='bench')
+    conv = spconv.SubMConv3d(c, weight.shape[0], (1, 3, 3), padding=(0, 1, 1), bias=False, indice_key='bench')
     with torch.no_grad():
-        # spconv 2.x keeps the weight as (Cout, kh, kw, Cin)
+        # spconv 2.x keeps the weight as (Cout, kd, kh, kw, Cin)
         conv.weight.copy_(weight.permute(0, 2, 3, 1).reshape(conv.weight.shape))
     conv.eval()
-    sp = spconv.SparseConvTensor(feats, idx.int(), list(mask.shape[1:]), n)
-    first = conv(sp)  # computes the index pairs, kept under indice_key in first's indice_dict
+    sp = spconv.SparseConvTensor(feats, idx, [1] + list(mask.shape[1:]), n)
+    with torch.no_grad():
+        first = conv(sp)  # computes the index pairs, kept under indice_key in first's indice_dict
     warm = first.replace_feature(feats)
 
     def run() -> torch.Tensor:
-        return conv(warm).features.add_(bias)
+        with torch.no_grad():
+            return conv(warm).features.add_(bias)
 
     return run
 
@@ -58,13 +69,15 @@ def bench_spconv(args) -> List[dict]:
     """
     try:
         import spconv.pytorch as spconv
+        from spconv import __version__ as spconv_version
     except ImportError:
         print('\n(spconv) skipped: spconv is not installed (pip install -r requirements/benchmark.txt)')
         return []
     from benchmark_masked import _op_runners, branch_shapes  # section (a)'s shapes and public-op runner
 
     print(f'\n(spconv) 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads: wall time / dense conv; spconv '
-          f'{getattr(spconv, "__version__", "")} SubMConv2d (stopped inputs read as zero) vs ours (stored values)')
+          f'{spconv_version} SubMConv3d (1, 3, 3) on a depth-1 grid (stopped inputs read as zero) vs ours (stored '
+          f'values)')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"act%":>5} {"dense ms":>9} {"ours":>6} {"op":>6} {"spconv":>7} '
            f'{"ours/sp":>7} {"max|diff|":>9}')
     print(hdr)
@@ -121,6 +134,7 @@ def bench_spconv(args) -> List[dict]:
                 f'{"" if valid else "  spconv WRONG: its time does not count"}',
                 flush=True)
     if rows and not all(r['spconv_valid'] for r in rows):
-        print('spconv gave wrong results on some rows (with zeroed stopped inputs both compute the same conv, so its '
-              'index pairs are at fault); those rows compare nothing')
+        hint = ' (its CPU conv is correct with --threads 1 only)' if torch.get_num_threads() > 1 else ''
+        print('spconv gave wrong results on some rows (with zeroed stopped inputs both compute the same conv); those '
+              f'rows compare nothing{hint}')
     return rows
