@@ -110,13 +110,11 @@ def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
     algorithm (:data:`DIRECT_VARIANTS`; the vector tail only where the conv has a short tail, see
     :func:`~.sparse_conv.tune.has_short_tail`, else the plain thin variant, which is then the same computation).
 
-    A forced ``direct`` is passed on as 1 also where the kernel cannot run it (float64, no direct algorithm in the
-    build): the kernel then refuses with its message instead of silently running the GEMM.
+    A forced ``direct`` or variant is passed on also where the kernel cannot run it (float64, no direct algorithm in
+    the build): the kernel then refuses with its message instead of silently running the GEMM.
     """
     algo = get_cpu_algorithm()
-    if algo == 'direct':
-        return 1
-    choice = _direct_choice(ext, cout, dtype)
+    choice = algo if algo in DIRECT_VARIANTS else _direct_choice(ext, cout, dtype)
     if choice is None:
         return 0
     if choice == 'direct-vtail':

@@ -133,7 +133,7 @@ def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
     """The policy sends float32 convs to the direct algorithm under 'auto' where the build has one: on Intel CPUs up
     to DIRECT_MAX_COUT output channels (wider to the GEMM), elsewhere at every width (and tells the kernel so: its
     result is bit-identical to the forced direct run); float64 goes to the GEMM; the kernel refuses a direct run it
-    cannot do (float64) and an unknown choice."""
+    cannot do (float64, also a forced variant) and an unknown choice."""
     from mmseg_cbt.ops import DIRECT_MAX_COUT, policy
     ext = require_cpu_ext()
     monkeypatch.setattr(policy, '_GEMM_WIDE', intel)
@@ -169,6 +169,12 @@ def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
     with pytest.raises(RuntimeError, match='direct kernel runs float32'):
         ext.sparse_conv_gemm(src.double(), strips, 3, torch.randn(36, 5, dtype=torch.float64), None, None, None, False,
                              torch.empty(2, 5, dtype=torch.float64), None, 8, 1)
+    # a forced direct algorithm or variant on float64 reaches the kernel, which refuses it (no silent GEMM)
+    buf64 = to_padded_nhwc(x.double())
+    for algo in ('direct', 'direct-thin', 'direct-wide', 'direct-vtail'):
+        with cpu_algorithm(algo), pytest.raises(RuntimeError, match='direct kernel runs float32'):
+            sparse_conv_rows(buf64, idx, torch.randn(36, 17, dtype=torch.float64), None, dense_threshold=float('inf'),
+                             backend='cpp')
 
 
 def conv_weight_matrix_inverse(wmat: torch.Tensor, cin: int) -> torch.Tensor:
