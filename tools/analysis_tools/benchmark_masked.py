@@ -206,11 +206,12 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     if cpu_kernel:
         print('masked = the default CPU path (the compiled kernel); "torch" = the same algorithm as pure-PyTorch ops')
         print('op = the public sparse_conv2d (NCHW in and out, layout conversion included, mask index and weight '
-              'matrix cached) over the dense conv; op/stg = op over the stage API (masked); op_inf = op with inference '
-              'tensors (nothing cached)')
+              'matrix cached) over the dense conv (the faster layout; the verdict); op/stg = op over the stage API (masked); '
+              'op_inf = op with inference tensors (nothing cached); op/nchw = op over the dense conv on the same NCHW '
+              'tensors (what a user with NCHW features runs instead)')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
            f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"torch":>6} {"idx ms":>7} '
-           f'{"bg%":>4} {"op":>6} {"op/stg":>6} {"op_inf":>6}')
+           f'{"bg%":>4} {"op":>6} {"op/stg":>6} {"op_inf":>6} {"op/nchw":>7}')
     print(hdr)
     print('-' * len(hdr))
     for model, c, h, w in branch_shapes(args.models, tuple(args.input_size)):
@@ -257,6 +258,7 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
                 op_ms=t.get('op'),
                 op_inference_ratio=t['op_inference'] / d_ms if 'op_inference' in t else None,
                 op_ratio=t['op'] / d_ms if 'op' in t else None,
+                op_nchw_ratio=t['op'] / t['dense_nchw'] if 'op' in t else None,
                 op_target=OP_TARGETS.get(round(active, 2)) if 'op' in t else None)
             row['op_meets_target'] = None if row['op_target'] is None else row['op_ratio'] <= row['op_target']
             rows.append(row)
@@ -266,7 +268,7 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
             if row['op_ratio'] is not None:
                 op_flag = '' if row['op_target'] is None else (' ok' if row['op_meets_target'] else ' MISS')
                 op_col = (f' {row["op_ratio"]:6.3f} {t["op"] / t["masked"]:6.2f} '
-                          f'{row["op_inference_ratio"]:6.3f}{op_flag}')
+                          f'{row["op_inference_ratio"]:6.3f} {row["op_nchw_ratio"]:7.3f}{op_flag}')
             print(
                 f'{model:5} {c:4d} {h:>3}x{w:<4} {stopped:5.0f} {100 * act:5.1f} {path:>6} '
                 f'{d_ms:9.3f} {fmt[6:]:>6} {t["masked"]:9.3f} {ratio:6.3f} {row["mac_ratio"]:5.2f} '
