@@ -206,9 +206,9 @@ def bench_single_convs(args: argparse.Namespace) -> List[dict]:
     if cpu_kernel:
         print('masked = the default CPU path (the compiled kernel); "torch" = the same algorithm as pure-PyTorch ops')
         print('op = the public sparse_conv2d (NCHW in and out, layout conversion included, mask index and weight '
-              'matrix cached) over the dense conv (the faster layout; the verdict); op/stg = op over the stage API (masked); '
-              'op_inf = op with inference tensors (nothing cached); op/nchw = op over the dense conv on the same NCHW '
-              'tensors (what a user with NCHW features runs instead)')
+              'matrix cached) over the dense conv (the faster layout; the verdict); op/stg = op over the stage API '
+              '(masked); op_inf = op with inference tensors (nothing cached); op/nchw = op over the dense conv on the '
+              'same NCHW tensors (what a user with NCHW features runs instead)')
     hdr = (f'{"model":5} {"C":>4} {"HxW":>8} {"stop%":>5} {"act%":>5} {"path":>6} {"dense ms":>9} '
            f'{"(fmt)":>6} {"masked ms":>9} {"ratio":>6} {"MACs":>5} {"target":>6} {"torch":>6} {"idx ms":>7} '
            f'{"bg%":>4} {"op":>6} {"op/stg":>6} {"op_inf":>6} {"op/nchw":>7}')
