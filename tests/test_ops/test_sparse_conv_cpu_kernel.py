@@ -173,8 +173,8 @@ def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
     buf64 = to_padded_nhwc(x.double())
     for algo in ('direct', 'direct-thin', 'direct-wide', 'direct-vtail'):
         with cpu_algorithm(algo), pytest.raises(RuntimeError, match='direct kernel runs float32'):
-            sparse_conv_rows(buf64, idx, torch.randn(36, 17, dtype=torch.float64), None, dense_threshold=float('inf'),
-                             backend='cpp')
+            sparse_conv_rows(
+                buf64, idx, torch.randn(36, 17, dtype=torch.float64), None, dense_threshold=float('inf'), backend='cpp')
 
 
 def conv_weight_matrix_inverse(wmat: torch.Tensor, cin: int) -> torch.Tensor:
