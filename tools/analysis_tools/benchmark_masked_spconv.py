@@ -47,13 +47,11 @@ def _spconv_runner(spconv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         conv.weight.copy_(weight.permute(0, 2, 3, 1).reshape(conv.weight.shape))
     conv.eval()
     sp = spconv.SparseConvTensor(feats, idx, [1] + list(mask.shape[1:]), n)
-    with torch.no_grad():
-        first = conv(sp)  # computes the index pairs, kept under indice_key in first's indice_dict
+    first = conv(sp)  # computes the index pairs, kept under indice_key in first's indice_dict
     warm = first.replace_feature(feats)
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
-            return conv(warm).features.add_(bias)
+        return conv(warm).features.add_(bias)
 
     return run
 

@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for cout, row in result['widths'].items():
         h, w = row['shape']
         cols = ' '.join(f'{row[f]:10.3f}' if f in row else f"{'-':>10}" for f in ('thin_ms', 'wide_ms', 'vtail_ms'))
-        choice = row.get('algorithm', 'direct' if row['direct'] else 'gemm')
+        choice = tune.row_algorithm(row)
         print(f"{int(cout):5d} {h:4d}x{w:<4d} {cols} {row['gemm_ms']:10.3f} "
               f"{row['gemm_ms'] / row['direct_ms']:12.2f}  {choice}")
     return 0

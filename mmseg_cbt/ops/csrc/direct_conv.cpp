@@ -251,18 +251,18 @@ int64_t wide_chunk(int64_t vw) {
 // dense conv's MAC rate on Zen 5 against 0.88 with 432.
 constexpr int64_t kWideKb = 432;
 
-// t[p, b] (+)= sum_s sum_j x[p * xs + s][j] * w[s * kb + j, b] for P positions, NB vectors, ns pieces of kb window
+// t[p, b] (+)= sum_s sum_j x[p * ns + s][j] * w[s * kb + j, b] for P positions, NB vectors, ns pieces of kb window
 // rows each (whole strips, or one piece of a strip when ns == 1); w: the packed panel (ns * kb, NB * L). first: the
 // accumulators start at zero instead of the tile.
 template <int NB, int P>
-__attribute__((noinline)) void wide_micro(const float* const* x, int64_t xs, int64_t ns, const float* w, int64_t kb,
-                                          float* t, int64_t ldt, bool first) {
+__attribute__((noinline)) void wide_micro(const float* const* x, int64_t ns, const float* w, int64_t kb, float* t,
+                                          int64_t ldt, bool first) {
   V acc[P][NB];
   for (int p = 0; p < P; ++p)
     for (int b = 0; b < NB; ++b) acc[p][b] = first ? Isa::zero() : Isa::load(t + p * ldt + b * L);
   for (int64_t sk = 0; sk < ns; ++sk) {
     const float* xp[P];
-    for (int p = 0; p < P; ++p) xp[p] = x[p * xs + sk];
+    for (int p = 0; p < P; ++p) xp[p] = x[p * ns + sk];
     const float* ws = w + sk * kb * NB * L;
     for (int64_t j = 0; j < kb; ++j) {
       V wv[NB];
@@ -277,7 +277,7 @@ __attribute__((noinline)) void wide_micro(const float* const* x, int64_t xs, int
     for (int b = 0; b < NB; ++b) Isa::store(t + p * ldt + b * L, acc[p][b]);
 }
 
-typedef void (*micro_fn)(const float* const*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
+typedef void (*micro_fn)(const float* const*, int64_t, const float*, int64_t, float*, int64_t, bool);
 
 // Positions per microkernel call for NB vectors: as many accumulators as the registers allow.
 constexpr int wide_p(int nb) { return L == 16 ? (nb >= 4 ? 6 : nb == 3 ? 8 : 12) : (nb >= 3 ? 4 : nb == 2 ? 6 : 12); }
@@ -373,13 +373,13 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
           const int64_t b0 = blk0[bi], nbb = blk0[bi + 1] - b0;
           const int P = wide_p(static_cast<int>(nbb));
           const micro_fn fn = micro_for(nbb);
-          for (int64_t sk = 0; sk < kbk.ns; ++sk)
-            pack_panel(w, cout, (kbk.s0 + sk) * kc + kbk.o0, kbk.kb, b0, nbb, panel + sk * kbk.kb * nbb * L);
+          // a block of whole strips is ns * kc consecutive rows of wmat, a piece kb rows of one strip
+          pack_panel(w, cout, kbk.s0 * kc + kbk.o0, kbk.ns * kbk.kb, b0, nbb, panel);
           for (int64_t g = 0; g < n; g += P) {
             const float* xp[12 * 3];
             for (int p = 0; p < P; ++p)
               for (int64_t sk = 0; sk < kbk.ns; ++sk) xp[p * kbk.ns + sk] = rows[(g + p) * k + kbk.s0 + sk] + kbk.o0;
-            fn(xp, kbk.ns, kbk.ns, panel, kbk.kb, tile + g * vw + b0 * L, vw, kbi == 0);
+            fn(xp, kbk.ns, panel, kbk.kb, tile + g * vw + b0 * L, vw, kbi == 0);
           }
         }
       }

@@ -32,7 +32,7 @@ from ..policy import DIRECT_VARIANTS
 
 __all__ = [
     'TUNE_SHAPES', 'TUNED_ALGORITHMS', 'tune_key', 'tune_path', 'measure_algorithms', 'load_tuned', 'tuned_algorithm',
-    'clear_tuned', 'has_short_tail'
+    'clear_tuned', 'has_short_tail', 'row_algorithm'
 ]
 
 #: (output channels, H, W) of the tuned convs: one 3x3 conv per HRNet-W18-small / W48 branch at a 512x1024 input.
@@ -149,11 +149,16 @@ def measure_algorithms(shapes: Sequence[Tuple[int, int, int]] = TUNE_SHAPES,
     return result
 
 
+def row_algorithm(row: dict) -> str:
+    """The algorithm one width's row of a result names (a file of the first version names it by ``direct``)."""
+    return row.get('algorithm', 'direct' if row['direct'] else 'gemm')
+
+
 def _table(widths: dict) -> Dict[int, str]:
-    """{channels: algorithm} of a result's ``widths`` (a file without ``algorithm`` names it by ``direct``)."""
+    """{channels: algorithm} of a result's ``widths``."""
     table = {}
     for k, v in widths.items():
-        algo = v.get('algorithm', 'direct' if v['direct'] else 'gemm')
+        algo = row_algorithm(v)
         if algo not in TUNED_ALGORITHMS:
             raise ValueError(f'unknown algorithm {algo!r}')
         table[int(k)] = algo
