@@ -6,7 +6,7 @@
 * Per stage or exit, :func:`default_max_active` is the default of ``test_cfg.sparse_max_active``: above that active
   fraction the segmentor takes the simulated path (dense, then masked), which is as fast or faster there.
 * Which of the compiled CPU kernel's float32 algorithms runs: :func:`set_cpu_algorithm` / :func:`cpu_algorithm`, or
-  the environment variable ``MMSEG_CBT_CPU_ALGO`` (``auto``, ``gemm``, ``direct``, ``tune``) read at import. The
+  the environment variable ``MMSEG_CBT_CPU_ALGO`` (one of :data:`CPU_ALGORITHMS`) read at import. The
   kernel has a direct algorithm where it was built for AVX-512 or AVX2 + FMA (``ext.isa()``; ``MMSEG_CBT_CPU_ISA``,
   see :mod:`mmseg_cbt.ops.ext_loader`); it needs no BLAS. ``auto`` follows this CPU's tuning result where one
   exists (:mod:`mmseg_cbt.ops.sparse_conv.tune`: both algorithms timed per conv width on this machine; ``tune``
@@ -110,10 +110,15 @@ def direct_flag(ext: ModuleType, cout: int, dtype: torch.dtype) -> int:
     algorithm (:data:`DIRECT_VARIANTS`; the vector tail only where the conv has a short tail, see
     :func:`~.sparse_conv.tune.has_short_tail`, else the plain thin variant, which is then the same computation).
 
-    A forced ``direct`` or variant is passed on also where the kernel cannot run it (float64, no direct algorithm in
-    the build): the kernel then refuses with its message instead of silently running the GEMM.
+    Raises:
+        RuntimeError: ``direct`` or a variant is forced where the kernel cannot run it (not float32, or no direct
+            algorithm in the build), instead of silently running the GEMM.
     """
     algo = get_cpu_algorithm()
+    if algo in DIRECT_VARIANTS and (dtype != torch.float32 or not ext.has_direct()):
+        raise RuntimeError(f'CPU algorithm {algo!r} (MMSEG_CBT_CPU_ALGO / set_cpu_algorithm) is forced, but the direct '
+                           f'kernel runs float32 on an AVX-512 or AVX2 build only: got {dtype}, build isa '
+                           f'{ext.isa()!r}; use auto or gemm')
     choice = algo if algo in DIRECT_VARIANTS else _direct_choice(ext, cout, dtype)
     if choice is None:
         return 0

@@ -56,6 +56,28 @@ def _spconv_runner(spconv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return run
 
 
+def _probe(spconv) -> str:
+    """spconv's 2-D and 3-D submanifold convs on a 6x6 grid with every site active, against ``F.conv2d``: the index
+    pairs each builds per kernel offset (the centre is computed apart from the pairs) and the largest difference."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 6, 6, generator=g)
+    weight = torch.randn(4, 4, 3, 3, generator=g)
+    ref = F.conv2d(x, weight, None, 1, 1).permute(0, 2, 3, 1).reshape(-1, 4)
+    feats = x.permute(0, 2, 3, 1).reshape(-1, 4).contiguous()
+    idx = torch.ones(1, 6, 6, dtype=torch.bool).nonzero().int()
+    parts = []
+    for name, conv, ind, shape in (
+        ('SubMConv2d', spconv.SubMConv2d(4, 4, 3, padding=1, bias=False, indice_key='p2'), idx, [6, 6]),
+        ('SubMConv3d (1, 3, 3)', spconv.SubMConv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), bias=False, indice_key='p3'),
+         torch.cat([idx[:, :1], torch.zeros_like(idx[:, :1]), idx[:, 1:]], 1).contiguous(), [1, 6, 6]),
+    ):
+        conv.weight.copy_(weight.permute(0, 2, 3, 1).reshape(conv.weight.shape))
+        out = conv(spconv.SparseConvTensor(feats, ind, shape, 1))
+        pairs = out.indice_dict[conv.indice_key].indice_pair_num.tolist()
+        parts.append(f'{name} pairs per offset {pairs}, max|diff| {float((out.features - ref).abs().max()):.2g}')
+    return '; '.join(parts)
+
+
 def bench_spconv(args) -> List[dict]:
     """Section ``spconv``: ours (stage API and public op) beside spconv's ``SubMConv2d``, ratios to dense.
 
@@ -72,6 +94,8 @@ def bench_spconv(args) -> List[dict]:
         print('\n(spconv) skipped: spconv is not installed (pip install -r requirements/benchmark.txt)')
         return []
     from benchmark_masked import _op_runners, branch_shapes  # section (a)'s shapes and public-op runner
+
+    print(f'\n(spconv) probe, 6x6 grid, all sites active, {torch.get_num_threads()} threads: {_probe(spconv)}')
 
     print(f'\n(spconv) 3x3 convs, batch 1, fp32, {torch.get_num_threads()} threads: wall time / dense conv; spconv '
           f'{spconv_version} SubMConv3d (1, 3, 3) on a depth-1 grid (stopped inputs read as zero) vs ours (stored '

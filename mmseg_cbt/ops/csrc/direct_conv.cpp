@@ -246,9 +246,8 @@ int64_t wide_chunk(int64_t vw) {
   return std::max<int64_t>(96, std::min<int64_t>(1008, (256 << 10) / (vw * 4) / 24 * 24));
 }
 
-// K-block rows: a whole 3x3 window up to 48 input channels (one pass, no partial-sum round trips through the tile;
-// the panel, up to 108 KiB, streams from L2). 128-row blocks (L1-resident panel) ran 48-channel convs at 0.72 of the
-// dense conv's MAC rate on Zen 5 against 0.88 with 432.
+// K-block rows: a whole 3x3 window up to 48 input channels, so thin windows take one pass with no partial-sum round
+// trips through the tile (the panel, up to 108 KiB, then streams from L2; docs/benchmarks.md has the measurements).
 constexpr int64_t kWideKb = 432;
 
 // t[p, b] (+)= sum_s sum_j x[p * ns + s][j] * w[s * kb + j, b] for P positions, NB vectors, ns pieces of kb window
