@@ -118,12 +118,12 @@ def test_blocked_nchw_copy_equals_strided_copy(dtype):
         ext.nchw_rows_to_padded(src, got, 1, 0, h, need)
         inner = got[:, 1:1 + h, 1:1 + w]
         assert torch.equal(inner[need], src.permute(0, 2, 3, 1)[need])
-        # pixels copied block-wise (64 along a row): a block no needed pixel is in stays untouched, the others
+        # pixels copied block-wise (32 along a row): a block no needed pixel is in stays untouched, the others
         # hold the source
         src_nhwc = src.permute(0, 2, 3, 1)
         touched = torch.zeros_like(need)
-        for x0 in range(0, w, 64):
-            touched[:, :, x0:x0 + 64] = need[:, :, x0:x0 + 64].any(-1, keepdim=True)
+        for x0 in range(0, w, 32):
+            touched[:, :, x0:x0 + 32] = need[:, :, x0:x0 + 32].any(-1, keepdim=True)
         assert torch.equal(inner[touched], src_nhwc[touched])
         assert bool((inner[~touched] == 7).all()) and bool((got[:, 0] == 7).all())
         assert bool((~touched).any()) and bool((touched & ~need).any())

@@ -393,3 +393,33 @@ def test_non_finite_input_propagates_like_f_conv2d(algorithm, k, stride, relu):
         assert torch.allclose(y[keep][finite], ref[keep][finite], atol=ATOL, rtol=0), backend
         assert torch.equal(y[~keep], prev[~keep]), backend
     assert torch.equal(results['cpp'][keep].isnan(), results['torch'][keep].isnan())
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_zero_stopped_writes_only_stopped_pixels(dtype):
+    """The one-conv op's output fill: exact zeros at every stopped pixel (runs at row starts and ends, single pixels,
+    whole stopped rows), the active pixels' values untouched; the op then equals the masked dense conv with zeros
+    even in an output allocated over non-zero memory."""
+    from mmseg_cbt.ops.ext_loader import load_cpu_ext
+    require_cpu_ext()
+    ext = load_cpu_ext()
+    mask = torch.zeros(2, 5, 9, dtype=torch.bool)
+    mask[0, 0, 1:4] = True
+    mask[0, 1, 0] = True
+    mask[0, 1, 8] = True
+    mask[0, 3, ::2] = True
+    mask[1, 2:, 3:] = True
+    dst = torch.full((2, 5, 9, 3), float('nan'), dtype=dtype)
+    assert ext.zero_stopped(dst, mask) is dst
+    assert torch.isnan(dst[mask]).all()
+    assert (dst[~mask] == 0).all() and not torch.signbit(dst[~mask]).any()
+    # stale non-zero memory in a reused allocation must not leak into the op's stopped pixels
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 4, 5, 9, dtype=dtype), torch.randn(3, 4, 3, 3, dtype=dtype), torch.randn(3, dtype=dtype)
+    for _ in range(3):
+        junk = torch.full((2 * 5 * 9 * 3 * 8, ), 7.0, dtype=dtype)
+        del junk
+        y = sparse_conv2d(x, w, b, mask, padding=1, dense_threshold=float('inf'), backend='cpp')
+        ref = torch.where(mask[:, None], F.conv2d(x, w, b, padding=1), 0.0)
+        assert torch.equal(y[~mask[:, None].expand_as(y)], ref[~mask[:, None].expand_as(ref)])
+        torch.testing.assert_close(y, ref, atol=ATOL, rtol=1e-5)

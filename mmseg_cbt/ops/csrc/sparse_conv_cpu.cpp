@@ -306,8 +306,8 @@ inline int64_t transpose_channels8(const T*, int64_t, int64_t, int64_t, T*) {
 
 // buf[b, pad + y, pad + x, c] = src[b, c, y, x] for rows r0 <= y < r1 (and, given need, only where need[b, y, x]),
 // and zeros in buf's border if zero_border:
-// the NCHW -> padded channels-last copy of the one-conv op, transposed in cache-sized blocks (a (C, 64) slab of one
-// row stays in L1 while it is written out as 64 contiguous pixel rows), one image row per task.
+// the NCHW -> padded channels-last copy of the one-conv op, transposed in cache-sized blocks (a (C, 32) slab of one
+// row stays in L1 while it is written out as 32 contiguous pixel rows), one image row per task.
 void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int64_t r0, int64_t r1,
                          const c10::optional<at::Tensor>& need, bool zero_border) {
   TORCH_CHECK(src.device().is_cpu() && src.dim() == 4 && buf.dim() == 4 && buf.is_contiguous() &&
@@ -341,7 +341,9 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
       }
     }
     at::parallel_for(0, n * rows, 1, [&](int64_t i0, int64_t i1) {
-      constexpr int64_t kBlock = 64;
+      // 32 pixels: fine enough that blocks no active window reads are skipped at low active fractions (64 copied
+      // 0.31 ms of a 48-channel 128x256 map at 25 % active, 32 about half), coarse enough for whole 8 x 8 transposes
+      constexpr int64_t kBlock = 32;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / rows, y = r0 + i % rows;
         const scalar_t* srow = s + b * sn + y * sh;
@@ -370,9 +372,40 @@ void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int
   });
 }
 
+// dst[b, y, x, :] = 0 where !mask[b, y, x]: the stopped pixels of the one-conv op's channels-last output (the
+// kernel writes the active ones), instead of zeroing the whole output first.
+at::Tensor zero_stopped(at::Tensor dst, const at::Tensor& mask) {
+  TORCH_CHECK(dst.device().is_cpu() && dst.dim() == 4 && dst.is_contiguous(), "dst must be a contiguous (N, H, W, C) CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 3 && mask.size(0) == dst.size(0) &&
+              mask.size(1) == dst.size(1) && mask.size(2) == dst.size(2), "mask must be a contiguous bool (N, H, W) tensor");
+  const int64_t rows = dst.size(0) * dst.size(1), w = dst.size(2), c = dst.size(3);
+  const bool* mk = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "zero_stopped", [&] {
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const bool* mr = mk + r * w;
+        for (int64_t x = 0; x < w;) {
+          if (mr[x]) {
+            ++x;
+            continue;
+          }
+          int64_t x1 = x + 1;
+          while (x1 < w && !mr[x1]) ++x1;  // a run of stopped pixels is one contiguous span
+          std::fill(d + (r * w + x) * c, d + (r * w + x1) * c, scalar_t(0));
+          x = x1;
+        }
+      }
+    });
+  });
+  return dst;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("zero_stopped", &zero_stopped, "dst[b, y, x] = 0 where not mask[b, y, x], returns dst (channels-last, CPU)",
+        py::arg("dst"), py::arg("mask"));
   m.def("nchw_rows_to_padded", &nchw_rows_to_padded,
-        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1; with need, only the 64-pixel row blocks holding a needed pixel (CPU)",
+        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1; with need, only the 32-pixel row blocks holding a needed pixel (CPU)",
         py::arg("src"), py::arg("buf"), py::arg("pad"), py::arg("r0"), py::arg("r1"), py::arg("need") = py::none(),
         py::arg("zero_border") = false);
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",

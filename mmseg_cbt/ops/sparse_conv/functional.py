@@ -152,6 +152,7 @@ def sparse_conv2d(input: Tensor,
             return y.masked_fill_(~keep, 0)
         return out.copy_(torch.where(keep, y, out))
     buf = _read_rows_buffer(input, idx, k, stride, padding, backend)
+    ext = cpu_ext_for(backend, input)
     kwargs = dict(
         stride=stride,
         padding=padding,
@@ -161,7 +162,13 @@ def sparse_conv2d(input: Tensor,
     wmat = cached_weight_matrix(weight)
     if out is None or out.is_contiguous(memory_format=torch.channels_last):
         # rows straight into the channels-last output (stopped positions zero, or out's own values)
-        dst = input.new_zeros(n, ho, wo, cout) if out is None else out.permute(0, 2, 3, 1)
+        if out is not None:
+            dst = out.permute(0, 2, 3, 1)
+        elif ext is not None:
+            # zeros at the stopped pixels only (the kernel writes the others): half the writes of a zeroed output
+            dst = ext.zero_stopped(input.new_empty(n, ho, wo, cout), mask.contiguous())
+        else:
+            dst = input.new_zeros(n, ho, wo, cout)
         sparse_conv_buffer(buf, idx, wmat, bias, dst, out_pad=0, **kwargs)
         return dst.permute(0, 3, 1, 2) if out is None else out
     rows = sparse_conv_rows(buf, idx, wmat, bias, **kwargs)
@@ -173,7 +180,7 @@ def _read_rows_buffer(input: Tensor, idx: SparseIndex, k: int, stride: int, padd
     """The padded channels-last buffer of ``input`` with only what the active windows read copied in.
 
     The windows of the active positions read input rows ``y * stride - padding`` to ``... + k - 1`` of their output
-    rows ``y``, and the compiled kernel's copy takes only the 64-pixel row blocks that hold a pixel they read
+    rows ``y``, and the compiled kernel's copy takes only the 32-pixel row blocks that hold a pixel they read
     (:meth:`SparseIndex.input_reads`, cached on the index; whole blocks keep the transpose cache-friendly);
     everything else in the buffer's interior is never read and stays uninitialised (a thin conv at a low active
     fraction would otherwise spend most of its time copying the whole input).
