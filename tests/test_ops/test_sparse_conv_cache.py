@@ -1,16 +1,15 @@
-"""What sparse_conv2d keeps between calls (mmseg_cbt.ops.sparse_conv.cache) and the buffer it builds: an entry is
+"""What sparse_conv2d keeps between calls (mmseg_cbt.ops.sparse_conv.cache) and the buffers it fills: an entry is
 reused only for the same, unchanged tensor; input pixels no active window reads are not copied (and the map of
-those it reads is exact); the blocked NCHW copy of the CPU kernel equals the strided copy."""
+those it reads is exact); the compiled path's banded read of the NCHW input equals the dense conv."""
 import gc
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_active_close
+from utils import assert_active_close, require_cpu_ext
 
-from mmseg_cbt.ops import SparseIndex, cpu_ext_available, sparse_conv2d
-from mmseg_cbt.ops.ext_loader import load_cpu_ext
+from mmseg_cbt.ops import SparseIndex, conv_weight_matrix, sparse_conv2d
 from mmseg_cbt.ops.sparse_conv import cache, functional
 
 
@@ -96,43 +95,94 @@ def test_pixels_no_window_reads_are_never_read(stride, masks, monkeypatch):
 
     monkeypatch.setattr(functional.torch, 'empty', empty)
     monkeypatch.setattr(functional, '_WORKSPACES', threading.local())  # a fresh workspace, made by torch.empty
-    y = sparse_conv2d(x, w, None, mask, stride=stride, padding=1, dense_threshold=1.0)
+    y = sparse_conv2d(x, w, None, mask, stride=stride, padding=1, dense_threshold=1.0, backend='torch')
     assert_active_close(y, F.conv2d(x, w, None, stride, 1), mask)
 
 
-@pytest.mark.skipif(not cpu_ext_available(), reason='the CPU kernel is not built')
+def _nchw_modes(ext, dtype):
+    """The kernel's algorithms for ``dtype``: the GEMM, and (float32, a build with it) the direct variants."""
+    return [0] + ([2, 3, 4] if dtype == torch.float32 and ext.has_direct() else [])
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_blocked_nchw_copy_equals_strided_copy(dtype):
-    ext = load_cpu_ext()
-    x = torch.randn(2, 19, 7, 131, dtype=dtype)
-    for src in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, ::2]):
-        h, w = src.shape[2:]
-        ref = torch.full((2, h + 2, w + 2, 19), 7.0, dtype=dtype)
-        got = ref.clone()
-        ref[:, 1 + 2:1 + 6, 1:1 + w].copy_(src[:, :, 2:6].permute(0, 2, 3, 1))
-        ext.nchw_rows_to_padded(src, got, 1, 2, 6)
-        assert torch.equal(got, ref)
-        need = torch.rand(2, h, w) < 0.3
-        need[:, :3, 64:] = False  # whole blocks nothing reads
-        got = torch.full_like(ref, 7.0)
-        ext.nchw_rows_to_padded(src, got, 1, 0, h, need)
-        inner = got[:, 1:1 + h, 1:1 + w]
-        assert torch.equal(inner[need], src.permute(0, 2, 3, 1)[need])
-        # pixels copied block-wise (32 along a row): a block no needed pixel is in stays untouched, the others
-        # hold the source
-        src_nhwc = src.permute(0, 2, 3, 1)
-        touched = torch.zeros_like(need)
-        for x0 in range(0, w, 32):
-            touched[:, :, x0:x0 + 32] = need[:, :, x0:x0 + 32].any(-1, keepdim=True)
-        assert torch.equal(inner[touched], src_nhwc[touched])
-        assert bool((inner[~touched] == 7).all()) and bool((got[:, 0] == 7).all())
-        assert bool((~touched).any()) and bool((touched & ~need).any())
-        ext.nchw_rows_to_padded(src, got, 1, 0, h, need, zero_border=True)
-        border = torch.ones_like(got, dtype=torch.bool)
-        border[:, 1:1 + h, 1:1 + w] = False
-        assert bool((got[border] == 0).all()) and torch.equal(got[:, 1:1 + h, 1:1 + w], inner)
-    with pytest.raises(RuntimeError, match='r0 <= r1 <= H'):
-        ext.nchw_rows_to_padded(x, torch.zeros(2, 9, 133, 19, dtype=dtype), 1, 3, 8)
+@pytest.mark.parametrize('k,stride,padding', [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0)])
+def test_nchw_bands_equal_dense_conv(dtype, k, stride, padding):
+    """sparse_conv_nchw (the op's compiled path) equals the dense conv at every active pixel for every algorithm,
+    band height (1 output row per band up to the whole image), thread count (shares cut rows in the middle) and
+    input layout (NCHW, channels-last, a strided slice), written into the output's rows or compact; the stopped
+    pixels of the output stay untouched. 70 columns: 32-pixel blocks that no window reads are skipped."""
+    ext = require_cpu_ext()
+    torch.manual_seed(k * 10 + stride + padding)
+    n, c, cout, h, w = 2, 11, 19, 13 * stride, 70 * stride  # 19 = 16 + 3: the thin variant's short tail
+    x = torch.randn(n, c, h, w + 1, dtype=dtype)[..., :w]
+    wt, b = torch.randn(cout, c, k, k, dtype=dtype), torch.randn(cout, dtype=dtype)
+    ref = F.conv2d(x, wt, b, stride, padding)
+    ho, wo = ref.shape[2:]
+    mask = torch.rand(n, ho, wo) < 0.15
+    mask[0, :, 40:] = False  # whole blocks of input columns nothing reads
+    mask[1, 2:5] = False  # output rows without an active position (bands skip them)
+    idx = SparseIndex.build(mask)
+    _, strips = idx.windows((h, w), k, stride, padding, padding)
+    need = idx.input_reads((h, w), k, stride, padding)
+    wmat = conv_weight_matrix(wt)
+    want = ref.permute(0, 2, 3, 1)[mask]
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            for src in (x, x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
+                for mode in _nchw_modes(ext, dtype):
+                    for band_rows in (1, 2, 3, 100):
+                        dst = torch.full((n * ho * wo, cout), 7.0, dtype=dtype)
+                        ext.sparse_conv_nchw(src, need, strips, k, stride, padding, wmat, b, dst, idx.rows(0), ho, wo,
+                                             False, band_rows, 64, mode)
+                        got = dst.view(n, ho, wo, cout)
+                        torch.testing.assert_close(got[mask], want)
+                        assert bool((got[~mask] == 7).all())
+                        rows = torch.empty(idx.num_active, cout, dtype=dtype)
+                        ext.sparse_conv_nchw(src, None, strips, k, stride, padding, wmat, b, rows, idx.rows(0), ho, wo,
+                                             True, band_rows, 64, mode)
+                        torch.testing.assert_close(rows, want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_nchw_bands_reject_tables_of_another_geometry():
+    """Tables that do not belong to the output pixels (another padding, shuffled positions) are an error, not a read
+    outside a band's buffer."""
+    ext = require_cpu_ext()
+    x, wt = torch.randn(1, 4, 9, 12), torch.randn(5, 4, 3, 3)
+    mask = torch.rand(1, 9, 12) < 0.5
+    idx = SparseIndex.build(mask)
+    wmat, dst = conv_weight_matrix(wt), torch.zeros(9 * 12, 5)
+    _, strips = idx.windows((9, 12), 3, 1, 1, 2)  # a buffer with a 2-wide border: other rows
+    with pytest.raises(RuntimeError, match='strips do not match'):
+        ext.sparse_conv_nchw(x, None, strips, 3, 1, 1, wmat, None, dst, idx.rows(0), 9, 12, False, 4, 64, 0)
+    _, strips = idx.windows((9, 12), 3, 1, 1, 1)
+    twice = idx.rows(0).clone()
+    twice[1] = twice[0]  # a pixel twice: two threads could write one row
+    with pytest.raises(RuntimeError, match='increasing'):
+        ext.sparse_conv_nchw(x, None, strips, 3, 1, 1, wmat, None, dst, twice, 9, 12, False, 4, 64, 0)
+    with pytest.raises(RuntimeError, match='one row per output pixel'):
+        ext.sparse_conv_nchw(x, None, strips, 3, 1, 1, wmat, None, dst[:-1], idx.rows(0), 9, 12, False, 4, 64, 0)
+
+
+def test_band_buffers_hold_no_stale_reads():
+    """The compiled path's per-thread band buffers are reused between calls: after a call that filled them with NaN
+    everywhere, a sparse call on finite input reads none of it (only the blocks its windows read are copied, and
+    those are copied before they are read)."""
+    require_cpu_ext()
+    torch.manual_seed(4)
+    w = torch.randn(6, 5, 3, 3)
+    everything = torch.ones(2, 24, 80, dtype=torch.bool)
+    everything[0, 0, 0] = False  # not a full mask: the sparse path, every block copied
+    sparse_conv2d(torch.full((2, 5, 24, 80), float('nan')), w, None, everything, padding=1, dense_threshold=1.0)
+    for seed in range(3):
+        x = torch.randn(2, 5, 24, 80)
+        mask = torch.rand(2, 24, 80, generator=torch.Generator().manual_seed(seed)) < 0.1
+        y = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0)
+        assert not bool(y.isnan().any())
+        assert_active_close(y, F.conv2d(x, w, None, 1, 1), mask)
 
 
 def test_full_mask_flag_follows_in_place_changes():
@@ -155,11 +205,11 @@ def test_reused_workspace_holds_no_stale_reads():
     first = torch.zeros(1, 24, 40, dtype=torch.bool)
     first[0, :, :20] = True
     big = torch.full((1, 5, 24, 40), 1e6)
-    sparse_conv2d(big, w, None, first, padding=1, dense_threshold=1.0)  # fills the left half of the buffer
+    sparse_conv2d(big, w, None, first, padding=1, dense_threshold=1.0, backend='torch')  # the buffer's left half
     buf = next(iter(fn._WORKSPACES.bufs.values()))
     for seed in range(3):
         x = torch.randn(1, 5, 24, 40)
         mask = torch.rand(1, 24, 40, generator=torch.Generator().manual_seed(seed)) < 0.2
-        y = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0)
+        y = sparse_conv2d(x, w, None, mask, padding=1, dense_threshold=1.0, backend='torch')
         assert_active_close(y, F.conv2d(x, w, None, 1, 1), mask)
         assert next(iter(fn._WORKSPACES.bufs.values())) is buf  # the same buffer each time

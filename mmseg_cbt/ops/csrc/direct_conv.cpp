@@ -182,10 +182,12 @@ __attribute__((noinline)) void thin_block(const ThinPlan& pl, const float* const
 
 void run_thin(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
               const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
-              bool vector_tail) {
-  const at::Tensor w = wmat.contiguous();
+              bool vector_tail, int64_t base, bool keep_plan) {
   thread_local ThinPlan plan;
-  make_plan(plan, k, src.size(1), w.data_ptr<float>(), wmat.size(1), bias, vector_tail);
+  if (!keep_plan) {
+    const at::Tensor w = wmat.contiguous();
+    make_plan(plan, k, src.size(1), w.data_ptr<float>(), wmat.size(1), bias, vector_tail);
+  }
   const ThinPlan& pl = plan;
   const float* s = src.data_ptr<float>();
   const int64_t* st = strips.data_ptr<int64_t>();
@@ -198,7 +200,7 @@ void run_thin(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
       const int64_t q0 = tile * kTile, n = std::min<int64_t>(kTile, m - q0);
       for (int p = 0; p < kTile; ++p) {
         const int64_t q = q0 + std::min<int64_t>(p, n - 1);  // a short last tile repeats its last position
-        for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + st[q * k + j] * pl.cin;
+        for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + (st[q * k + j] - base) * pl.cin;
       }
       if (pl.tail) {
         // tail first: its values go to their own channels, so the order of the stores does not matter
@@ -303,7 +305,8 @@ void pack_panel(const float* w, int64_t cout, int64_t j0, int64_t kb, int64_t b0
 }
 
 void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
-              const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows) {
+              const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
+              int64_t base) {
   const at::Tensor wt = wmat.contiguous();
   const float* w = wt.data_ptr<float>();
   const float* s = src.data_ptr<float>();
@@ -364,7 +367,7 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
       const int64_t q0 = c * q_step, n = std::min(q_step, m - q0);
       for (int64_t p = 0; p < std::min(chunk, n + 11); ++p) {
         const int64_t q = q0 + std::min(p, n - 1);  // padding positions repeat the last one (computed, not stored)
-        for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + st[q * k + j] * cin;
+        for (int64_t j = 0; j < k; ++j) rows[p * k + j] = s + (st[q * k + j] - base) * cin;
       }
       for (size_t kbi = 0; kbi < kblocks.size(); ++kbi) {
         const KBlock& kbk = kblocks[kbi];
@@ -425,17 +428,18 @@ bool direct_wide(int64_t cout) {
 
 void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
                 const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
-                int64_t mode) {
+                int64_t mode, int64_t base, bool keep_plan) {
 #ifdef MMSEG_CBT_DIRECT
   const bool wide = mode == kWide || (mode == kDirect && direct_wide(wmat.size(1)));
   if (wide) {
-    run_wide(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows);
+    run_wide(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, base);
   } else {
-    run_thin(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, mode == kThinVectorTail);
+    run_thin(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, mode == kThinVectorTail, base,
+             keep_plan);
   }
 #else
   (void)src, (void)strips, (void)k, (void)wmat, (void)bias, (void)res, (void)res_rows, (void)relu, (void)dst,
-      (void)dst_rows, (void)mode;
+      (void)dst_rows, (void)mode, (void)base, (void)keep_plan;
   TORCH_CHECK(false, "this build has no direct algorithm");
 #endif
 }

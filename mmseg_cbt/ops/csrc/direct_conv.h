@@ -24,10 +24,12 @@ bool direct_available();
 // Whether kDirect runs the wide variant for `cout` output channels.
 bool direct_wide(int64_t cout);
 
-// dst[dst_rows[i]] = relu(window(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]) (float32; the
-// arguments as sparse_conv_gemm's, checked there).
+// dst[dst_rows[i]] = relu(window(src, strips[i*k : i*k+k] - base) @ wmat + bias + res[res_rows[i]]) (float32; the
+// arguments as sparse_conv_gemm's, checked there). base: the row of the full buffer that src's first row is (a band
+// of it, in the one-conv op). keep_plan: the thin variant reuses this thread's weight layout of its previous call
+// (the same conv's previous band) instead of rebuilding it.
 void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
                 const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
-                int64_t mode);
+                int64_t mode, int64_t base = 0, bool keep_plan = false);
 
 }  // namespace mmseg_cbt

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "direct_conv.h"
@@ -88,7 +89,7 @@ inline T relu_keep_nan(T x) {
 template <typename T>
 void run_chunks(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                 const T* bias, const T* res, const int64_t* res_rows, bool relu, T* dst,
-                const int64_t* dst_rows, int64_t chunk) {
+                const int64_t* dst_rows, int64_t chunk, int64_t base = 0) {
   const int64_t cin = src.size(1);
   const int64_t m = strips.numel() / k;
   const int64_t strip = k * cin, kkc = k * strip, cout = wmat.size(1);
@@ -112,7 +113,7 @@ void run_chunks(const at::Tensor& src, const at::Tensor& strips, int64_t k, cons
       // im2col of the chunk: k contiguous strips of k*cin values per window (see SparseIndex.windows)
       const int64_t* sc = st + p0 * k;
       for (int64_t i = 0; i < n * k; ++i) {
-        copy_row(ap + i * strip, s + sc[i] * cin, strip);
+        copy_row(ap + i * strip, s + (sc[i] - base) * cin, strip);
       }
       gemm_rows<T>(ap, w, op, n, kkc, cout, wmat, opts);
       for (int64_t i = 0; i < n; ++i) {
@@ -304,72 +305,30 @@ inline int64_t transpose_channels8(const T*, int64_t, int64_t, int64_t, T*) {
 }
 #endif
 
-// buf[b, pad + y, pad + x, c] = src[b, c, y, x] for rows r0 <= y < r1 (and, given need, only where need[b, y, x]),
-// and zeros in buf's border if zero_border:
-// the NCHW -> padded channels-last copy of the one-conv op, transposed in cache-sized blocks (a (C, 32) slab of one
-// row stays in L1 while it is written out as 32 contiguous pixel rows), one image row per task.
-void nchw_rows_to_padded(const at::Tensor& src, at::Tensor buf, int64_t pad, int64_t r0, int64_t r1,
-                         const c10::optional<at::Tensor>& need, bool zero_border) {
-  TORCH_CHECK(src.device().is_cpu() && src.dim() == 4 && buf.dim() == 4 && buf.is_contiguous() &&
-              src.scalar_type() == buf.scalar_type(), "src (N, C, H, W) and a contiguous buf of its dtype expected");
-  const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
-  TORCH_CHECK(buf.size(0) == n && buf.size(1) == h + 2 * pad && buf.size(2) == w + 2 * pad && buf.size(3) == c,
-              "buf must be (N, H + 2 pad, W + 2 pad, C)");
-  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= h, "rows must satisfy 0 <= r0 <= r1 <= H");
-  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
-  const int64_t rows = r1 - r0;
-  const bool* nd = nullptr;
-  if (need.has_value()) {
-    TORCH_CHECK(need->scalar_type() == at::kBool && need->is_contiguous() && need->dim() == 3 && need->size(0) == n &&
-                need->size(1) == h && need->size(2) == w, "need must be a contiguous bool (N, H, W) tensor");
-    nd = need->data_ptr<bool>();
-  }
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "nchw_rows_to_padded", [&] {
-    const scalar_t* s = src.data_ptr<scalar_t>();
-    scalar_t* d = buf.data_ptr<scalar_t>();
-    if (zero_border && pad > 0) {
-      // the border rows and columns: one memset each instead of four strided zero_() calls from Python
-      const int64_t hp = h + 2 * pad, wp = w + 2 * pad;
-      for (int64_t b = 0; b < n; ++b) {
-        scalar_t* img = d + b * hp * wp * c;
-        std::fill(img, img + pad * wp * c, scalar_t(0));
-        std::fill(img + (pad + h) * wp * c, img + hp * wp * c, scalar_t(0));
-        for (int64_t y = pad; y < pad + h; ++y) {
-          std::fill(img + y * wp * c, img + (y * wp + pad) * c, scalar_t(0));
-          std::fill(img + (y * wp + pad + w) * c, img + (y + 1) * wp * c, scalar_t(0));
-        }
-      }
+// drow[x * c + ch] = srow[ch * sc + x * sw] for x < w, by 32-pixel blocks, skipping the blocks where need (given)
+// holds no true pixel. 32 pixels: fine enough that blocks no active window reads are skipped at low active fractions
+// (64 copied 0.31 ms of a 48-channel 128x256 map at 25 % active, 32 about half), coarse enough for whole 8 x 8
+// transposes; a block's destination (32 * C values) stays in L1 while it is written out.
+template <typename T>
+void copy_row_blocks(const T* srow, int64_t sc, int64_t sw, int64_t c, int64_t w, const bool* need, T* drow) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
+    const int64_t x1 = std::min(w, x0 + kBlock);
+    if (need && std::find(need + x0, need + x1, true) == need + x1) continue;  // no active window reads it
+    T* dp = drow + x0 * c;
+    if (sc == 1 && sw == c) {  // channels-last input: the block is one contiguous run
+      std::copy(srow + x0 * sw, srow + x1 * sw, dp);
+      continue;
     }
-    at::parallel_for(0, n * rows, 1, [&](int64_t i0, int64_t i1) {
-      // 32 pixels: fine enough that blocks no active window reads are skipped at low active fractions (64 copied
-      // 0.31 ms of a 48-channel 128x256 map at 25 % active, 32 about half), coarse enough for whole 8 x 8 transposes
-      constexpr int64_t kBlock = 32;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / rows, y = r0 + i % rows;
-        const scalar_t* srow = s + b * sn + y * sh;
-        scalar_t* drow = d + ((b * (h + 2 * pad) + y + pad) * (w + 2 * pad) + pad) * c;
-        const bool* nrow = nd ? nd + (b * h + y) * w : nullptr;
-        for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
-          const int64_t x1 = std::min(w, x0 + kBlock);
-          if (nrow && std::find(nrow + x0, nrow + x1, true) == nrow + x1) continue;  // no active window reads it
-          // contiguous source runs, the block's destination (kBlock * C values) stays in L1
-          scalar_t* dp = drow + x0 * c;
-          if (sc == 1 && sw == c) {  // channels-last input: the block is one contiguous run
-            std::copy(srow + x0 * sw, srow + x1 * sw, dp);
-            continue;
-          }
-          int64_t ch = 0;
+    int64_t ch = 0;
 #if defined(__AVX2__)
-          if (sw == 1) ch = transpose_channels8(srow + x0, sc, c, x1 - x0, dp);
+    if (sw == 1) ch = transpose_channels8(srow + x0, sc, c, x1 - x0, dp);
 #endif
-          for (; ch < c; ++ch) {
-            const scalar_t* sp = srow + ch * sc + x0 * sw;
-            for (int64_t x = 0; x < x1 - x0; ++x) dp[x * c + ch] = sp[x * sw];
-          }
-        }
-      }
-    });
-  });
+    for (; ch < c; ++ch) {
+      const T* sp = srow + ch * sc + x0 * sw;
+      for (int64_t x = 0; x < x1 - x0; ++x) dp[x * c + ch] = sp[x * sw];
+    }
+  }
 }
 
 // dst[b, y, x, :] = 0 where !mask[b, y, x]: the stopped pixels of the one-conv op's channels-last output (the
@@ -401,13 +360,149 @@ at::Tensor zero_stopped(at::Tensor dst, const at::Tensor& mask) {
   return dst;
 }
 
+// The one-conv op on an NCHW input, without a padded copy of the whole map: dst[pixel[i]] (or dst[i] if compact) =
+// window_i(pad(src)) @ wmat + bias for the active positions i (sorted by output pixel, as SparseIndex keeps them).
+// Each thread takes a contiguous share of the positions and walks it in bands of at most band_rows output rows; per
+// band it transposes the input rows the band's windows read (only the 32-pixel blocks need marks, zeros for the
+// border) into its own small channels-last buffer, which stays in L2 while the kernel reads it, and runs the
+// kernel on the band (the kernel's own parallel_for runs inline in a parallel region). A whole padded copy would
+// add a third map to the input and output: with a shared L3 that makes the op the one conv whose time depends on
+// what else runs. strips: the tables of the full padded buffer (N, H + 2 pad, W + 2 pad, C) (SparseIndex.windows
+// with in_pad = pad); consecutive bands of one thread move the rows they share instead of copying them again.
+void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& need, const at::Tensor& strips,
+                      int64_t k, int64_t stride, int64_t pad, const at::Tensor& wmat,
+                      const c10::optional<at::Tensor>& bias, at::Tensor dst, const at::Tensor& pixel, int64_t ho,
+                      int64_t wo, bool compact, int64_t band_rows, int64_t chunk, int64_t direct) {
+  TORCH_CHECK(src.device().is_cpu() && src.dim() == 4, "src must be an (N, C, H, W) CPU tensor");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble, "src must be float32 or float64");
+  TORCH_CHECK(k == 1 || k == 3, "kernel size must be 1 or 3");
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2");
+  TORCH_CHECK(pad >= 0 && ho > 0 && wo > 0 && band_rows > 0 && chunk > 0,
+              "pad must be >= 0; ho, wo, band_rows and chunk positive");
+  const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t hp = h + 2 * pad, wp = w + 2 * pad;
+  TORCH_CHECK((ho - 1) * stride + k <= hp && (wo - 1) * stride + k <= wp, "output (", ho, ", ", wo,
+              ") too large for the input");
+  check_index(pixel, "pixel");
+  check_index(strips, "strips");
+  const int64_t m = pixel.numel(), cout = wmat.size(1);
+  TORCH_CHECK(strips.numel() == m * k, "strips must hold k entries per position");
+  TORCH_CHECK(wmat.dim() == 2 && wmat.size(0) == k * k * c && wmat.scalar_type() == src.scalar_type(),
+              "wmat must be (k*k*Cin, Cout) of the input's dtype");
+  TORCH_CHECK(dst.dim() == 2 && dst.size(1) == cout && dst.is_contiguous() && dst.scalar_type() == src.scalar_type(),
+              "dst must be contiguous (rows, Cout) of the input's dtype");
+  TORCH_CHECK(dst.size(0) == (compact ? m : n * ho * wo), "dst must have ", compact ? "one row per position" :
+              "one row per output pixel");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == cout && bias->is_contiguous() && bias->scalar_type() == src.scalar_type(),
+                "bias must be contiguous (Cout,) of the input's dtype");
+  }
+  const bool* nd = nullptr;
+  if (need.has_value()) {
+    TORCH_CHECK(need->scalar_type() == at::kBool && need->is_contiguous() && need->dim() == 3 && need->size(0) == n &&
+                need->size(1) == h && need->size(2) == w, "need must be a contiguous bool (N, H, W) tensor");
+    nd = need->data_ptr<bool>();
+  }
+  TORCH_CHECK(direct >= 0 && direct <= 4, "direct must be 0 to 4 (see sparse_conv_gemm)");
+  TORCH_CHECK(direct == 0 || direct_supported(src.scalar_type()), "the direct kernel runs float32 on an AVX-512 or "
+              "AVX2 build");
+  const int64_t* px = pixel.data_ptr<int64_t>();
+  const int64_t* st = strips.data_ptr<int64_t>();
+  // every position's pixel in range and increasing, and its strips exactly those of its window: a band's buffer
+  // holds only the rows its windows cover, so a wrong table would read outside it (rows tracked incrementally:
+  // no division per position)
+  {
+    int64_t b = 0, y = 0, row_start = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      TORCH_CHECK(px[i] >= 0 && px[i] < n * ho * wo && (i == 0 || px[i] > px[i - 1]),
+                  "pixel must be increasing output pixels in [0, N * Ho * Wo)");
+      while (px[i] >= row_start + wo) {
+        row_start += wo;
+        if (++y == ho) y = 0, ++b;
+      }
+      const int64_t top_left = (b * hp + y * stride) * wp + (px[i] - row_start) * stride;
+      for (int64_t j = 0; j < k; ++j) {
+        TORCH_CHECK(st[i * k + j] == top_left + j * wp, "strips do not match the windows of the output pixels "
+                    "(position ", i, "): expected the tables of SparseIndex.windows with in_pad = pad");
+      }
+    }
+  }
+  if (m == 0) return;
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
+  const int64_t cap_rows = (std::min(band_rows, ho) - 1) * stride + k;  // padded rows of the largest band
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), m);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv_nchw", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    // one task per thread, each a contiguous, equal share of the positions
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      thread_local std::vector<scalar_t> band_buf;
+      if (band_buf.size() < static_cast<size_t>(cap_rows * wp * c)) band_buf.resize(cap_rows * wp * c);
+      scalar_t* bb = band_buf.data();
+      const int64_t row_len = wp * c;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t q_end = m * (t + 1) / threads;
+        int64_t prev_b = -1, prev_r0 = 0, prev_r1 = 0;  // the image and padded rows now in the buffer
+        bool first = true;
+        for (int64_t q = m * t / threads; q < q_end;) {
+          const int64_t g0 = px[q] / wo, b = g0 / ho, y0 = g0 % ho;
+          const int64_t g_stop = std::min(g0 + band_rows, (b + 1) * ho);  // a band stays in one image
+          int64_t q1 = q + 1;
+          while (q1 < q_end && px[q1] < g_stop * wo) ++q1;
+          const int64_t y1 = px[q1 - 1] / wo % ho + 1;
+          const int64_t r0 = y0 * stride, r1 = (y1 - 1) * stride + k;  // padded rows [r0, r1) of image b
+          int64_t fill0 = r0;
+          if (prev_b == b && prev_r1 > r0 && prev_r0 <= r0) {
+            // rows shared with the previous band: moved to the top (within L2) instead of transposed again
+            std::memmove(bb, bb + (r0 - prev_r0) * row_len, (prev_r1 - r0) * row_len * sizeof(scalar_t));
+            fill0 = prev_r1;
+          }
+          for (int64_t r = fill0; r < r1; ++r) {
+            scalar_t* drow = bb + (r - r0) * row_len;
+            const int64_t y = r - pad;
+            if (y < 0 || y >= h) {
+              std::fill(drow, drow + row_len, scalar_t(0));
+              continue;
+            }
+            std::fill(drow, drow + pad * c, scalar_t(0));
+            std::fill(drow + (pad + w) * c, drow + row_len, scalar_t(0));
+            copy_row_blocks(s + b * sn + y * sh, sc, sw, c, w, nd ? nd + (b * h + y) * w : nullptr, drow + pad * c);
+          }
+          prev_b = b, prev_r0 = r0, prev_r1 = r1;
+          const at::Tensor band = at::from_blob(bb, {r1 - r0, c}, src.options());
+          const at::Tensor band_strips = strips.narrow(0, q * k, (q1 - q) * k);
+          const int64_t base = (b * hp + r0) * wp;
+          scalar_t* dq = compact ? d + q * cout : d;
+          const int64_t* rows = compact ? nullptr : px + q;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (direct != 0) {
+              // (the casts are no-ops: this branch is float32 only; AT_DISPATCH's lambda is not a template, so the
+              // branch is compiled for float64 too)
+              mmseg_cbt::run_direct(band, band_strips, k, wmat, reinterpret_cast<const float*>(bp), nullptr, nullptr,
+                                    false, reinterpret_cast<float*>(dq), rows, direct, base, !first);
+              first = false;
+              q = q1;
+              continue;
+            }
+          }
+          run_chunks<scalar_t>(band, band_strips, k, wmat, bp, nullptr, nullptr, false, dq, rows, chunk, base);
+          q = q1;
+        }
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_conv_nchw", &sparse_conv_nchw,
+        "The one-conv op from an NCHW input through per-thread bands of padded rows: dst[pixel[i]] (dst[i] if "
+        "compact) = window_i @ wmat + bias (CPU)",
+        py::arg("src"), py::arg("need"), py::arg("strips"), py::arg("k"), py::arg("stride"), py::arg("pad"),
+        py::arg("wmat"), py::arg("bias"), py::arg("dst"), py::arg("pixel"), py::arg("ho"), py::arg("wo"),
+        py::arg("compact"), py::arg("band_rows"), py::arg("chunk"), py::arg("direct") = 0);
   m.def("zero_stopped", &zero_stopped, "dst[b, y, x] = 0 where not mask[b, y, x], returns dst (channels-last, CPU)",
         py::arg("dst"), py::arg("mask"));
-  m.def("nchw_rows_to_padded", &nchw_rows_to_padded,
-        "buf[:, pad + y, pad:pad + W] = src[:, :, y] for r0 <= y < r1; with need, only the 32-pixel row blocks holding a needed pixel (CPU)",
-        py::arg("src"), py::arg("buf"), py::arg("pad"), py::arg("r0"), py::arg("r1"), py::arg("need") = py::none(),
-        py::arg("zero_border") = false);
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
         py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
         py::arg("res_rows"), py::arg("relu"), py::arg("dst"), py::arg("dst_rows"), py::arg("chunk"),

@@ -11,11 +11,14 @@ from ..ext_loader import load_cpu_ext
 from ..policy import direct_flag
 from .index import SparseIndex
 
-__all__ = ['cpp_sparse', 'cpu_ext_for', 'ext_chunk_rows']
+__all__ = ['cpp_sparse', 'cpu_ext_for', 'ext_band_rows', 'ext_chunk_rows']
 
 # Each thread gathers into its own block: ~256 KiB stays in a core's L2 next to the GEMM's packed weight panels, and
 # at least 128 rows let the GEMM amortise reading the weight.
 _EXT_CHUNK_BYTES, _EXT_MIN_CHUNK_ROWS, _EXT_MAX_CHUNK_ROWS = 256 << 10, 128, 1024
+# The one-conv op's per-thread band of padded input rows: large enough that the rows consecutive bands share (moved,
+# not transposed again) are a small part of it, small enough to stay near the core (docs/benchmarks.md).
+_EXT_BAND_BYTES = 1 << 20
 
 
 def cpu_ext_for(backend: str, t: Tensor) -> Optional[ModuleType]:
@@ -46,6 +49,13 @@ def ext_chunk_rows(kkc: int, itemsize: int, m: int, threads: Optional[int] = Non
     t = max(1, torch.get_num_threads() if threads is None else threads)
     per_thread = -(-m // (t * target))  # chunks per thread (ceil)
     return max(1, -(-m // (t * per_thread)))
+
+
+def ext_band_rows(padded_width: int, cin: int, itemsize: int, k: int, stride: int) -> int:
+    """Output rows per band of :func:`~mmseg_cbt.ops.sparse_conv2d`'s NCHW path (``sparse_conv_nchw``): as many
+    as keep the band's ``(rows - 1) * stride + k`` padded input rows within ``_EXT_BAND_BYTES``, at least one."""
+    padded_rows = _EXT_BAND_BYTES // max(1, padded_width * cin * itemsize)
+    return max(1, (padded_rows - k) // stride + 1)
 
 
 def cpp_sparse(ext: ModuleType, buf: Tensor, idx: SparseIndex, strips: Tensor, k: int, wmat: Tensor,

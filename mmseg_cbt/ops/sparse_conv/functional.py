@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..policy import direct_flag
 from .cache import cached_all, cached_index, cached_weight_matrix
-from .cpp_impl import cpu_ext_for
+from .cpp_impl import cpu_ext_for, ext_band_rows, ext_chunk_rows
 from .dispatch import resolve_threshold, sparse_conv_buffer, sparse_conv_rows, use_triton
 from .index import SparseIndex, check_mask
 from .layout import check_geometry, conv_output_size, zero_border
@@ -101,10 +102,11 @@ def sparse_conv2d(input: Tensor,
     With autograd active (an input, the weight or the bias requires grad and grad mode is on) it computes the dense
     conv and masks it, so it stays differentiable; the fast paths are inference-only.
 
-    This is the per-call convenience API. Per call it copies the input rows that the active windows read into a
-    padded channels-last buffer; the mask's index and the weight's GEMM matrix are cached on the mask and weight
-    tensors (:mod:`~mmseg_cbt.ops.sparse_conv.cache`: reused while the same tensor is alive and unchanged), and the
-    result is written straight into the output. A network running many convs on one mask keeps its features in the
+    This is the per-call convenience API. On the compiled CPU kernel each thread transposes the input rows that its
+    active windows read, a band of output rows at a time, into a small padded channels-last buffer of its own (the
+    other paths copy them into one padded buffer of the whole map); the mask's index and the weight's GEMM matrix
+    are cached on the mask and weight tensors (:mod:`~mmseg_cbt.ops.sparse_conv.cache`: reused while the same tensor
+    is alive and unchanged), and the result is written straight into the output. A network running many convs on one mask keeps its features in the
     padded layout through a stage instead: :class:`~mmseg_cbt.ops.SparseIndex` and
     :func:`~mmseg_cbt.ops.sparse_conv_buffer` / :func:`~mmseg_cbt.ops.sparse_conv_rows`.
 
@@ -151,8 +153,10 @@ def sparse_conv2d(input: Tensor,
         if out is None:
             return y.masked_fill_(~keep, 0)
         return out.copy_(torch.where(keep, y, out))
-    buf = _read_rows_buffer(input, idx, k, stride, padding, backend)
     ext = cpu_ext_for(backend, input)
+    if ext is not None:
+        return _sparse_conv_nchw(ext, input, weight, bias, mask, idx, stride, padding, out)
+    buf = _read_rows_buffer(input, idx, k, stride, padding)
     kwargs = dict(
         stride=stride,
         padding=padding,
@@ -162,13 +166,7 @@ def sparse_conv2d(input: Tensor,
     wmat = cached_weight_matrix(weight)
     if out is None or out.is_contiguous(memory_format=torch.channels_last):
         # rows straight into the channels-last output (stopped positions zero, or out's own values)
-        if out is not None:
-            dst = out.permute(0, 2, 3, 1)
-        elif ext is not None:
-            # zeros at the stopped pixels only (the kernel writes the others): half the writes of a zeroed output
-            dst = ext.zero_stopped(input.new_empty(n, ho, wo, cout), mask.contiguous())
-        else:
-            dst = input.new_zeros(n, ho, wo, cout)
+        dst = out.permute(0, 2, 3, 1) if out is not None else input.new_zeros(n, ho, wo, cout)
         sparse_conv_buffer(buf, idx, wmat, bias, dst, out_pad=0, **kwargs)
         return dst.permute(0, 3, 1, 2) if out is None else out
     rows = sparse_conv_rows(buf, idx, wmat, bias, **kwargs)
@@ -176,26 +174,44 @@ def sparse_conv2d(input: Tensor,
     return out
 
 
-def _read_rows_buffer(input: Tensor, idx: SparseIndex, k: int, stride: int, padding: int, backend: str) -> Tensor:
-    """The padded channels-last buffer of ``input`` with only what the active windows read copied in.
+def _sparse_conv_nchw(ext, input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, idx: SparseIndex,
+                      stride: int, padding: int, out: Optional[Tensor]) -> Tensor:
+    """The compiled kernel's path: the NCHW input read through per-thread bands of padded rows (no padded copy of
+    the whole map), the rows written straight into the channels-last output (or compact, then put into ``out``)."""
+    n, c, h, w = input.shape
+    cout, _, k, _ = weight.shape
+    ho, wo = mask.shape[1:]
+    _, strips = idx.windows((h, w), k, stride, padding, padding)
+    itemsize = input.element_size()
+    args = (input, idx.input_reads(
+        (h, w), k, stride,
+        padding), strips, k, stride, padding, cached_weight_matrix(weight), None if bias is None else bias.contiguous())
+    tail = (ext_band_rows(w + 2 * padding, c, itemsize, k,
+                          stride), ext_chunk_rows(k * k * c, itemsize, idx.num_active,
+                                                  threads=1), direct_flag(ext, cout, input.dtype))
+    if out is None or out.is_contiguous(memory_format=torch.channels_last):
+        if out is not None:
+            dst = out.permute(0, 2, 3, 1)
+        else:
+            # zeros at the stopped pixels only (the kernel writes the others): half the writes of a zeroed output
+            dst = ext.zero_stopped(input.new_empty(n, ho, wo, cout), mask.contiguous())
+        ext.sparse_conv_nchw(*args, dst.view(-1, cout), idx.rows(0), ho, wo, False, *tail)
+        return dst.permute(0, 3, 1, 2) if out is None else out
+    rows = input.new_empty(idx.num_active, cout)
+    ext.sparse_conv_nchw(*args, rows, idx.rows(0), ho, wo, True, *tail)
+    out.permute(0, 2, 3, 1).index_put_((idx.n, idx.y, idx.x), rows)
+    return out
 
-    The windows of the active positions read input rows ``y * stride - padding`` to ``... + k - 1`` of their output
-    rows ``y``, and the compiled kernel's copy takes only the 32-pixel row blocks that hold a pixel they read
-    (:meth:`SparseIndex.input_reads`, cached on the index; whole blocks keep the transpose cache-friendly);
-    everything else in the buffer's interior is never read and stays uninitialised (a thin conv at a low active
-    fraction would otherwise spend most of its time copying the whole input).
-    """
+
+def _read_rows_buffer(input: Tensor, idx: SparseIndex, k: int, stride: int, padding: int) -> Tensor:
+    """The padded channels-last buffer of ``input`` for the PyTorch and Triton paths: its border zeroed and the input
+    rows the active windows read (``y * stride - padding`` to ``... + k - 1`` of their output rows ``y``) copied in;
+    the other rows are never read and stay as they were."""
     n, c, h, w = input.shape
     buf = _workspace((n, h + 2 * padding, w + 2 * padding, c), input.dtype, input.device)
     y_lo, y_hi = idx.row_span()
     r0 = max(0, y_lo * stride - padding)
     r1 = min(h, y_hi * stride - padding + k)
-    ext = cpu_ext_for(backend, input)
-    if ext is not None:
-        # a blocked transpose (faster than the strided copy_) of the pixels the windows read, and the border
-        ext.nchw_rows_to_padded(
-            input, buf, padding, r0, r1, idx.input_reads((h, w), k, stride, padding), zero_border=True)
-    else:
-        zero_border(buf, padding)
-        buf[:, padding + r0:padding + r1, padding:padding + w].copy_(input[:, :, r0:r1].permute(0, 2, 3, 1))
+    zero_border(buf, padding)
+    buf[:, padding + r0:padding + r1, padding:padding + w].copy_(input[:, :, r0:r1].permute(0, 2, 3, 1))
     return buf
