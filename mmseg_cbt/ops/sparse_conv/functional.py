@@ -106,8 +106,8 @@ def sparse_conv2d(input: Tensor,
     active windows read, a band of output rows at a time, into a small padded channels-last buffer of its own (the
     other paths copy them into one padded buffer of the whole map); the mask's index and the weight's GEMM matrix
     are cached on the mask and weight tensors (:mod:`~mmseg_cbt.ops.sparse_conv.cache`: reused while the same tensor
-    is alive and unchanged), and the result is written straight into the output. A network running many convs on one mask keeps its features in the
-    padded layout through a stage instead: :class:`~mmseg_cbt.ops.SparseIndex` and
+    is alive and unchanged), and the result is written straight into the output. A network running many convs on
+    one mask keeps its features in the padded layout through a stage instead: :class:`~mmseg_cbt.ops.SparseIndex` and
     :func:`~mmseg_cbt.ops.sparse_conv_buffer` / :func:`~mmseg_cbt.ops.sparse_conv_rows`.
 
     Args:
