@@ -99,6 +99,35 @@ def test_pixels_no_window_reads_are_never_read(stride, masks, monkeypatch):
     assert_active_close(y, F.conv2d(x, w, None, stride, 1), mask)
 
 
+def test_wide_pack_cached_per_matrix_and_rebuilt_after_in_place_change():
+    """The compiled kernel's packed weights of a matrix are built once while the matrix is unchanged, rebuilt after an
+    in-place change (and the op's result follows the new weight), and not built where the wide variant does not
+    run (GEMM, thin widths, float64)."""
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
+    wmat = torch.randn(27, 40)
+    p1 = cache.cached_wide_pack(ext, wmat, 3)
+    assert p1 is cache.cached_wide_pack(ext, wmat, 3) and torch.equal(p1, ext.pack_wide(wmat))
+    wmat.mul_(2)
+    p2 = cache.cached_wide_pack(ext, wmat, 3)
+    assert p2 is not p1 and torch.equal(p2, ext.pack_wide(wmat))
+    assert cache.cached_wide_pack(ext, wmat, 0) is None
+    assert cache.cached_wide_pack(ext, wmat.double(), 3) is None
+    assert cache.cached_wide_pack(ext, torch.randn(27, 8), 1) is None  # thin width under the built-in rule
+    # through the public op, the wide variant forced: a weight changed in place is not served its old packing
+    from mmseg_cbt.ops.policy import cpu_algorithm
+    torch.manual_seed(1)
+    x, wt = torch.randn(1, 8, 12, 14), torch.randn(40, 8, 3, 3)
+    mask = torch.rand(1, 12, 14) < 0.4
+    with cpu_algorithm('direct-wide'):
+        assert_active_close(
+            sparse_conv2d(x, wt, None, mask, padding=1, dense_threshold=1.0), F.conv2d(x, wt, None, 1, 1), mask)
+        wt.mul_(-3)
+        assert_active_close(
+            sparse_conv2d(x, wt, None, mask, padding=1, dense_threshold=1.0), F.conv2d(x, wt, None, 1, 1), mask)
+
+
 def _nchw_modes(ext, dtype):
     """The kernel's algorithms for ``dtype``: the GEMM, and (float32, a build with it) the direct variants."""
     return [0] + ([2, 3, 4] if dtype == torch.float32 and ext.has_direct() else [])

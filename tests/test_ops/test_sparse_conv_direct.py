@@ -108,12 +108,12 @@ def test_avx2_build_in_subprocess():
     assert r.returncode == 0, r.stdout[-4000:]
 
 
-@pytest.mark.parametrize('cin', [60, 150])
+@pytest.mark.parametrize('cin', [150, 400])
 @pytest.mark.parametrize('cout', [18, 48, 100])
 def test_wide_variant_k_blocks(cin, cout, monkeypatch):
-    """The wide variant's K-blocks other than one block of whole strips: Cin 60 at 3x3 (180-value strips: a block of two
-    strips, then one), Cin 150 (450-value strips, each cut into two pieces); rows equal F.conv2d's with bias, residual
-    and ReLU, stopped positions untouched."""
+    """The wide variant's K-blocks (at most 1152 window rows) other than one block of whole strips: Cin 150 at 3x3
+    (450-value strips: a block of two strips, then one), Cin 400 (1200-value strips, each cut into two pieces); rows
+    equal F.conv2d's with bias, residual and ReLU, stopped positions untouched."""
     ext = require_cpu_ext()
     if not ext.has_direct():
         pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
@@ -154,3 +154,39 @@ def test_wide_variant_few_positions(cout, threads, monkeypatch):
     keep = mask[:, None].expand_as(ref)
     assert torch.allclose(y[keep], ref[keep], atol=ATOL, rtol=0)
     assert torch.equal(y[~keep], prev[~keep])
+
+
+def test_wide_pack_given_equals_packed_in_the_call():
+    """The wide variant with the caller's packed weights (``pack_wide``, what the op and the stage API cache) gives
+    the same rows, bit for bit, as packing them in the call; the packed layout is vector-major with zeros past Cout;
+    a pack of another size is rejected; the GEMM and the thin variant ignore a pack."""
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
+    from mmseg_cbt.ops import SparseIndex, conv_weight_matrix, to_padded_nhwc
+    torch.manual_seed(3)
+    cin, cout, h, w = 24, 100, 9, 13
+    x = torch.randn(1, cin, h, w)
+    wt, b = torch.randn(cout, cin, 3, 3) / (9 * cin)**0.5, torch.randn(cout)
+    idx = SparseIndex.build(two_masks(1, h, w, seed=1))
+    _, strips = idx.windows((h, w), 3, 1, 1, 1)
+    src = to_padded_nhwc(x).view(-1, cin)
+    wmat = conv_weight_matrix(wt)
+    pack = ext.pack_wide(wmat)
+    lanes = 16 if ext.isa() == 'avx512' else 8
+    nvec = -(-cout // lanes)
+    assert pack.numel() == nvec * wmat.shape[0] * lanes
+    cols = pack.view(nvec, wmat.shape[0], lanes).permute(1, 0, 2).reshape(wmat.shape[0], nvec * lanes)
+    assert torch.equal(cols[:, :cout], wmat) and bool((cols[:, cout:] == 0).all())
+    ref = F.conv2d(x, wt, b, padding=1).permute(0, 2, 3, 1)[idx.mask]
+    rows = {}
+    for mode in (0, THIN, WIDE):
+        for given in (None, pack):
+            out = torch.empty(idx.num_active, cout)
+            ext.sparse_conv_gemm(src, strips, 3, wmat, b, None, None, False, out, None, 64, mode, given)
+            rows[mode, given is None] = out
+        assert torch.equal(rows[mode, True], rows[mode, False])
+        torch.testing.assert_close(rows[mode, True], ref, atol=ATOL, rtol=0)
+    with pytest.raises(RuntimeError, match='wide_pack must be pack_wide'):
+        ext.sparse_conv_gemm(src, strips, 3, wmat, b, None, None, False, torch.empty(idx.num_active, cout), None, 64,
+                             WIDE, pack[:-1])

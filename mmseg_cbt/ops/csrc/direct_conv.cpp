@@ -12,7 +12,8 @@
 //  - wide (many output vectors; the thin variant would re-read the whole window's weights, kk x L*NB floats, for
 //    every tile of 8 positions): cache-blocked. A chunk of up to wide_chunk() positions at a time; the window is cut
 //    into K-blocks of at most kWideKb rows (whole strips where they fit, else pieces of a strip), each block of
-//    output vectors' weight panel (Kb x L*NB, packed per chunk into an aligned buffer) stays in L1/L2 while a
+//    output vectors' weight panel (Kb x L*NB, from the weights packed vector-major once: pack_wide, cached by the
+//    caller) streams from L2 while a
 //    register-tiled microkernel (P positions x NB vectors of accumulators) runs over all of the chunk's positions;
 //    partial sums live in a per-thread tile (chunk x Cout, L2) between K-blocks, and the epilogue (bias, residual,
 //    ReLU) runs once after the last.
@@ -242,32 +243,35 @@ void run_thin(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
 // ---------------------------------------------------------------------------------------------------------------
 // wide variant
 // ---------------------------------------------------------------------------------------------------------------
-// Positions per chunk: as many as keep the chunk's partial-sum tile within 256 KiB (L2), so that each weight panel is
-// packed once for many positions; a multiple of every microkernel's P (4, 6, 8, 12), at least 96.
+// Positions per chunk: as many as keep the chunk's partial-sum tile within 256 KiB (L2); each chunk streams every
+// weight panel once. A multiple of every microkernel's P (4, 6, 8, 12), at least 96.
 int64_t wide_chunk(int64_t vw) {
   return std::max<int64_t>(96, std::min<int64_t>(1008, (256 << 10) / (vw * 4) / 24 * 24));
 }
 
-// K-block rows: a whole 3x3 window up to 48 input channels, so thin windows take one pass with no partial-sum round
-// trips through the tile (the panel, up to 108 KiB, then streams from L2; docs/benchmarks.md has the measurements).
-constexpr int64_t kWideKb = 432;
+// K-block rows: whole strips up to this many rows (a 3x3 window up to 128 input channels in one pass, a whole
+// 384-channel strip), so that partial sums rarely go through the tile; the panel of a block of output vectors
+// (rows x NB * L floats, up to 288 KiB) streams from L2.
+constexpr int64_t kWideKb = 1152;
 
-// t[p, b] (+)= sum_s sum_j x[p * ns + s][j] * w[s * kb + j, b] for P positions, NB vectors, ns pieces of kb window
-// rows each (whole strips, or one piece of a strip when ns == 1); w: the packed panel (ns * kb, NB * L). first: the
-// accumulators start at zero instead of the tile.
+// t[p, b] (+)= sum_s sum_j x[p * ns + s][j] * w[b * ldv + (s * kb + j) * L + lane] for P positions, NB vectors, ns
+// pieces of kb window rows each (whole strips, or one piece of a strip when ns == 1); w: the vector-major packed
+// weights (pack_wide) at the block's first vector and the K-block's first row, ldv floats between vectors. first:
+// the accumulators start at zero instead of the tile.
 template <int NB, int P>
-__attribute__((noinline)) void wide_micro(const float* const* x, int64_t ns, const float* w, int64_t kb, float* t,
-                                          int64_t ldt, bool first) {
+__attribute__((noinline)) void wide_micro(const float* const* x, int64_t ns, const float* w, int64_t ldv, int64_t kb,
+                                          float* t, int64_t ldt, bool first) {
   V acc[P][NB];
   for (int p = 0; p < P; ++p)
     for (int b = 0; b < NB; ++b) acc[p][b] = first ? Isa::zero() : Isa::load(t + p * ldt + b * L);
   for (int64_t sk = 0; sk < ns; ++sk) {
     const float* xp[P];
     for (int p = 0; p < P; ++p) xp[p] = x[p * ns + sk];
-    const float* ws = w + sk * kb * NB * L;
+    const float* ws[NB];
+    for (int b = 0; b < NB; ++b) ws[b] = w + b * ldv + sk * kb * L;
     for (int64_t j = 0; j < kb; ++j) {
       V wv[NB];
-      for (int b = 0; b < NB; ++b) wv[b] = Isa::load(ws + (j * NB + b) * L);
+      for (int b = 0; b < NB; ++b) wv[b] = Isa::load(ws[b] + j * L);
       for (int p = 0; p < P; ++p) {
         const V xv = Isa::set1(xp[p][j]);
         for (int b = 0; b < NB; ++b) acc[p][b] = Isa::fmadd(xv, wv[b], acc[p][b]);
@@ -278,7 +282,7 @@ __attribute__((noinline)) void wide_micro(const float* const* x, int64_t ns, con
     for (int b = 0; b < NB; ++b) Isa::store(t + p * ldt + b * L, acc[p][b]);
 }
 
-typedef void (*micro_fn)(const float* const*, int64_t, const float*, int64_t, float*, int64_t, bool);
+typedef void (*micro_fn)(const float* const*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
 
 // Positions per microkernel call for NB vectors: as many accumulators as the registers allow.
 constexpr int wide_p(int nb) { return L == 16 ? (nb >= 4 ? 6 : nb == 3 ? 8 : 12) : (nb >= 3 ? 4 : nb == 2 ? 6 : 12); }
@@ -292,28 +296,21 @@ micro_fn micro_for(int64_t nb) {
   }
 }
 
-// The panel of rows [j0, j0 + kb) and vectors [b0, b0 + nb) of wmat (row stride cout), zeros past Cout: contiguous
-// and aligned (in place, rows 2^k cache lines apart alias in L1 and rows of 72 channels straddle lines).
-void pack_panel(const float* w, int64_t cout, int64_t j0, int64_t kb, int64_t b0, int64_t nb, float* panel) {
-  for (int64_t j = 0; j < kb; ++j) {
-    const float* wr = w + (j0 + j) * cout;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = (b0 + b) * L;
-      Isa::store(panel + (j * nb + b) * L, Isa::load(Isa::mask(cout - c0), wr + c0));
-    }
-  }
-}
-
 void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
               const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
-              int64_t base) {
-  const at::Tensor wt = wmat.contiguous();
-  const float* w = wt.data_ptr<float>();
+              int64_t base, const float* packed) {
   const float* s = src.data_ptr<float>();
   const int64_t* st = strips.data_ptr<int64_t>();
-  const int64_t cin = src.size(1), kc = k * cin, cout = wmat.size(1);
+  const int64_t cin = src.size(1), kc = k * cin, cout = wmat.size(1), kk = wmat.size(0);
   const int64_t m = strips.numel() / k;
-  const int64_t nvec = (cout + L - 1) / L, vw = nvec * L;
+  const int64_t nvec = (cout + L - 1) / L, vw = nvec * L, ldv = kk * L;
+  if (!packed) {
+    // this call's own packing, once for all chunks (the caller's thread keeps the buffer between calls)
+    thread_local AlignedFloats own;
+    own.reserve(wide_pack_floats(kk, cout));
+    pack_wide(wmat, own.data());
+    packed = own.data();
+  }
   // chunks: a multiple of the thread count, rows spread evenly (parallel_for gives each thread a contiguous share)
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = wide_chunk(vw);
@@ -354,13 +351,11 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
       }
   }
   at::parallel_for(0, nch * nsplit, 1, [&](int64_t i0, int64_t i1) {
-    thread_local AlignedFloats tile_buf, panel_buf;
+    thread_local AlignedFloats tile_buf;
     thread_local std::vector<const float*> rows_buf;
     tile_buf.reserve(chunk * vw);
-    panel_buf.reserve(kWideKb * Isa::kWideNB * L);
     if (static_cast<int64_t>(rows_buf.size()) < chunk * k) rows_buf.resize(chunk * k);
     float* tile = tile_buf.data();
-    float* panel = panel_buf.data();
     const float** rows = rows_buf.data();
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t c = item / nsplit, sp = item % nsplit;
@@ -376,12 +371,12 @@ void run_wide(const at::Tensor& src, const at::Tensor& strips, int64_t k, const 
           const int P = wide_p(static_cast<int>(nbb));
           const micro_fn fn = micro_for(nbb);
           // a block of whole strips is ns * kc consecutive rows of wmat, a piece kb rows of one strip
-          pack_panel(w, cout, kbk.s0 * kc + kbk.o0, kbk.ns * kbk.kb, b0, nbb, panel);
+          const float* wb = packed + b0 * ldv + (kbk.s0 * kc + kbk.o0) * L;
           for (int64_t g = 0; g < n; g += P) {
             const float* xp[12 * 3];
             for (int p = 0; p < P; ++p)
               for (int64_t sk = 0; sk < kbk.ns; ++sk) xp[p * kbk.ns + sk] = rows[(g + p) * k + kbk.s0 + sk] + kbk.o0;
-            fn(xp, kbk.ns, panel, kbk.kb, tile + g * vw + b0 * L, vw, kbi == 0);
+            fn(xp, kbk.ns, wb, ldv, kbk.kb, tile + g * vw + b0 * L, vw, kbi == 0);
           }
         }
       }
@@ -417,6 +412,33 @@ bool direct_available() {
 #endif
 }
 
+int64_t wide_pack_floats(int64_t rows, int64_t cout) {
+#ifdef MMSEG_CBT_DIRECT
+  return (cout + L - 1) / L * rows * L;
+#else
+  return rows * cout;
+#endif
+}
+
+void pack_wide(const at::Tensor& wmat, float* dst) {
+#ifdef MMSEG_CBT_DIRECT
+  const at::Tensor wt = wmat.contiguous();
+  const float* w = wt.data_ptr<float>();
+  const int64_t rows = wt.size(0), cout = wt.size(1), nvec = (cout + L - 1) / L;
+  // (a parallel_for inside a parallel region runs inline, on the calling thread)
+  at::parallel_for(0, nvec, 1, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      const M mk = Isa::mask(cout - v * L);
+      float* d = dst + v * rows * L;
+      for (int64_t r = 0; r < rows; ++r) Isa::store(d + r * L, Isa::load(mk, w + r * cout + v * L));
+    }
+  });
+#else
+  (void)wmat, (void)dst;
+  TORCH_CHECK(false, "this build has no direct algorithm");
+#endif
+}
+
 bool direct_wide(int64_t cout) {
 #ifdef MMSEG_CBT_DIRECT
   return (cout + L - 1) / L >= Isa::kWideMinVec;
@@ -426,20 +448,21 @@ bool direct_wide(int64_t cout) {
 #endif
 }
 
+bool direct_runs_wide(int64_t mode, int64_t cout) { return mode == kWide || (mode == kDirect && direct_wide(cout)); }
+
 void run_direct(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat, const float* bias,
                 const float* res, const int64_t* res_rows, bool relu, float* dst, const int64_t* dst_rows,
-                int64_t mode, int64_t base, bool keep_plan) {
+                int64_t mode, int64_t base, bool keep_plan, const float* wide_pack) {
 #ifdef MMSEG_CBT_DIRECT
-  const bool wide = mode == kWide || (mode == kDirect && direct_wide(wmat.size(1)));
-  if (wide) {
-    run_wide(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, base);
+  if (direct_runs_wide(mode, wmat.size(1))) {
+    run_wide(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, base, wide_pack);
   } else {
     run_thin(src, strips, k, wmat, bias, res, res_rows, relu, dst, dst_rows, mode == kThinVectorTail, base,
              keep_plan);
   }
 #else
   (void)src, (void)strips, (void)k, (void)wmat, (void)bias, (void)res, (void)res_rows, (void)relu, (void)dst,
-      (void)dst_rows, (void)mode, (void)base, (void)keep_plan;
+      (void)dst_rows, (void)mode, (void)base, (void)keep_plan, (void)wide_pack;
   TORCH_CHECK(false, "this build has no direct algorithm");
 #endif
 }

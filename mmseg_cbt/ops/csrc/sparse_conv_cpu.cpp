@@ -157,6 +157,27 @@ void check_range(const at::Tensor& t, int64_t limit, const char* name) {
 // Whether the direct kernel can run this conv (float32 on a build with a direct algorithm).
 bool direct_supported(at::ScalarType dtype) { return mmseg_cbt::direct_available() && dtype == at::kFloat; }
 
+// The wide variant's packed weights for this call: the caller's (pack_wide of wmat, checked for its size) when the
+// wide variant runs, nullptr otherwise (the kernel then packs them itself).
+const float* wide_pack_for(const c10::optional<at::Tensor>& pack, const at::Tensor& wmat, int64_t direct) {
+  if (!pack.has_value() || direct == 0 || !mmseg_cbt::direct_runs_wide(direct, wmat.size(1))) return nullptr;
+  TORCH_CHECK(pack->scalar_type() == at::kFloat && pack->is_contiguous() && pack->device().is_cpu() &&
+              pack->numel() == mmseg_cbt::wide_pack_floats(wmat.size(0), wmat.size(1)),
+              "wide_pack must be pack_wide(wmat): a contiguous float32 CPU tensor of ",
+              mmseg_cbt::wide_pack_floats(wmat.size(0), wmat.size(1)), " values");
+  return pack->data_ptr<float>();
+}
+
+// pack_wide as a tensor (64-byte aligned by torch's CPU allocator).
+at::Tensor pack_wide_tensor(const at::Tensor& wmat) {
+  TORCH_CHECK(wmat.device().is_cpu() && wmat.dim() == 2 && wmat.scalar_type() == at::kFloat,
+              "wmat must be a float32 (k*k*Cin, Cout) CPU matrix");
+  TORCH_CHECK(mmseg_cbt::direct_available(), "this build has no direct algorithm");
+  at::Tensor out = at::empty({mmseg_cbt::wide_pack_floats(wmat.size(0), wmat.size(1))}, wmat.options());
+  mmseg_cbt::pack_wide(wmat, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 // dst[dst_rows[i]] = relu(gather(src, strips[i*k : i*k+k]) @ wmat + bias + res[res_rows[i]]), i < M.
@@ -171,7 +192,8 @@ bool direct_supported(at::ScalarType dtype) { return mmseg_cbt::direct_available
 void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
                       const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
-                      const c10::optional<at::Tensor>& dst_rows, int64_t chunk, int64_t direct) {
+                      const c10::optional<at::Tensor>& dst_rows, int64_t chunk, int64_t direct,
+                      const c10::optional<at::Tensor>& wide_pack) {
   TORCH_CHECK(src.device().is_cpu() && src.dim() == 2 && src.is_contiguous(), "src must be contiguous 2-D CPU rows");
   TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble, "src must be float32 or float64");
   TORCH_CHECK(k == 1 || k == 3, "kernel size must be 1 or 3");
@@ -211,13 +233,14 @@ void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k
   const bool can_direct = direct_supported(src.scalar_type());
   TORCH_CHECK(direct == 0 || can_direct, "the direct kernel runs float32 on an AVX-512 or AVX2 build (has_direct() "
               "says whether this build has it)");
+  const float* packed = wide_pack_for(wide_pack, wmat, direct);
   if (m == 0) return;
   if (direct != 0) {
     mmseg_cbt::run_direct(src, strips, k, wmat, bias.has_value() ? bias->data_ptr<float>() : nullptr,
                           res.has_value() ? res->data_ptr<float>() : nullptr,
                           res.has_value() && res_rows.has_value() ? res_rows->data_ptr<int64_t>() : nullptr, relu,
                           dst.data_ptr<float>(), dst_rows.has_value() ? dst_rows->data_ptr<int64_t>() : nullptr,
-                          direct);
+                          direct, 0, false, packed);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv_gemm", [&] {
@@ -372,7 +395,8 @@ at::Tensor zero_stopped(at::Tensor dst, const at::Tensor& mask) {
 void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& need, const at::Tensor& strips,
                       int64_t k, int64_t stride, int64_t pad, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, at::Tensor dst, const at::Tensor& pixel, int64_t ho,
-                      int64_t wo, bool compact, int64_t band_rows, int64_t chunk, int64_t direct) {
+                      int64_t wo, bool compact, int64_t band_rows, int64_t chunk, int64_t direct,
+                      const c10::optional<at::Tensor>& wide_pack) {
   TORCH_CHECK(src.device().is_cpu() && src.dim() == 4, "src must be an (N, C, H, W) CPU tensor");
   TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble, "src must be float32 or float64");
   TORCH_CHECK(k == 1 || k == 3, "kernel size must be 1 or 3");
@@ -431,6 +455,13 @@ void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& ne
   const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
   const int64_t cap_rows = (std::min(band_rows, ho) - 1) * stride + k;  // padded rows of the largest band
   const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), m);
+  // the wide variant's packed weights: the caller's, else packed here once for all threads and bands
+  const float* wp_ptr = wide_pack_for(wide_pack, wmat, direct);
+  at::Tensor own_pack;
+  if (!wp_ptr && m > 0 && direct != 0 && mmseg_cbt::direct_runs_wide(direct, cout)) {
+    own_pack = pack_wide_tensor(wmat);
+    wp_ptr = own_pack.data_ptr<float>();
+  }
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv_nchw", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
@@ -480,7 +511,7 @@ void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& ne
               // (the casts are no-ops: this branch is float32 only; AT_DISPATCH's lambda is not a template, so the
               // branch is compiled for float64 too)
               mmseg_cbt::run_direct(band, band_strips, k, wmat, reinterpret_cast<const float*>(bp), nullptr, nullptr,
-                                    false, reinterpret_cast<float*>(dq), rows, direct, base, !first);
+                                    false, reinterpret_cast<float*>(dq), rows, direct, base, !first, wp_ptr);
               first = false;
               q = q1;
               continue;
@@ -500,13 +531,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "compact) = window_i @ wmat + bias (CPU)",
         py::arg("src"), py::arg("need"), py::arg("strips"), py::arg("k"), py::arg("stride"), py::arg("pad"),
         py::arg("wmat"), py::arg("bias"), py::arg("dst"), py::arg("pixel"), py::arg("ho"), py::arg("wo"),
-        py::arg("compact"), py::arg("band_rows"), py::arg("chunk"), py::arg("direct") = 0);
+        py::arg("compact"), py::arg("band_rows"), py::arg("chunk"), py::arg("direct") = 0,
+        py::arg("wide_pack") = py::none());
   m.def("zero_stopped", &zero_stopped, "dst[b, y, x] = 0 where not mask[b, y, x], returns dst (channels-last, CPU)",
         py::arg("dst"), py::arg("mask"));
   m.def("sparse_conv_gemm", &sparse_conv_gemm, "Masked conv rows: chunked gather + GEMM + epilogue + scatter (CPU)",
         py::arg("src"), py::arg("strips"), py::arg("k"), py::arg("wmat"), py::arg("bias"), py::arg("res"),
         py::arg("res_rows"), py::arg("relu"), py::arg("dst"), py::arg("dst_rows"), py::arg("chunk"),
-        py::arg("direct") = 0);
+        py::arg("direct") = 0, py::arg("wide_pack") = py::none());
+  m.def("pack_wide", &pack_wide_tensor,
+        "The wide variant's weights packed vector-major from wmat (k*k*Cin, Cout), float32: pass them as wide_pack "
+        "to every call with this wmat so that the kernel does not pack them per call",
+        py::arg("wmat"));
+  m.def("runs_wide", &mmseg_cbt::direct_runs_wide, "Whether direct=mode runs the wide variant for cout channels",
+        py::arg("mode"), py::arg("cout"));
   m.def("has_direct", &mmseg_cbt::direct_available, "Whether this build has the direct algorithm (float32)");
   m.def("isa", [] { return std::string(mmseg_cbt::isa_name()); },
         "Instruction set of the direct algorithm: 'avx512', 'avx2' or 'none'");

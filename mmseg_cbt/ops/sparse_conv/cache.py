@@ -1,20 +1,23 @@
 """Per-tensor caches of what :func:`~mmseg_cbt.ops.sparse_conv2d` derives from its mask and its weight.
 
 A caller of the one-conv op passes the same mask to several convs and the same weight on every call; the index of a
-mask (``nonzero`` and the window tables) and the GEMM matrix of a weight (a permuted copy: 5 MB for a 384-channel
-3x3 conv, the time of a quarter of the conv) are therefore built once and reused while the tensor is alive and
-unchanged. An entry is valid for the very tensor object it was built from, at the same version counter (any in-place
-change bumps it) and storage address; it is dropped when that tensor is freed, and the oldest entries go first
-beyond :data:`MAX_ENTRIES`. Inference tensors (``torch.inference_mode``) have no version counter and are never
-cached.
+mask (``nonzero`` and the window tables), the GEMM matrix of a weight (a permuted copy: 5 MB for a 384-channel 3x3
+conv, the time of a quarter of the conv) and the compiled kernel's packed weights of that matrix (the wide direct
+variant's vector-major layout, as large and as dear to build; the stage API's packed convs use this cache too) are
+therefore built once and reused while the tensor is alive and unchanged. An entry is valid for the very tensor
+object it was built from, at the same version counter (any in-place change bumps it) and storage address; it is
+dropped when that tensor is freed, and the oldest entries go first beyond :data:`MAX_ENTRIES`. Inference tensors
+(``torch.inference_mode``) have no version counter and are never cached.
 """
 from __future__ import annotations
 
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable, Hashable, Tuple, TypeVar
+from types import ModuleType
+from typing import Callable, Hashable, Optional, Tuple, TypeVar
 
+import torch
 from torch import Tensor
 
 from .index import SparseIndex
@@ -22,7 +25,7 @@ from .packing import conv_weight_matrix
 
 __all__ = [
     'MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'TensorCache', 'cached_all', 'cached_index', 'cached_weight_matrix',
-    'clear_caches'
+    'cached_wide_pack', 'clear_caches'
 ]
 
 #: Entries kept per cache (the weights of a network's masked convs). An index holds its mask, so a mask stays alive
@@ -98,6 +101,7 @@ class TensorCache:
 _INDEX = TensorCache(MAX_INDEX_ENTRIES)
 _ALL = TensorCache(MAX_INDEX_ENTRIES)
 _WMAT = TensorCache()
+_WIDE = TensorCache()
 
 
 def cached_index(mask: Tensor) -> SparseIndex:
@@ -116,8 +120,27 @@ def cached_weight_matrix(weight: Tensor) -> Tensor:
     return _WMAT.get(weight, 'wmat', lambda: conv_weight_matrix(weight.detach()))
 
 
+def cached_wide_pack(ext: ModuleType, wmat: Tensor, direct: int) -> Optional[Tensor]:
+    """The compiled kernel's packed weights of ``wmat`` when its ``direct`` mode runs the wide variant (else None),
+    reused while ``wmat`` is alive and unchanged: a stage's packed convs and the op's cached matrices keep theirs.
+
+    Args:
+        ext (ModuleType): The compiled CPU kernel.
+        wmat (Tensor): ``(k*k*Cin, Cout)`` float32 weight matrix.
+        direct (int): The kernel's ``direct`` argument for the call (:func:`~mmseg_cbt.ops.policy.direct_flag`).
+
+    Returns:
+        Tensor or None: ``ext.pack_wide(wmat)``, or None where the wide variant does not run.
+    """
+    if direct == 0 or wmat.dtype != torch.float32 or not ext.runs_wide(direct, wmat.shape[1]):
+        return None
+    return _WIDE.get(wmat, 'wide', lambda: ext.pack_wide(wmat))
+
+
 def clear_caches() -> None:
-    """Empties the index and weight caches of :func:`~mmseg_cbt.ops.sparse_conv2d`."""
+    """Empties the index and weight caches of :func:`~mmseg_cbt.ops.sparse_conv2d` and the packed weights of the
+    compiled kernel."""
     _INDEX.clear()
     _ALL.clear()
     _WMAT.clear()
+    _WIDE.clear()

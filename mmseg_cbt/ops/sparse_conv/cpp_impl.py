@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..ext_loader import load_cpu_ext
 from ..policy import direct_flag
+from .cache import cached_wide_pack
 from .index import SparseIndex
 
 __all__ = ['cpp_sparse', 'cpu_ext_for', 'ext_band_rows', 'ext_chunk_rows']
@@ -64,6 +65,7 @@ def cpp_sparse(ext: ModuleType, buf: Tensor, idx: SparseIndex, strips: Tensor, k
     """Runs one masked conv in the compiled kernel ``ext`` (other arguments as :func:`.torch_impl.torch_sparse`'s)."""
     cin, cout = buf.shape[-1], wmat.shape[1]
     step = chunk_rows if chunk_rows is not None else ext_chunk_rows(k * k * cin, buf.element_size(), idx.num_active)
+    direct = direct_flag(ext, cout, buf.dtype)
     ext.sparse_conv_gemm(
         buf.view(-1, cin), strips, k, wmat, None if bias is None else bias.contiguous(), res_src, res_rows, relu, dst,
-        dst_rows, max(1, int(step)), direct_flag(ext, cout, buf.dtype))
+        dst_rows, max(1, int(step)), direct, cached_wide_pack(ext, wmat, direct))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..policy import direct_flag
-from .cache import cached_all, cached_index, cached_weight_matrix
+from .cache import cached_all, cached_index, cached_weight_matrix, cached_wide_pack
 from .cpp_impl import cpu_ext_for, ext_band_rows, ext_chunk_rows
 from .dispatch import resolve_threshold, sparse_conv_buffer, sparse_conv_rows, use_triton
 from .index import SparseIndex, check_mask
@@ -183,12 +183,13 @@ def _sparse_conv_nchw(ext, input: Tensor, weight: Tensor, bias: Optional[Tensor]
     ho, wo = mask.shape[1:]
     _, strips = idx.windows((h, w), k, stride, padding, padding)
     itemsize = input.element_size()
+    wmat = cached_weight_matrix(weight)
+    direct = direct_flag(ext, cout, input.dtype)
     args = (input, idx.input_reads(
-        (h, w), k, stride,
-        padding), strips, k, stride, padding, cached_weight_matrix(weight), None if bias is None else bias.contiguous())
+        (h, w), k, stride, padding), strips, k, stride, padding, wmat, None if bias is None else bias.contiguous())
     tail = (ext_band_rows(w + 2 * padding, c, itemsize, k,
                           stride), ext_chunk_rows(k * k * c, itemsize, idx.num_active,
-                                                  threads=1), direct_flag(ext, cout, input.dtype))
+                                                  threads=1), direct, cached_wide_pack(ext, wmat, direct))
     if out is None or out.is_contiguous(memory_format=torch.channels_last):
         if out is not None:
             dst = out.permute(0, 2, 3, 1)
