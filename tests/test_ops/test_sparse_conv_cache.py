@@ -128,6 +128,27 @@ def test_wide_pack_cached_per_matrix_and_rebuilt_after_in_place_change():
             sparse_conv2d(x, wt, None, mask, padding=1, dense_threshold=1.0), F.conv2d(x, wt, None, 1, 1), mask)
 
 
+def test_snapshots_cached_under_inference_mode_other_inference_tensors_not():
+    """A PackedConv's matrix (a registered snapshot) keeps its kernel packing under torch.inference_mode, where other
+    tensors have no version counter and are never cached; the snapshot's entry leaves with it."""
+    from mmseg_cbt.ops import PackedConv
+    ext = require_cpu_ext()
+    if not ext.has_direct():
+        pytest.skip(f'this build has no direct algorithm (isa {ext.isa()})')
+    with torch.inference_mode():
+        conv = PackedConv.from_weight(torch.randn(40, 8, 3, 3))
+        plain = torch.randn(72, 40)
+        assert conv.wmat.is_inference() and plain.is_inference()
+        p = cache.cached_wide_pack(ext, conv.wmat, 3)
+        assert p is cache.cached_wide_pack(ext, conv.wmat, 3) and torch.equal(p, ext.pack_wide(conv.wmat))
+        assert cache.cached_wide_pack(ext, plain, 3) is not cache.cached_wide_pack(ext, plain, 3)
+    assert len(cache._WIDE) == 1
+    wid = id(conv.wmat)
+    del conv, p
+    gc.collect()
+    assert len(cache._WIDE) == 0 and cache._SNAPSHOTS.get(wid) is None
+
+
 def _nchw_modes(ext, dtype):
     """The kernel's algorithms for ``dtype``: the GEMM, and (float32, a build with it) the direct variants."""
     return [0] + ([2, 3, 4] if dtype == torch.float32 and ext.has_direct() else [])

@@ -7,7 +7,8 @@ variant's vector-major layout, as large and as dear to build; the stage API's pa
 therefore built once and reused while the tensor is alive and unchanged. An entry is valid for the very tensor
 object it was built from, at the same version counter (any in-place change bumps it) and storage address; it is
 dropped when that tensor is freed, and the oldest entries go first beyond :data:`MAX_ENTRIES`. Inference tensors
-(``torch.inference_mode``) have no version counter and are never cached.
+(``torch.inference_mode``) have no version counter and are not cached, unless registered as snapshots that nothing
+changes in place (:func:`mark_snapshot`: a :class:`~mmseg_cbt.ops.PackedConv`'s matrix).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .packing import conv_weight_matrix
 
 __all__ = [
     'MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'TensorCache', 'cached_all', 'cached_index', 'cached_weight_matrix',
-    'cached_wide_pack', 'clear_caches'
+    'cached_wide_pack', 'clear_caches', 'mark_snapshot'
 ]
 
 #: Entries kept per cache (the weights of a network's masked convs). An index holds its mask, so a mask stays alive
@@ -35,6 +36,27 @@ MAX_ENTRIES = 256
 MAX_INDEX_ENTRIES = 16
 
 V = TypeVar('V')
+
+# id -> tensor of the registered snapshots (weak: a snapshot leaves with its tensor)
+_SNAPSHOTS: 'weakref.WeakValueDictionary[int, Tensor]' = weakref.WeakValueDictionary()
+
+
+def mark_snapshot(t: Tensor) -> Tensor:
+    """Registers ``t`` as a snapshot that is never changed in place, so that what the caches derive from it is kept
+    also when it is an inference tensor (which has no version counter to detect a change).
+
+    Args:
+        t (Tensor): A tensor its owner never writes after creating it.
+
+    Returns:
+        Tensor: ``t``.
+    """
+    _SNAPSHOTS[id(t)] = t
+    return t
+
+
+def _is_snapshot(t: Tensor) -> bool:
+    return _SNAPSHOTS.get(id(t)) is t
 
 
 class TensorCache:
@@ -54,7 +76,7 @@ class TensorCache:
 
     @staticmethod
     def _stamp(t: Tensor) -> Tuple[int, int]:
-        return t._version, t.data_ptr()
+        return (-1 if t.is_inference() else t._version), t.data_ptr()
 
     def get(self, t: Tensor, key: Hashable, make: Callable[[], V]) -> V:
         """The value of ``(t, key)``, built by ``make()`` when there is none for ``t`` as it is now.
@@ -67,7 +89,7 @@ class TensorCache:
         Returns:
             The cached or newly built value.
         """
-        if t.is_inference():
+        if t.is_inference() and not _is_snapshot(t):
             return make()
         slot = (id(t), key)
         stamp = self._stamp(t)

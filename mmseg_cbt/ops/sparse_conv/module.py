@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .cache import mark_snapshot
 from .dispatch import sparse_conv_buffer, sparse_conv_rows
 from .functional import sparse_conv2d
 from .index import SparseIndex
@@ -21,6 +22,9 @@ __all__ = ['PackedConv', 'SparseConv2d']
 @dataclass
 class PackedConv:
     """A conv prepared for masked inference: both the GEMM matrix and the dense weight.
+
+    A snapshot: its tensors are not to be changed in place (build a new one after changing the weights); what the
+    compiled kernel derives from ``wmat`` is kept for the snapshot's lifetime, also under ``torch.inference_mode``.
 
     Attributes:
         weight (Tensor): ``(Cout, Cin, k, k)`` contiguous weight, used by the dense fallback.
@@ -64,7 +68,7 @@ class PackedConv:
         weight = weight.detach().contiguous()
         return cls(
             weight=weight,
-            wmat=conv_weight_matrix(weight),
+            wmat=mark_snapshot(conv_weight_matrix(weight)),  # the kernel's packing of it is then kept, see cache
             bias=None if bias is None else bias.detach().contiguous(),
             stride=stride,
             padding=padding)
