@@ -14,7 +14,8 @@
   Intel's (MKL's sgemm, which the GEMM algorithm calls, takes slow code paths there), and on Intel CPUs for convs of
   at most :data:`DIRECT_MAX_COUT` output channels (wider, MKL's GEMM is as fast or faster there); the gather + GEMM
   otherwise (float64, no direct algorithm in the build). The kernel runs what this module tells it; within the direct
-  algorithm it picks its thin or its cache-blocked wide variant by the width.
+  algorithm the thin or the cache-blocked wide variant runs by the width (:data:`WIDE_MIN_VECTORS` on CPUs other
+  than Intel's, the kernel's own switch on Intel's).
 
 The numbers below are measured on the 2-core CPU machines; the runs, their commands and their resource files are in
 ``docs/benchmarks.md``.
@@ -32,7 +33,7 @@ from .ext_loader import load_cpu_ext
 
 __all__ = [
     'CPU_ALGORITHMS', 'DIRECT_MAX_COUT', 'DIRECT_VARIANTS', 'cpu_algorithm', 'cpu_kernel_direct', 'default_max_active',
-    'dense_crossover', 'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm'
+    'dense_crossover', 'dense_threshold', 'direct_flag', 'get_cpu_algorithm', 'set_cpu_algorithm', 'WIDE_MIN_VECTORS'
 ]
 
 #: ``auto``: the direct algorithm for float32 convs where the kernel has it (on Intel CPUs up to
@@ -50,6 +51,12 @@ DIRECT_VARIANTS = {'direct': 1, 'direct-thin': 2, 'direct-wide': 3, 'direct-vtai
 #: channels MKL's GEMM is as fast as the direct algorithm's wide variant or up to 1.2x faster there
 #: (docs/benchmarks.md). Other CPUs have no limit.
 DIRECT_MAX_COUT = 100
+
+#: Output vectors (16 channels with AVX-512, 8 with AVX2, a partial one counted) from which ``auto`` takes the
+#: direct algorithm's wide variant on CPUs other than Intel's, where it measured faster than the thin one from 3
+#: vectors on (36 channels with AVX-512 on AMD Zen 4 and Zen 5; 18 with AVX2 on Zen 4); on Intel CPUs the kernel's
+#: own switch (5 vectors with AVX-512, 13 with AVX2) stands.
+WIDE_MIN_VECTORS = 3
 
 _STATE = {'algorithm': 'auto'}
 
@@ -98,7 +105,10 @@ def _direct_choice(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> 
     tuned = tuned_algorithm(cout, measure_missing=algo == 'tune')
     if tuned is not None:
         return None if tuned == 'gemm' else tuned
-    return 'direct' if cout <= DIRECT_MAX_COUT or not _GEMM_WIDE else None
+    if _GEMM_WIDE:
+        return 'direct' if cout <= DIRECT_MAX_COUT else None
+    lanes = 16 if ext.isa() == 'avx512' else 8
+    return 'direct-wide' if -(-cout // lanes) >= WIDE_MIN_VECTORS else 'direct'
 
 
 def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bool:

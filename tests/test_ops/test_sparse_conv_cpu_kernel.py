@@ -131,9 +131,10 @@ def test_cpu_direct_kernel_matches_gemm(cout, k, stride, residual):
 @pytest.mark.parametrize('intel', [True, False])
 def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
     """The policy sends float32 convs to the direct algorithm under 'auto' where the build has one: on Intel CPUs up
-    to DIRECT_MAX_COUT output channels (wider to the GEMM), elsewhere at every width (and tells the kernel so: its
-    result is bit-identical to the forced direct run); float64 goes to the GEMM; the kernel refuses a direct run it
-    cannot do (float64, also a forced variant) and an unknown choice."""
+    to DIRECT_MAX_COUT output channels (wider to the GEMM) with the kernel's own thin / wide switch, elsewhere at
+    every width, the wide variant from WIDE_MIN_VECTORS output vectors (and tells the kernel so: its result is
+    bit-identical to the forced run of the chosen variant); float64 goes to the GEMM; the kernel refuses a direct run
+    it cannot do (float64, also a forced variant) and an unknown choice."""
     from mmseg_cbt.ops import DIRECT_MAX_COUT, policy
     ext = require_cpu_ext()
     monkeypatch.setattr(policy, '_GEMM_WIDE', intel)
@@ -149,18 +150,25 @@ def test_cpu_direct_kernel_choice_and_errors(intel, monkeypatch):
     mask = two_masks(1, 7, 9, seed=3)
     idx = SparseIndex.build(mask)
     buf = to_padded_nhwc(x)
+    lanes = 16 if ext.isa() == 'avx512' else 8
+    if ext.has_direct():
+        assert policy.WIDE_MIN_VECTORS == 3
+        assert policy.direct_flag(ext, 2 * lanes, torch.float32) == 1  # 2 vectors: the kernel's switch (thin)
+        assert policy.direct_flag(ext, 2 * lanes + 1, torch.float32) == (1 if intel else 3)
     for cout, direct_expected in ((18, True), (100, True), (101, not intel)):
         wm = torch.randn(36, cout)
         outs = {}
-        for algo in ('auto', 'gemm', 'direct') if ext.has_direct() else ('auto', 'gemm'):
+        for algo in ('auto', 'gemm', 'direct', 'direct-wide') if ext.has_direct() else ('auto', 'gemm'):
             with cpu_algorithm(algo):
                 outs[algo] = sparse_conv_rows(buf, idx, wm, None, dense_threshold=float('inf'), backend='cpp')
         ref = F.conv2d(x, conv_weight_matrix_inverse(wm, 4), padding=1).permute(0, 2, 3, 1)[mask]
         for out in outs.values():
             assert torch.allclose(out, ref, atol=ATOL, rtol=0)
         if ext.has_direct():
-            # the two algorithms round differently; auto's result is bit-identical to the one the policy chose
-            assert torch.equal(outs['auto'], outs['direct' if direct_expected else 'gemm'])
+            # the algorithms round differently; auto's result is bit-identical to the one the policy chose
+            wide = not intel and -(-cout // lanes) >= policy.WIDE_MIN_VECTORS
+            chosen = 'gemm' if not direct_expected else 'direct-wide' if wide else 'direct'
+            assert torch.equal(outs['auto'], outs[chosen])
     src = torch.randn(50, 4)
     strips = torch.tensor([0, 10, 20, 3, 13, 23])
     with pytest.raises(RuntimeError, match='direct must be 0'):
