@@ -25,8 +25,8 @@ from .index import SparseIndex
 from .packing import conv_weight_matrix
 
 __all__ = [
-    'MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'TensorCache', 'cached_all', 'cached_index', 'cached_weight_matrix',
-    'cached_wide_pack', 'clear_caches', 'mark_snapshot'
+    'MAX_ENTRIES', 'MAX_INDEX_ENTRIES', 'MAX_PACK_ENTRIES', 'TensorCache', 'cached_all', 'cached_index',
+    'cached_weight_matrix', 'cached_wide_pack', 'clear_caches', 'mark_snapshot'
 ]
 
 #: Entries kept per cache (the weights of a network's masked convs). An index holds its mask, so a mask stays alive
@@ -34,6 +34,10 @@ __all__ = [
 MAX_ENTRIES = 256
 #: Masks (and their indexes) kept: those of a few exits and resolutions.
 MAX_INDEX_ENTRIES = 16
+#: Packed weights kept: every masked conv of a large network (HRNet-W48 runs 290 through the wide variant; a
+#: sequential pass over more convs than entries would miss on every one). They hold about as much memory as those
+#: convs' weights.
+MAX_PACK_ENTRIES = 1024
 
 V = TypeVar('V')
 
@@ -123,7 +127,7 @@ class TensorCache:
 _INDEX = TensorCache(MAX_INDEX_ENTRIES)
 _ALL = TensorCache(MAX_INDEX_ENTRIES)
 _WMAT = TensorCache()
-_WIDE = TensorCache()
+_WIDE = TensorCache(MAX_PACK_ENTRIES)
 
 
 def cached_index(mask: Tensor) -> SparseIndex:
