@@ -188,7 +188,8 @@ at::Tensor pack_wide_tensor(const at::Tensor& wmat) {
 // indexed by dst_rows (M,), or compact (M, Cout) when dst_rows is None. Row indices are range-checked (a strip must
 // end inside src). direct: 0 runs the gather + GEMM, 1 the direct algorithm (float32, a build with one: its thin or
 // wide variant by the width), 2 / 3 its thin / wide variant forced (tests); the caller chooses
-// (mmseg_cbt.ops.policy).
+// (mmseg_cbt.ops.policy). wide_pack: pack_wide(wmat), which the wide variant reads instead of packing the weights
+// in the call (the caller caches it per weight matrix; ignored by the other algorithms).
 void sparse_conv_gemm(const at::Tensor& src, const at::Tensor& strips, int64_t k, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& res,
                       const c10::optional<at::Tensor>& res_rows, bool relu, at::Tensor dst,
@@ -392,6 +393,7 @@ at::Tensor zero_stopped(at::Tensor dst, const at::Tensor& mask) {
 // add a third map to the input and output: with a shared L3 that makes the op the one conv whose time depends on
 // what else runs. strips: the tables of the full padded buffer (N, H + 2 pad, W + 2 pad, C) (SparseIndex.windows
 // with in_pad = pad); consecutive bands of one thread move the rows they share instead of copying them again.
+// wide_pack: as sparse_conv_gemm's (packed here once for all threads when absent and the wide variant runs).
 void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& need, const at::Tensor& strips,
                       int64_t k, int64_t stride, int64_t pad, const at::Tensor& wmat,
                       const c10::optional<at::Tensor>& bias, at::Tensor dst, const at::Tensor& pixel, int64_t ho,
