@@ -35,7 +35,10 @@ from typing import Optional
 
 from ..utils.cpuinfo import cpuinfo_lines
 
-__all__ = ['cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa_choice', 'EXT_ENV', 'ISA_ENV', 'CPU_ISAS']
+__all__ = [
+    'cpu_ext_enabled', 'load_cpu_ext', 'cpu_ext_available', 'cpu_isa_choice', 'vector_lanes', 'EXT_ENV', 'ISA_ENV',
+    'CPU_ISAS'
+]
 
 EXT_ENV = 'MMSEG_CBT_CPU_EXT'
 ISA_ENV = 'MMSEG_CBT_CPU_ISA'
@@ -93,6 +96,12 @@ def cpu_isa_choice() -> str:
     if isa not in CPU_ISAS:
         raise ValueError(f'{ISA_ENV} must be one of {CPU_ISAS}, got {os.environ.get(ISA_ENV)!r}')
     return isa
+
+
+def vector_lanes(ext: Optional[ModuleType]) -> Optional[int]:
+    """float32 lanes of the direct algorithm's vectors in the loaded kernel ``ext`` (16 with AVX-512, 8 with AVX2),
+    None without a kernel or without a direct algorithm."""
+    return {'avx512': 16, 'avx2': 8}.get(ext.isa() if ext is not None else 'none')
 
 
 def cpu_ext_available() -> bool:

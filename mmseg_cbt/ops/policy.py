@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from ..utils.cpuinfo import cpu_vendor
-from .ext_loader import load_cpu_ext
+from .ext_loader import load_cpu_ext, vector_lanes
 
 __all__ = [
     'CPU_ALGORITHMS', 'DIRECT_MAX_COUT', 'DIRECT_VARIANTS', 'cpu_algorithm', 'cpu_kernel_direct', 'default_max_active',
@@ -107,8 +107,7 @@ def _direct_choice(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> 
         return None if tuned == 'gemm' else tuned
     if _GEMM_WIDE:
         return 'direct' if cout <= DIRECT_MAX_COUT else None
-    lanes = 16 if ext.isa() == 'avx512' else 8
-    return 'direct-wide' if -(-cout // lanes) >= WIDE_MIN_VECTORS else 'direct'
+    return 'direct-wide' if -(-cout // vector_lanes(ext)) >= WIDE_MIN_VECTORS else 'direct'
 
 
 def _runs_direct(ext: Optional[ModuleType], cout: int, dtype: torch.dtype) -> bool:

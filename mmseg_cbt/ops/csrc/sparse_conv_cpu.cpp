@@ -160,7 +160,7 @@ bool direct_supported(at::ScalarType dtype) { return mmseg_cbt::direct_available
 // The wide variant's packed weights for this call: the caller's (pack_wide of wmat, checked for its size) when the
 // wide variant runs, nullptr otherwise (the kernel then packs them itself).
 const float* wide_pack_for(const c10::optional<at::Tensor>& pack, const at::Tensor& wmat, int64_t direct) {
-  if (!pack.has_value() || direct == 0 || !mmseg_cbt::direct_runs_wide(direct, wmat.size(1))) return nullptr;
+  if (!pack.has_value() || !mmseg_cbt::direct_runs_wide(direct, wmat.size(1))) return nullptr;
   TORCH_CHECK(pack->scalar_type() == at::kFloat && pack->is_contiguous() && pack->device().is_cpu() &&
               pack->numel() == mmseg_cbt::wide_pack_floats(wmat.size(0), wmat.size(1)),
               "wide_pack must be pack_wide(wmat): a contiguous float32 CPU tensor of ",
@@ -460,7 +460,7 @@ void sparse_conv_nchw(const at::Tensor& src, const c10::optional<at::Tensor>& ne
   // the wide variant's packed weights: the caller's, else packed here once for all threads and bands
   const float* wp_ptr = wide_pack_for(wide_pack, wmat, direct);
   at::Tensor own_pack;
-  if (!wp_ptr && m > 0 && direct != 0 && mmseg_cbt::direct_runs_wide(direct, cout)) {
+  if (!wp_ptr && m > 0 && mmseg_cbt::direct_runs_wide(direct, cout)) {
     own_pack = pack_wide_tensor(wmat);
     wp_ptr = own_pack.data_ptr<float>();
   }

@@ -27,7 +27,7 @@ import torch
 
 from ...utils.cpuinfo import cpu_model_name, cpu_signature
 from ...utils.io import write_json_atomic
-from ..ext_loader import load_cpu_ext
+from ..ext_loader import load_cpu_ext, vector_lanes
 from ..policy import DIRECT_VARIANTS
 
 __all__ = [
@@ -51,7 +51,7 @@ _STATE: Dict[str, object] = {}  # 'key' -> (threads, cache dir) read for, 'table
 def has_short_tail(ext, cout: int) -> bool:
     """Whether the direct algorithm's thin variant computes the last ``cout % L`` (1 to 4) channels of a conv as
     dot products, i.e. whether ``direct-vtail`` is a different computation for it."""
-    lanes = {'avx512': 16, 'avx2': 8}.get(ext.isa() if ext is not None else 'none')
+    lanes = vector_lanes(ext)
     return lanes is not None and 0 < cout % lanes <= 4
 
 
